@@ -1,0 +1,31 @@
+"""Shared test setup: 4 CPU devices for sharding tests, and the path of ../shared/data."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / 'shared' / 'data'
+TOKENIZER_DIR = SHARED_DATA / 'gpt2_tokenizer'
+
+
+def require_shared(*parts: str) -> pathlib.Path:
+  """Path under ../shared/data, or skip the test saying what is missing."""
+  path = SHARED_DATA.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f'{path} is absent: the real datasets live in ../shared/data beside the project checkout '
+                '(see README, "Data").')
+  return path
+
+
+@pytest.fixture(scope='session')
+def hf_tokenizer():
+  from dtt_jax import tokens  # pylint: disable=g-import-not-at-top
+  return tokens.load_tokenizer(str(require_shared('gpt2_tokenizer')))
