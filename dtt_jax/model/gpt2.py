@@ -1,0 +1,163 @@
+"""GPT-2 in Flax NNX with HF GPT-2 numerics (pre-LN, gelu_new, LayerNorm eps 1e-5, tied wte).
+
+Parameter names mirror HF's (`wte`, `wpe`, `h[i].attn.c_attn`, ..., `ln_f`) so checkpoints map one to one
+(`model/hf_io.py`). Linear kernels are `[in, out]` like HF's Conv1D weights.
+
+Attention takes an additive bias `[B, Tq, Tk]` (0 = attend, NEG_INF = masked, log(0.3) = noisy-span key) built
+by the caller, and an optional preallocated KV cache `[layers, B, max_len, heads, head_dim]` that the layer writes
+its new keys/values into at `cache_index` before attending over the first `kv_len` cache positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NEG_INF = -1e9  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+  vocab_rows: int = 50304  # embedding rows (padded to a multiple of 128)
+  num_tokens: int = 50261  # real rows; logits of rows >= num_tokens are masked
+  n_positions: int = 1024
+  n_embd: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  layer_norm_epsilon: float = 1e-5
+  initializer_range: float = 0.02
+  dtype: str = 'float32'  # compute dtype ('bfloat16' on accelerators); params stay float32
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+  def __post_init__(self):
+    if self.n_embd % self.n_head:
+      raise ValueError(f'n_embd={self.n_embd} is not divisible by n_head={self.n_head}.')
+    if not 0 < self.num_tokens <= self.vocab_rows:
+      raise ValueError(f'num_tokens={self.num_tokens} must be in (0, vocab_rows={self.vocab_rows}].')
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer: k, v `[layers, B, max_len, heads, head_dim]`."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: GPT2Config, batch: int, max_len: int) -> KVCache:
+    shape = (cfg.n_layer, batch, max_len, cfg.n_head, cfg.head_dim)
+    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+def _normal(std: float):
+  return nnx.initializers.normal(stddev=std)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+    d, std = cfg.n_embd, cfg.initializer_range
+    self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+    self.c_attn = nnx.Linear(d, 3 * d, dtype=cfg.dtype, kernel_init=_normal(std), rngs=rngs)
+    self.c_proj = nnx.Linear(d, d, dtype=cfg.dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)),
+                             rngs=rngs)
+
+  def __call__(self, x, bias, layer, cache, cache_index, kv_len):
+    """x [B,T,D], bias [B,T,Tk] -> [B,T,D], cache. Without a cache, Tk = T (self-attention over x)."""
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+    q, k, v = (a.reshape(b, t, self.n_head, self.head_dim) for a in (q, k, v))
+    if cache is not None:
+      start = (layer, 0, cache_index, 0, 0)
+      cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                      jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+      k, v = cache.k[layer, :, :kv_len], cache.v[layer, :, :kv_len]  # [B,Tk,H,Dh]
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(self.head_dim) + bias[:, None].astype(jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, t, d)
+    return self.c_proj(out), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+    d, std = cfg.n_embd, cfg.initializer_range
+    self.c_fc = nnx.Linear(d, 4 * d, dtype=cfg.dtype, kernel_init=_normal(std), rngs=rngs)
+    self.c_proj = nnx.Linear(4 * d, d, dtype=cfg.dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)),
+                             rngs=rngs)
+
+  def __call__(self, x):
+    return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # gelu_new
+
+
+def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, use_fast_variance=False,
+                       rngs=rngs)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+    self.ln_1 = _layer_norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ln_2 = _layer_norm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, bias, layer, cache, cache_index, kv_len):
+    a, cache = self.attn(self.ln_1(x), bias, layer, cache, cache_index, kv_len)
+    x = x + a
+    return x + self.mlp(self.ln_2(x)), cache
+
+
+class GPT2(nnx.Module):
+  """GPT-2 trunk + tied LM head. `__call__` returns the final hidden states (after `ln_f`)."""
+
+  def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    std = cfg.initializer_range
+    self.wte = nnx.Embed(cfg.vocab_rows, cfg.n_embd, dtype=cfg.dtype, embedding_init=_normal(std), rngs=rngs)
+    self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, embedding_init=_normal(std), rngs=rngs)
+    self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+    self.ln_f = _layer_norm(cfg, rngs)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens [...] int -> token embeddings [..., D] (no position embedding)."""
+    return self.wte(tokens)
+
+  def __call__(self, inputs_embeds, positions, bias, cache=None, cache_index=0, kv_len=None):
+    """inputs_embeds [B,T,D], positions [B,T], bias [B,T,Tk] -> hidden [B,T,D] after ln_f, updated cache."""
+    x = inputs_embeds + self.wpe(positions)
+    for layer, block in enumerate(self.h):
+      x, cache = block(x, bias, layer, cache, cache_index, kv_len)
+    return self.ln_f(x), cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] -> float32 logits [..., vocab_rows]; padded rows are NEG_INF (never sampled)."""
+    logits = self.wte.attend(hidden).astype(jnp.float32)
+    if self.cfg.num_tokens < self.cfg.vocab_rows:
+      valid = jnp.arange(self.cfg.vocab_rows) < self.cfg.num_tokens
+      logits = jnp.where(valid, logits, NEG_INF)
+    return logits
+
+
+def causal_bias(key_mask: jax.Array, num_queries: int | None = None) -> jax.Array:
+  """key_mask [B,T] (1 = real token) -> additive bias [B,Tq,T] for causal attention ending at the last key."""
+  t = key_mask.shape[1]
+  tq = t if num_queries is None else num_queries
+  q_pos = jnp.arange(t - tq, t)[:, None]
+  allowed = (jnp.arange(t)[None, :] <= q_pos)[None] & (key_mask[:, None, :] > 0)
+  return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Left-padded mask [B,T] -> position ids [B,T]: 0 at the first real token (pads get 0 too)."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

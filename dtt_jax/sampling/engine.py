@@ -1,0 +1,242 @@
+"""The latent generation engine: one step function with a KV cache, and its three uses (SPEC §4).
+
+* `step`: blend the next input from the previous hidden state and the token embedding with the gate, run GPT-2 on
+  one position against the preallocated cache, return (logits, hidden, gate, cache).
+* `generate`: parallel prefill of left-padded prompts, then the step in a `lax.while_loop` (stops when every row
+  has emitted <|endoftext|>) or a fixed-length loop; records everything needed to re-score the rollout.
+* `unroll`: teacher-forced: the same step scanned over given completion tokens, differentiable.
+* `rescore`: one parallel forward pass that rebuilds the blended inputs from stored hidden states and noise.
+
+Index conventions. The prompt occupies cache positions [0, P) (left-padded); completion token t sits at cache
+position P + t and position id n_real_prompt + t. `hidden_inputs[:, t]` is h_{t-1}, the final hidden state whose
+gate/projection blends into the input of completion position t (h_{-1} is the last prompt position's). The logits
+that predict completion token t come from h_{t-1} too.
+
+Attention cost is kept proportional to the generated length: the steps are grouped in segments of `segment`
+positions and each segment attends only over the cache prefix it can see (a static `kv_len` per segment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dtt_jax.model.dtt import DTTModel, logistic_noise
+from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, positions_from_mask
+from dtt_jax.sampling.sampler import SamplingConfig, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """Static settings of `generate` (hashable: one compilation per distinct config and shape)."""
+
+  max_new_tokens: int = 64
+  eos_id: int = 50256  # model ids of the specials (take them from tokens.Vocab)
+  bot_id: int = 50257
+  eot_id: int = 50258
+  sampling: SamplingConfig = SamplingConfig()
+  max_think: int = 0  # > 0: force <|eot|> once the span holds this many tokens
+  gate_noise: bool = False  # Gumbel noise on the gate (True in rollouts, False for evaluation)
+  hard_gate: bool = False
+  early_stop: bool = True  # while_loop that stops when all rows are done; False: fixed-length loop
+  segment: int = 64
+  return_hidden: bool = True  # keep hidden_inputs [B,N,D] (needed to re-score a rollout)
+
+
+@flax.struct.dataclass
+class Rollout:
+  """What generation produced, per completion position t (all [B,N] unless noted)."""
+
+  tokens: jax.Array  # int32; eos after a row is done
+  mask: jax.Array  # 1 for real tokens, through the first eos inclusive
+  logprobs: jax.Array  # log p(token) under the temperature-scaled policy, 0 where mask is 0
+  gates: jax.Array  # gate value g_t that blended position t's input
+  gate_noise: jax.Array  # logistic noise n_t used for g_t (0 when noise is off)
+  forced: jax.Array  # 1 where the reasoning budget forced <|eot|>
+  hidden_inputs: jax.Array | None  # [B,N,D] h_{t-1}
+  logits: jax.Array | None = None  # [B,N,V] float32, only from `generate(..., return_logits=True)` (tests)
+
+
+def _step_bias(key_bias: jax.Array, index, kv_len: int) -> jax.Array:
+  """key_bias [B,S], current cache index -> [B,1,kv_len] additive bias (keys after `index` masked)."""
+  visible = jnp.arange(kv_len) <= index
+  return (key_bias[:, :kv_len] + jnp.where(visible, 0.0, NEG_INF))[:, None, :]
+
+
+def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noise, index, position, tau, *,
+         kv_len: int, hard: bool = False, with_logits: bool = True):
+  """One position. prev_hidden [B,D], token [B], gate_noise [B], position [B]; index: cache slot (scalar).
+
+  Returns logits [B,V] float32 (None unless with_logits), hidden [B,D] (after ln_f), gate [B], cache.
+  """
+  x, gate = model.blended_input(prev_hidden, token, gate_noise, tau, hard)
+  h, cache = model.gpt2(x[:, None], position[:, None], _step_bias(key_bias, index, kv_len), cache, index, kv_len)
+  h = h[:, 0]
+  return (model.gpt2.logits(h) if with_logits else None), h, gate, cache
+
+
+@flax.struct.dataclass
+class Prefill:
+  cache: KVCache
+  key_bias: jax.Array  # [B,S] additive per-key bias: NEG_INF at prompt padding, else 0 or noisy-span bias
+  last_hidden: jax.Array  # [B,D] final hidden of the last prompt position
+  num_real: jax.Array  # [B] real prompt tokens (position id of completion token 0)
+
+
+def prefill(model: DTTModel, prompt, prompt_mask, max_len: int, completion_key_bias=None) -> Prefill:
+  """prompt, prompt_mask [B,P] (left-padded) -> cache of length max_len holding the prompt's keys/values.
+
+  completion_key_bias [B,T]: additive bias of completion keys (e.g. log 0.3 on injected filler), default 0.
+  """
+  b, p = prompt.shape
+  key_bias = jnp.zeros((b, max_len), jnp.float32)
+  key_bias = key_bias.at[:, :p].set(jnp.where(prompt_mask > 0, 0.0, NEG_INF))
+  if completion_key_bias is not None:
+    key_bias = key_bias.at[:, p:p + completion_key_bias.shape[1]].set(completion_key_bias)
+  cache = KVCache.zeros(model.gpt2.cfg, b, max_len)
+  bias = causal_bias(prompt_mask) + key_bias[:, None, :p]
+  h, cache = model.gpt2(model.gpt2.embed(prompt), positions_from_mask(prompt_mask), bias, cache, 0, p)
+  return Prefill(cache, key_bias, h[:, -1], jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32))
+
+
+def _segments(n_steps: int, prompt_len: int, segment: int, max_len: int):
+  """[(first step, end step, kv_len)]: step t writes cache slot prompt_len + t, so a segment ending at step e
+  needs the first prompt_len + e slots."""
+  return [(s, min(s + segment, n_steps), min(max_len, prompt_len + min(s + segment, n_steps)))
+          for s in range(0, n_steps, segment)]
+
+
+def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfig, return_logits: bool):
+  b, p = prompt.shape
+  n = cfg.max_new_tokens
+  max_len = p + n
+  pre = prefill(model, prompt, prompt_mask, max_len)
+  d = pre.last_hidden.shape[-1]
+  first_logits = model.gpt2.logits(pre.last_hidden)
+  carry = dict(
+      cache=pre.cache, hidden=pre.last_hidden, logits=first_logits,
+      done=jnp.zeros((b,), bool), phase=jnp.zeros((b,), jnp.int32), n_think=jnp.zeros((b,), jnp.int32),
+      tokens=jnp.full((b, n), cfg.eos_id, jnp.int32), mask=jnp.zeros((b, n), jnp.int32),
+      logprobs=jnp.zeros((b, n), jnp.float32), gates=jnp.zeros((b, n), jnp.float32),
+      gate_noise=jnp.zeros((b, n), jnp.float32), forced=jnp.zeros((b, n), jnp.int32),
+      hidden_inputs=jnp.zeros((b, n, d), pre.last_hidden.dtype) if cfg.return_hidden else None,
+      all_logits=jnp.zeros((b, n) + first_logits.shape[1:], jnp.float32) if return_logits else None,
+  )
+
+  def body(t, c, kv_len):
+    key_t = jax.random.fold_in(key, t)
+    token, logp_all = sample(c['logits'], jax.random.fold_in(key_t, 0), cfg.sampling)
+    forced = (c['phase'] == 1) & (c['n_think'] >= cfg.max_think) if cfg.max_think > 0 else jnp.zeros((b,), bool)
+    token = jnp.where(forced, cfg.eot_id, token)
+    live = ~c['done']
+    token = jnp.where(live, token, cfg.eos_id)
+    logp = jnp.take_along_axis(logp_all, token[:, None], -1)[:, 0]
+    noise = (logistic_noise(jax.random.fold_in(key_t, 1), (b,)) if cfg.gate_noise
+             else jnp.zeros((b,), jnp.float32))
+    logits, hidden, gate, cache = step(model, c['cache'], pre.key_bias, c['hidden'], token, noise, p + t,
+                                       pre.num_real + t, tau, kv_len=kv_len, hard=cfg.hard_gate)
+    is_eot = token == cfg.eot_id
+    inner = live & (c['phase'] == 1) & ~is_eot
+    phase = jnp.where((c['phase'] == 0) & (token == cfg.bot_id), 1,
+                      jnp.where((c['phase'] == 1) & is_eot, 2, c['phase']))
+    new = dict(c, cache=cache, hidden=hidden, logits=logits, phase=phase, n_think=c['n_think'] + inner,
+               done=c['done'] | (token == cfg.eos_id))
+    record = dict(tokens=token, mask=live.astype(jnp.int32), logprobs=jnp.where(live, logp, 0.0), gates=gate,
+                  gate_noise=noise, forced=(forced & live).astype(jnp.int32))
+    if cfg.return_hidden:
+      record['hidden_inputs'] = c['hidden']
+    if return_logits:
+      record['all_logits'] = c['logits']
+    for name, value in record.items():
+      new[name] = jax.lax.dynamic_update_index_in_dim(c[name], value.astype(c[name].dtype), t, axis=1)
+    return new
+
+  for start, end, kv_len in _segments(n, p, cfg.segment, max_len):
+    seg_body = functools.partial(body, kv_len=kv_len)
+    if cfg.early_stop:
+      state = (jnp.int32(start), carry)
+      state = jax.lax.while_loop(lambda s, e=end: (s[0] < e) & ~jnp.all(s[1]['done']),
+                                 lambda s, f=seg_body: (s[0] + 1, f(s[0], s[1])), state)
+      carry = state[1]
+    else:
+      carry = jax.lax.fori_loop(start, end, seg_body, carry)
+  return Rollout(tokens=carry['tokens'], mask=carry['mask'], logprobs=carry['logprobs'], gates=carry['gates'],
+                 gate_noise=carry['gate_noise'], forced=carry['forced'], hidden_inputs=carry['hidden_inputs'],
+                 logits=carry['all_logits'])
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'return_logits'))
+def _generate_jit(graphdef, state, prompt, prompt_mask, key, tau, cfg, return_logits):
+  return _generate(nnx.merge(graphdef, state), prompt, prompt_mask, key, tau, cfg, return_logits)
+
+
+def generate(model: DTTModel, prompt, prompt_mask, key, tau=1.0, cfg: GenerateConfig = GenerateConfig(),
+             return_logits: bool = False) -> Rollout:
+  """prompt, prompt_mask [B,P] (left-padded) -> Rollout of cfg.max_new_tokens positions. Jitted; compiled once
+  per (config, shapes). Inside another jitted function, call `generate_traced` instead."""
+  graphdef, state = nnx.split(model)
+  return _generate_jit(graphdef, state, prompt, prompt_mask, key, jnp.asarray(tau, jnp.float32), cfg,
+                       return_logits)
+
+
+generate_traced = _generate
+
+
+@flax.struct.dataclass
+class Unrolled:
+  target_hidden: jax.Array  # [B,T,D] h_{t-1}: the hidden state whose logits predict completion token t
+  gates: jax.Array  # [B,T]
+  last_hidden: jax.Array  # [B,D] h_{T-1}
+
+
+def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *, hard: bool = False,
+           completion_key_bias=None, segment: int = 64) -> Unrolled:
+  """Teacher-forced recurrent pass over completion [B,T] with the exact blend; differentiable end to end.
+
+  gate_noise [B,T] (zeros for deterministic gates). Logits are not computed inside the recurrence (only hidden
+  states feed back), so the caller computes them once, in one large matmul, where it needs them:
+  `model.gpt2.logits(out.target_hidden)`.
+  """
+  b, p = prompt.shape
+  t_len = completion.shape[1]
+  max_len = p + t_len
+  pre = prefill(model, prompt, prompt_mask, max_len, completion_key_bias)
+  cache, hidden = pre.cache, pre.last_hidden
+  hiddens, gates = [], []
+  for start, end, kv_len in _segments(t_len, p, segment, max_len):
+
+    def body(carry, xs, kv_len=kv_len):
+      cache, prev = carry
+      token, noise, t = xs
+      _, h, g, cache = step(model, cache, pre.key_bias, prev, token, noise, p + t, pre.num_real + t, tau,
+                            kv_len=kv_len, hard=hard, with_logits=False)
+      return (cache, h), (h, g)
+
+    xs = (completion[:, start:end].T, gate_noise[:, start:end].T, jnp.arange(start, end))
+    (cache, hidden), (h_seg, g_seg) = jax.lax.scan(body, (cache, hidden), xs)
+    hiddens.append(h_seg)
+    gates.append(g_seg)
+  h_all = jnp.concatenate(hiddens, 0).swapaxes(0, 1)  # [B,T,D]
+  target_hidden = jnp.concatenate([pre.last_hidden[:, None], h_all[:, :-1]], axis=1)
+  return Unrolled(target_hidden, jnp.concatenate(gates, 0).T, h_all[:, -1])
+
+
+def rescore(model: DTTModel, prompt, prompt_mask, completion, hidden_inputs, gate_noise, tau, *,
+            hard: bool = False) -> tuple[jax.Array, jax.Array]:
+  """One parallel pass over prompt + completion with inputs rebuilt from stored hidden states and noise.
+
+  hidden_inputs [B,T,D] (no gradient flows into them; the gate head and projection do get gradient),
+  gate_noise [B,T] -> (target_hidden [B,T,D] as in `Unrolled`, gates [B,T]).
+  """
+  p = prompt.shape[1]
+  t_len = completion.shape[1]
+  x_completion, gates = model.blended_input(jax.lax.stop_gradient(hidden_inputs), completion, gate_noise, tau, hard)
+  x = jnp.concatenate([model.gpt2.embed(prompt), x_completion], axis=1)
+  mask = jnp.concatenate([prompt_mask, jnp.ones_like(completion)], axis=1)
+  h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask))
+  return h[:, p - 1:p + t_len - 1], gates
