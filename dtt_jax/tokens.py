@@ -53,6 +53,10 @@ def load_tokenizer(name_or_dir: str = DEFAULT_TOKENIZER):
   openai_merges = os.path.join(name_or_dir, 'vocab.bpe')
   if os.path.isfile(openai_vocab) and os.path.isfile(openai_merges):
     tok = GPT2TokenizerFast(vocab=openai_vocab, merges=openai_merges)
+  elif os.path.isdir(name_or_dir) and not any(
+      os.path.isfile(os.path.join(name_or_dir, f)) for f in ('vocab.json', 'tokenizer.json')):
+    raise FileNotFoundError(f'Cannot load a GPT-2 tokenizer from {name_or_dir!r}: the directory has neither '
+                            'vocab.json + merges.txt nor encoder.json + vocab.bpe.')
   else:
     try:
       tok = GPT2TokenizerFast.from_pretrained(name_or_dir)

@@ -57,9 +57,8 @@ class DTTModel(nnx.Module):
     d = self.gpt2.cfg.n_embd
     self.gate_head = nnx.Linear(d, 1, kernel_init=nnx.initializers.zeros,
                                 bias_init=nnx.initializers.constant(cfg.gate_bias_init), rngs=rngs)
-    self.proj = None
-    if cfg.use_projection:
-      self.proj = nnx.Linear(d, d, kernel_init=lambda _, shape, dtype: jnp.eye(*shape, dtype=dtype), rngs=rngs)
+    identity = lambda _, shape, dtype: jnp.eye(*shape, dtype=dtype)
+    self.proj = nnx.data(nnx.Linear(d, d, kernel_init=identity, rngs=rngs) if cfg.use_projection else None)
 
   def gate_logit(self, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] -> gate logit [...] (float32)."""
