@@ -28,7 +28,7 @@ from flax import nnx
 
 from dtt_jax.model.dtt import DTTModel, logistic_noise
 from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, positions_from_mask
-from dtt_jax.sampling.sampler import SamplingConfig, sample
+from dtt_jax.sampling.sampler import SamplingConfig, sample, token_logprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +130,12 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
 
   def body(t, c, kv_len):
     key_t = jax.random.fold_in(key, t)
-    token, logp_all = sample(c['logits'], jax.random.fold_in(key_t, 0), cfg.sampling)
+    token, lognorm = sample(c['logits'], jax.random.fold_in(key_t, 0), cfg.sampling)
     forced = (c['phase'] == 1) & (c['n_think'] >= cfg.max_think) if cfg.max_think > 0 else jnp.zeros((b,), bool)
     token = jnp.where(forced, cfg.eot_id, token)
     live = ~c['done']
     token = jnp.where(live, token, cfg.eos_id)
-    logp = jnp.take_along_axis(logp_all, token[:, None], -1)[:, 0]
+    logp = token_logprob(c['logits'], token, lognorm, cfg.sampling)
     noise = (logistic_noise(jax.random.fold_in(key_t, 1), (b,)) if cfg.gate_noise
              else jnp.zeros((b,), jnp.float32))
     logits, hidden, gate, cache = step(model, c['cache'], pre.key_bias, c['hidden'], token, noise, p + t,
