@@ -1,0 +1,75 @@
+"""Every knob of dtt_jax with its default. Dataset configs override a few fields; the command line overrides any
+(`--config.bootstrap.steps=200`). Nothing reads hyperparameters from anywhere else.
+
+`python -m dtt_jax.main --config=configs/<dataset>.py[:stage] --workdir=DIR`
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stage = 'pipeline'  # 'bootstrap' | 'grpo' | 'eval' | 'pipeline' (bootstrap, then grpo, then eval)
+  c.method = 'dtt'  # 'dtt' (gated latent blend); later issues add 'coconut' and baselines
+  c.num_devices = 0  # 0: every device of every process
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'addition'  # 'gsm8k' | 'prosqa' | 'prontoqa' | 'addition'
+  c.dataset.train_path = ''  # '' = the default location (or the generator for addition / prosqa train)
+  c.dataset.valid_path = ''
+  c.dataset.data_dir = ''  # '' = ../shared/data beside the project if present
+  c.dataset.train_size = 20000  # generated datasets only
+  c.dataset.valid_size = 256  # held-out examples used for validation (SPEC: 256)
+  c.dataset.min_digits = 2  # addition generator
+  c.dataset.max_digits = 4
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init = 'scratch'  # 'scratch', a hub name ('gpt2') or a local HF GPT-2 directory
+  c.model.vocab = 'compact'  # 'compact' (ids used by the data + specials; for scratch models) | 'full'
+  c.model.tokenizer = ''  # '' = ../shared/data/gpt2_tokenizer if present, else the hub 'gpt2'
+  c.model.n_layer = 2
+  c.model.n_embd = 128
+  c.model.n_head = 4
+  c.model.n_positions = 256
+  c.model.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators
+  c.model.gate_bias_init = -6.0
+  c.model.use_projection = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.max_prompt_len = 32
+  c.data.max_completion_len = 32
+  c.data.span = 'none'  # 'none': empty span, random filler in filler_prob of samples | 'cot': dataset steps
+  c.data.filler_prob = 0.15
+  c.data.max_filler = 8
+
+  c.bootstrap = ml_collections.ConfigDict()
+  c.bootstrap.steps = 1000
+  c.bootstrap.batch_size = 32  # global (effective) batch, kept constant on any device count
+  c.bootstrap.microbatches = 1  # gradient accumulation inside the step: batch_size / microbatches per pass
+  c.bootstrap.lr = 1e-3
+  c.bootstrap.gate_lr_mult = 1.0  # learning rate of gate head / projection = lr * this
+  c.bootstrap.warmup_steps = 50
+  c.bootstrap.weight_decay = 0.01
+  c.bootstrap.grad_clip = 1.0
+  c.bootstrap.hinge_lambda = 0.1
+  c.bootstrap.m_in = 0.9
+  c.bootstrap.m_out = 0.1
+  c.bootstrap.noisy_span_scale = 0.3  # attention to injected filler keys is scaled by this (log added to logits)
+  c.bootstrap.gate_noise = True
+  c.bootstrap.hard_gate = False
+  c.bootstrap.tau0 = 2.0
+  c.bootstrap.tau_min = 0.1
+  c.bootstrap.patience = 3
+  c.bootstrap.eval_every = 200
+  c.bootstrap.checkpoint_every = 200
+  c.bootstrap.keep_checkpoints = 2
+  c.bootstrap.log_every = 20
+  c.bootstrap.best_metric = 'structure_rate'  # validation metric that picks the best checkpoint
+
+  c.generate = ml_collections.ConfigDict()  # validation / evaluation decoding
+  c.generate.max_new_tokens = 32
+  c.generate.max_think = 16  # reasoning budget: <|eot|> forced after this many span tokens (0: none)
+  c.generate.batch_size = 64
+
+  return c

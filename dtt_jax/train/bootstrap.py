@@ -1,0 +1,121 @@
+"""Stage 1, the supervised bootstrap (SPEC §5): cross-entropy + gate hinge through the exact recurrent blend.
+
+    loss = CE(completion targets, fillers excluded) + lambda * (mean_inner relu(m_in - g) + mean_outer relu(g - m_out))
+
+The completion is teacher-forced through the generation engine's step (`engine.unroll`), so the gate blends the
+previous hidden state into every completion input exactly as at generation time. Attention to injected filler
+keys is scaled by `noisy_span_scale` (log of it added to their attention logits).
+
+The step is one pure jitted function `(state, batch, tau) -> (state, metrics)`: the state is donated, the batch is
+sharded over the ('data',) mesh, parameters are replicated. Gradient accumulation over `microbatches` keeps the
+effective batch constant on any device count: every microbatch's loss is normalised by the whole batch's counts,
+so the summed gradient equals the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dtt_jax import parallel
+from dtt_jax.model.dtt import DTTModel, logistic_noise
+from dtt_jax.sampling import engine
+from dtt_jax.train.state import TrainState, step_key
+
+BATCH_FIELDS = ('prompt', 'prompt_mask', 'completion', 'completion_mask', 'loss_mask', 'inner_mask', 'outer_mask',
+                'filler_mask')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  hinge_lambda: float = 0.1
+  m_in: float = 0.9
+  m_out: float = 0.1
+  noisy_span_scale: float = 0.3
+  gate_noise: bool = True
+  hard_gate: bool = False
+
+  @classmethod
+  def from_config(cls, c) -> LossConfig:
+    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+
+
+def _counts(batch) -> dict[str, jax.Array]:
+  return {name: jnp.maximum(jnp.sum(batch[name]), 1).astype(jnp.float32)
+          for name in ('loss_mask', 'inner_mask', 'outer_mask')}
+
+
+def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts):
+  """Sums of the loss terms over `batch` divided by the (whole-batch) `counts` -> (loss, metrics).
+
+  batch fields [B,P] / [B,T] as in `BATCH_FIELDS`; noise [B,T] logistic gate noise.
+  """
+  chex.assert_equal_shape([batch['completion'], batch['loss_mask'], noise])
+  key_bias = jnp.where(batch['filler_mask'] > 0, math.log(cfg.noisy_span_scale), 0.0)
+  out = engine.unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'], noise, tau,
+                      hard=cfg.hard_gate, completion_key_bias=key_bias)
+  logits = model.gpt2.logits(out.target_hidden)  # [B,T,V]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['completion'])  # [B,T]
+  ce = jnp.sum(nll * batch['loss_mask']) / counts['loss_mask']
+  gates = out.gates
+  hinge_in = jnp.sum(jax.nn.relu(cfg.m_in - gates) * batch['inner_mask']) / counts['inner_mask']
+  hinge_out = jnp.sum(jax.nn.relu(gates - cfg.m_out) * batch['outer_mask']) / counts['outer_mask']
+  loss = ce + cfg.hinge_lambda * (hinge_in + hinge_out)
+  correct = (jnp.argmax(logits, -1) == batch['completion']) * batch['loss_mask']
+  metrics = {
+      'loss': loss, 'ce': ce, 'hinge': hinge_in + hinge_out,
+      'gate_inner': jnp.sum(gates * batch['inner_mask']) / counts['inner_mask'],
+      'gate_outer': jnp.sum(gates * batch['outer_mask']) / counts['outer_mask'],
+      'token_accuracy': jnp.sum(correct) / counts['loss_mask'],
+  }
+  return loss, metrics
+
+
+def _split_microbatches(batch, n: int):
+  """[B,...] -> [n, B/n, ...] with microbatch m taking rows m, m+n, ... (each device's rows stay spread evenly)."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig, mesh, microbatches: int = 1):
+  """-> jitted `train_step(state, batch, tau) -> (state, metrics)` (state donated, batch sharded on 'data')."""
+
+  def grads_and_metrics(params, batch, key, tau, counts):
+    noise_shape = batch['completion'].shape
+    noise = logistic_noise(key, noise_shape) if cfg.gate_noise else jnp.zeros(noise_shape, jnp.float32)
+
+    def loss_fn(p):
+      return loss_terms(nnx.merge(graphdef, p), batch, noise, tau, cfg, counts)
+
+    return jax.grad(loss_fn, has_aux=True)(params)
+
+  def train_step(state: TrainState, batch, tau):
+    batch = {k: batch[k] for k in BATCH_FIELDS}
+    counts = _counts(batch)
+    key = step_key(state)
+    if microbatches == 1:
+      grads, metrics = grads_and_metrics(state.params, batch, key, tau, counts)
+    else:
+      micro = _split_microbatches(batch, microbatches)
+
+      def accumulate(acc, xs):
+        mb, m = xs
+        out = grads_and_metrics(state.params, mb, jax.random.fold_in(key, m), tau, counts)
+        return jax.tree.map(jnp.add, acc, out), None
+
+      shapes = jax.eval_shape(grads_and_metrics, state.params, jax.tree.map(lambda x: x[0], micro), key, tau, counts)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(microbatches)))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), tau=jnp.asarray(tau, jnp.float32))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  return jax.jit(train_step, in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
+                 donate_argnums=0)
