@@ -1,0 +1,90 @@
+"""Greedy evaluation on held-out prompts: accuracy, structure rate, reasoning length, reward components, gates.
+
+Used for validation in both stages and by the `eval` stage (which also writes reports, `eval/report.py`).
+Generation is deterministic: greedy tokens and gate noise off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from dtt_jax import parallel, reward
+from dtt_jax.data.answers import extract_answer
+from dtt_jax.sampling import engine
+from dtt_jax.sampling.sampler import SamplingConfig
+from dtt_jax.tokens import Tokenizer
+
+
+@dataclasses.dataclass
+class EvalResult:
+  metrics: dict[str, float]
+  rows: list[dict]  # one per example: question, completion, answer, reference, correct, lengths, gate means
+  gates: dict[str, np.ndarray]  # 'inner' / 'outer': every gate value at those positions (for histograms)
+  reasoning_lengths: np.ndarray  # [N]
+
+
+def greedy_config(vocab, max_new_tokens: int, max_think: int) -> engine.GenerateConfig:
+  return engine.GenerateConfig(max_new_tokens=max_new_tokens, eos_id=vocab.eos, bot_id=vocab.bot, eot_id=vocab.eot,
+                               sampling=SamplingConfig(greedy=True), max_think=max_think, gate_noise=False,
+                               return_hidden=False)
+
+
+def generate_all(model, prompt: np.ndarray, prompt_mask: np.ndarray, gen_cfg: engine.GenerateConfig, tau: float,
+                 batch_size: int, mesh, key=None) -> engine.Rollout:
+  """Runs `engine.generate` over [N,P] prompts in fixed-size batches (the last padded by repeating rows, so nothing
+  recompiles); returns the rollout fields for the N rows, as numpy."""
+  n = prompt.shape[0]
+  parallel.check_divisible(batch_size, mesh, 'generate.batch_size')
+  key = jax.random.key(0) if key is None else key
+  parts = []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n
+    batch = parallel.shard_batch({'prompt': prompt[idx], 'mask': prompt_mask[idx]}, mesh)
+    out = engine.generate(model, batch['prompt'], batch['mask'], jax.random.fold_in(key, start), tau, gen_cfg)
+    parts.append(jax.device_get(out))
+  keep = n - (len(parts) - 1) * batch_size
+  parts[-1] = jax.tree.map(lambda x: x[:keep], parts[-1])
+  return jax.tree.map(lambda *xs: np.concatenate(xs, 0), *parts)
+
+
+def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:
+  if values.size == 0:
+    return {f'{prefix}_{s}': 0.0 for s in ('mean', 'std', 'min', 'max')}
+  return {f'{prefix}_mean': float(values.mean()), f'{prefix}_std': float(values.std()),
+          f'{prefix}_min': float(values.min()), f'{prefix}_max': float(values.max())}
+
+
+def evaluate(model, prompt: np.ndarray, prompt_mask: np.ndarray, questions: Sequence[str],
+             references: Sequence[str], tokenizer: Tokenizer, dataset: str, gen_cfg: engine.GenerateConfig,
+             tau: float, batch_size: int, mesh, reward_weights=None) -> EvalResult:
+  """prompt, prompt_mask [N,P] -> EvalResult (greedy, gate noise off)."""
+  out = generate_all(model, prompt, prompt_mask, gen_cfg, tau, batch_size, mesh)
+  completions = reward.decode_completions(tokenizer, out.tokens, out.mask)
+  r = reward.compute_rewards(out.tokens, out.mask, out.gates, completions, list(references), dataset,
+                             tokenizer.vocab, reward_weights)
+  inner, outer, _ = reward.span_masks(out.tokens, out.mask, tokenizer.vocab)
+  gates = np.asarray(out.gates, np.float64)
+  metrics = {
+      'accuracy': float(np.mean(r['correct'])),
+      'structure_rate': float(np.mean(r['structure_ok'])),
+      'reasoning_tokens': float(np.mean(r['reasoning_length'])),
+      'completion_tokens': float(np.mean(r['completion_length'])),
+      'reward': float(np.mean(r['total'])),
+      **{f'reward_{c}': float(np.mean(r[c])) for c in reward.COMPONENTS},
+      **_stats('gate_inner', gates[inner]), **_stats('gate_outer', gates[outer]),
+  }
+  rows = []
+  for i, text in enumerate(completions):
+    rows.append({
+        'question': questions[i], 'completion': text, 'answer': extract_answer(text), 'reference': references[i],
+        'correct': bool(r['correct'][i]), 'structure_ok': bool(r['structure_ok'][i]),
+        'reasoning_length': int(r['reasoning_length'][i]), 'gate_inner_mean': float(r['inner_gate_mean'][i]),
+        'gate_outer_mean': float(r['outer_gate_mean'][i]),
+        'gates': [round(float(g), 4) for g in gates[i][np.asarray(out.mask[i]) > 0]],
+    })
+  return EvalResult(metrics, rows, {'inner': gates[inner], 'outer': gates[outer]},
+                    np.asarray(r['reasoning_length']))
