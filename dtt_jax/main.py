@@ -1,0 +1,37 @@
+"""Entry point: `python -m dtt_jax.main --config=configs/<dataset>.py[:stage] --workdir=DIR [--config.x=y ...]`.
+
+Stages: 'bootstrap', 'grpo', 'eval', or 'pipeline' (all three in order; the default). Each stage resumes from its
+checkpoints in the workdir, so rerunning the same command after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dtt_jax import pipeline
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Path of an ml_collections config file (configs/*.py[:stage]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
+flags.DEFINE_string('coordinator', '', 'Multi-host: host:port of process 0 for jax.distributed ("" = single process;'
+                    ' "auto" = detect from SLURM / TPU environment).')
+flags.DEFINE_integer('num_processes', 0, 'Multi-host: number of processes (with --coordinator host:port).')
+flags.DEFINE_integer('process_id', -1, 'Multi-host: this process (with --coordinator host:port).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s',
+                      stream=sys.stderr)
+  pipeline.init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  pipeline.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,199 @@
+"""One function per stage, called by `main`: bootstrap, grpo, eval, or the whole pipeline.
+
+Workdir layout:
+    vocab.json                      model-id <-> GPT-2-id map (compact vocabulary) — fixed at the first run
+    config.json                     the resolved config of the last run
+    bootstrap/checkpoints/<step>/   Stage-1 Orbax checkpoints (latest k + best by validation)
+    grpo/checkpoints/<step>/        Stage-2 checkpoints
+    eval/                           metrics.json, completions.jsonl/.csv, histograms (PNG), artifacts.npz
+    metrics.jsonl, tensorboard/     training curves of every stage
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from dtt_jax import data as data_lib
+from dtt_jax import parallel, tokens
+from dtt_jax.checkpoint import Checkpointer
+from dtt_jax.eval import evaluate as eval_lib
+from dtt_jax.metrics import MetricWriter
+from dtt_jax.model import build_model
+from dtt_jax.train import bootstrap, loop, state as state_lib
+from dtt_jax.train.temperature import Temperature
+
+log = logging.getLogger(__name__)
+
+STAGES = ('bootstrap', 'grpo', 'eval', 'pipeline')
+SHARED_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, 'shared',
+                                'data', 'gpt2_tokenizer')
+
+
+def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+  """Multi-host setup via `jax.distributed` (no-op for a single process)."""
+  if not coordinator:
+    return
+  if coordinator == 'auto':  # SLURM / TPU pods / GPU clusters: JAX detects everything from the environment
+    jax.distributed.initialize()
+  else:
+    if num_processes <= 0 or process_id < 0:
+      raise ValueError('--coordinator host:port needs --num_processes and --process_id.')
+    if jax.default_backend() == 'cpu':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+  log.info('jax.distributed: process %d of %d, %d global devices.', jax.process_index(), jax.process_count(),
+           jax.device_count())
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Value checks that name the config key and what it expects."""
+  def expect(key, value, allowed):
+    if value not in allowed:
+      raise ValueError(f'config.{key}={value!r}: expected one of {", ".join(map(repr, allowed))}.')
+  expect('stage', c.stage, STAGES)
+  expect('dataset.name', c.dataset.name, data_lib.DATASETS)
+  expect('model.vocab', c.model.vocab, ('compact', 'full'))
+  expect('data.span', c.data.span, ('none', 'cot'))
+  if c.model.vocab == 'compact' and c.model.init != 'scratch':
+    raise ValueError('config.model.vocab="compact" only works with config.model.init="scratch" (a pretrained model '
+                     'keeps the full GPT-2 vocabulary).')
+  for key in ('bootstrap.steps', 'bootstrap.batch_size', 'bootstrap.microbatches', 'generate.batch_size'):
+    section, name = key.split('.')
+    if c[section][name] <= 0:
+      raise ValueError(f'config.{key}={c[section][name]} must be positive.')
+  if c.bootstrap.batch_size % c.bootstrap.microbatches:
+    raise ValueError(f'config.bootstrap.batch_size={c.bootstrap.batch_size} must be divisible by '
+                     f'config.bootstrap.microbatches={c.bootstrap.microbatches}.')
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  tokenizer: tokens.Tokenizer
+  train: list[dict]  # records {question, steps, answer}
+  valid: list[dict]
+
+  @property
+  def vocab(self) -> tokens.Vocab:
+    return self.tokenizer.vocab
+
+
+def _tokenizer_source(c) -> str:
+  if c.model.tokenizer:
+    return c.model.tokenizer
+  return SHARED_TOKENIZER if os.path.isdir(SHARED_TOKENIZER) else tokens.DEFAULT_TOKENIZER
+
+
+def setup(config, workdir: str) -> Experiment:
+  """Data, tokenizer and vocabulary (the compact map is fixed at the first run and reused on resume)."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  hf = tokens.load_tokenizer(_tokenizer_source(config))
+  train, valid = data_lib.load_splits(config.dataset, seed=config.seed)
+  vocab_path = os.path.join(workdir, 'vocab.json')
+  if os.path.exists(vocab_path):
+    with open(vocab_path) as f:
+      vocab = tokens.Vocab.from_json(f.read())
+  elif config.model.vocab == 'full':
+    vocab = tokens.Vocab.full()
+  else:
+    vocab = data_lib.compact_vocab(train + valid, hf)
+  if jax.process_index() == 0:
+    with open(vocab_path, 'w') as f:
+      f.write(vocab.to_json())
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = parallel.make_mesh(config.num_devices or None)
+  log.info('%s: %d train / %d valid records, vocabulary %d tokens (%d rows), %d devices.', config.dataset.name,
+           len(train), len(valid), vocab.num_tokens, vocab.num_rows, parallel.num_shards(mesh))
+  return Experiment(config, workdir, mesh, tokens.Tokenizer(hf, vocab), train, valid)
+
+
+def _validation_prompts(exp: Experiment):
+  """Held-out prompts [N,P] (left-padded), questions, reference answers."""
+  records = exp.valid[:exp.config.dataset.valid_size]
+  prompts = data_lib.build_prompts(records, exp.tokenizer, exp.config.data.max_prompt_len)
+  return prompts
+
+
+def make_validate(exp: Experiment, graphdef):
+  c = exp.config
+  prompts = _validation_prompts(exp)
+  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think)
+
+  def validate(state, step, tau):
+    del step
+    model = jax.tree.map(lambda x: x, state.params)
+    result = eval_lib.evaluate(_merge(graphdef, model), prompts.prompt, prompts.prompt_mask, prompts.questions,
+                               prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
+                               exp.mesh)
+    return result.metrics
+
+  return validate
+
+
+def _merge(graphdef, params):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.merge(graphdef, params)
+
+
+def bootstrap_optimizer(c):
+  b = c.bootstrap
+  return state_lib.make_optimizer(b.lr, b.steps, b.warmup_steps, b.weight_decay, b.grad_clip, b.gate_lr_mult)
+
+
+def initial_state(exp: Experiment, tx):
+  model = build_model(exp.config.model, exp.vocab, seed=exp.config.seed)
+  graphdef, params = state_lib.split_model(model)
+  state = parallel.replicate(state_lib.init_state(params, tx, seed=exp.config.seed), exp.mesh)
+  return graphdef, state
+
+
+def run_bootstrap(exp: Experiment) -> loop.LoopResult:
+  c, b = exp.config, exp.config.bootstrap
+  parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
+  tx = bootstrap_optimizer(c)
+  graphdef, state = initial_state(exp, tx)
+  train_step = bootstrap.make_train_step(graphdef, tx, bootstrap.LossConfig.from_config(b), exp.mesh, b.microbatches)
+  batches = data_lib.stage1_iterator(exp.train, exp.tokenizer, c.data, b.batch_size, seed=c.seed,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+
+  def step_fn(state, batch, tau):
+    return train_step(state, parallel.shard_batch(batch, exp.mesh), tau)
+
+  stage_dir = os.path.join(exp.workdir, 'bootstrap')
+  ckpt = Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=b.keep_checkpoints, best_metric=b.best_metric)
+  writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
+  temperature = Temperature(b.tau0, b.tau_min, b.steps, b.patience)
+  cfg = loop.LoopConfig('bootstrap', b.steps, b.log_every, b.eval_every, b.checkpoint_every, b.best_metric)
+  try:
+    result = loop.run(cfg, state, step_fn, batches, temperature, ckpt, writer, make_validate(exp, graphdef),
+                      meta={'vocab': json.loads(exp.vocab.to_json())})
+  finally:
+    ckpt.close()
+    writer.close()
+  return result
+
+
+def run(config, workdir: str) -> None:
+  exp = setup(config, workdir)
+  stage = config.stage
+  if stage in ('bootstrap', 'pipeline'):
+    result = run_bootstrap(exp)
+    log.info('bootstrap finished at step %d: %s', result.step, result.last_validation)
+    if result.interrupted:
+      return
+  if stage not in ('bootstrap', 'pipeline'):
+    raise NotImplementedError(f'config.stage={stage!r} is not available yet.')
+
+
+__all__ = ['run', 'setup', 'run_bootstrap', 'init_distributed', 'np']
