@@ -72,4 +72,37 @@ def get_config() -> ml_collections.ConfigDict:
   c.generate.max_think = 16  # reasoning budget: <|eot|> forced after this many span tokens (0: none)
   c.generate.batch_size = 64
 
+  c.grpo = ml_collections.ConfigDict()  # Stage 2 (SPEC §7); see dtt_jax/rl/grpo.py
+  c.grpo.steps = 200  # rollout batches (each followed by `mu` optimizer updates)
+  c.grpo.prompts_per_step = 8  # B, global; divisible by the number of devices (a group never spans devices)
+  c.grpo.num_generations = 8  # G completions per prompt
+  c.grpo.lr = 1e-4
+  c.grpo.gate_lr_mult = 1.0  # learning rate of gate head / projection = lr * this
+  c.grpo.warmup_steps = 10
+  c.grpo.weight_decay = 0.0
+  c.grpo.grad_clip = 1.0
+  c.grpo.beta = 0.04  # k3 KL to the frozen Stage-1 reference (0: no reference pass)
+  c.grpo.clip_eps = 0.2
+  c.grpo.mu = 1  # inner iterations (optimizer updates) per rollout batch, inside the jitted step
+  c.grpo.loss_agg = 'grpo'  # 'grpo' (per-sequence token mean) | 'dapo' (token mean) | 'dr_grpo' (sum / (N * T))
+  c.grpo.drop_zero_std_groups = False  # exclude groups whose rewards are all equal from the loss (always counted)
+  c.grpo.gate_as_action = False  # the gate sample's binary-concrete log-density joins the PPO ratio
+  c.grpo.temperature = 1.0  # sampling temperature of rollouts (re-scoring uses the same)
+  c.grpo.top_k = 0
+  c.grpo.top_p = 1.0
+  c.grpo.max_new_tokens = 32
+  c.grpo.max_think = 16  # reasoning budget in rollouts (0: none); forced <|eot|> tokens carry no loss
+  c.grpo.gate_noise = True  # Gumbel noise on the gate in rollouts
+  c.grpo.hard_gate = False
+  c.grpo.logit_chunk = 0  # > 0: output layer over chunks of this many positions (bounds [N,T,V] memory)
+  c.grpo.tau0 = 1.0  # gate temperature schedule of the stage (SPEC §6)
+  c.grpo.tau_min = 0.1
+  c.grpo.patience = 3
+  c.grpo.reward_weights = ml_collections.ConfigDict(dict(structure=1.0, correctness=1.0, efficiency=1.0, gate=1.0))
+  c.grpo.eval_every = 50  # validation: mean reward on dataset.valid_size held-out prompts
+  c.grpo.checkpoint_every = 50
+  c.grpo.keep_checkpoints = 2
+  c.grpo.log_every = 5
+  c.grpo.best_metric = 'reward'
+
   return c

@@ -1,0 +1,296 @@
+"""Stage 2, GRPO (SPEC §7): group-normalised advantages, PPO-clipped ratio, k3 KL to a frozen reference.
+
+For a rollout of N = B*G completions (G per prompt, each group contiguous in the batch):
+
+    A_i     = (r_i - mean_group(r)) / (std_group(r) + 1e-4)        (std with Bessel's correction, as TRL; A = 0 in a
+                                                                    group whose rewards are all equal)
+    ratio   = exp(logp_theta(y_t) - logp_old(y_t))                   (per completion token t)
+    loss_t  = -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) + beta * KL_t
+    KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1             (k3 estimator, ref_t frozen, stored at rollout)
+
+aggregated over the loss tokens by `loss_agg`:
+    'grpo'    mean over each sequence's tokens, then mean over sequences
+    'dapo'    sum over all tokens / number of tokens
+    'dr_grpo' sum over all tokens / (number of sequences * max_new_tokens)
+
+Log-probabilities are re-scored in one parallel forward pass (`engine.rescore`): the inputs are rebuilt from the
+stored hidden states (no gradient through them) and the stored gate noise with the current gate head, so the gate
+head and projection get gradient through the blend. Token log-probs are those of the temperature-scaled policy
+(logits / temperature, before top-k/p truncation), like the rollout's. Loss tokens are the real completion tokens
+except those the reasoning budget forced (`<|eot|>` after `max_think`): they were not sampled from the policy.
+
+`gate_as_action`: the gate sample is an action too. Its binary-concrete log-density (in logit space: the logit
+z = (l_old + n) / tau of the stored sample, under the current gate logit l and tau; the Jacobian to the gate value
+does not depend on the parameters and cancels in the ratio) is added to the token log-prob in the ratio. The KL
+term stays over tokens only.
+
+`mu` inner iterations run inside the one jitted step (a `lax.scan`): each re-scores the same rollout with the
+current parameters and takes one optimizer step. The "old" log-probs are those of the first iteration, whose
+parameters are the rollout's: they are taken from its own forward pass (stop-gradient), so the first iteration's
+ratio is exactly 1 and no extra forward pass is needed. The rollout's own log-probs are compared with them
+(metric `logprob_mismatch`, SPEC §12). `state.step` counts rollouts (one per call); the optimizer counts updates
+(`mu` per call): build its schedule with `steps * mu` (`make_grpo_optimizer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dtt_jax import parallel
+from dtt_jax.sampling import engine
+from dtt_jax.train import state as state_lib
+from dtt_jax.train.state import TrainState
+
+if TYPE_CHECKING:
+  from dtt_jax.rl.rollout import RolloutBatch
+
+LOSS_AGGREGATIONS = ('grpo', 'dapo', 'dr_grpo')
+STD_EPS = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Static settings of the rollout and the update (hashable). `from_config(config.grpo)` builds it."""
+
+  num_generations: int = 8  # G completions per prompt
+  beta: float = 0.04  # KL weight (0: no reference model needed)
+  clip_eps: float = 0.2
+  mu: int = 1  # inner iterations (optimizer steps) per rollout batch
+  loss_agg: str = 'grpo'  # 'grpo' | 'dapo' | 'dr_grpo'
+  drop_zero_std_groups: bool = False  # exclude groups whose rewards are all equal from the loss
+  gate_as_action: bool = False
+  # Sampling: shared by the rollout and the re-scoring, so both see the same policy.
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 32
+  max_think: int = 16
+  gate_noise: bool = True
+  hard_gate: bool = False
+  logit_chunk: int = 0  # > 0: output layer over chunks of this many completion positions (bounds [N,T,V] memory)
+
+  def __post_init__(self):
+    if self.loss_agg not in LOSS_AGGREGATIONS:
+      raise ValueError(f'grpo.loss_agg={self.loss_agg!r}: expected one of {", ".join(LOSS_AGGREGATIONS)}.')
+    if self.num_generations < 2:
+      raise ValueError(f'grpo.num_generations={self.num_generations}: a group needs at least 2 completions.')
+    if self.mu < 1:
+      raise ValueError(f'grpo.mu={self.mu} must be >= 1.')
+    if self.temperature <= 0:
+      raise ValueError(f'grpo.temperature={self.temperature} must be > 0 (GRPO samples; greedy is for evaluation).')
+
+  @classmethod
+  def from_config(cls, g) -> GRPOConfig:
+    return cls(**{f.name: g[f.name] for f in dataclasses.fields(cls)})
+
+
+def make_grpo_optimizer(g) -> optax.GradientTransformation:
+  """AdamW + clipping from `config.grpo`; the schedule counts optimizer updates (steps * mu)."""
+  return state_lib.make_optimizer(g.lr, g.steps * g.mu, g.warmup_steps * g.mu, g.weight_decay, g.grad_clip,
+                                  g.gate_lr_mult)
+
+
+# ------------------------------------------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: jax.Array, num_generations: int) -> tuple[jax.Array, jax.Array]:
+  """rewards [N] (N = B*G, groups contiguous) -> (advantages [N], zero_std [B] bool).
+
+  A = (r - mean_group) / (std_group + 1e-4); exactly 0 in a group whose rewards are all equal (`zero_std`).
+  """
+  grouped = rewards.astype(jnp.float32).reshape(-1, num_generations)  # [B,G]
+  mean = grouped.mean(axis=1, keepdims=True)
+  std = jnp.std(grouped, axis=1, keepdims=True, ddof=1)
+  zero_std = grouped.max(axis=1) == grouped.min(axis=1)  # [B]
+  advantages = jnp.where(zero_std[:, None], 0.0, (grouped - mean) / (std + STD_EPS))
+  return advantages.reshape(-1), zero_std
+
+
+# ------------------------------------------------------------------------------------------ per-token quantities
+
+
+def token_logprobs(model, target_hidden: jax.Array, tokens: jax.Array, temperature: float,
+                   chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """target_hidden [N,T,D], tokens [N,T] -> (log p(tokens) [N,T], entropy [N,T]) of softmax(logits / temperature).
+
+  The entropy carries no gradient. `chunk` > 0 runs the output layer over chunks of `chunk` positions (rematerialised
+  in the backward pass), so the [N,T,V] logits never exist at once.
+  """
+  def logp_and_entropy(hidden, targets):
+    logits = model.gpt2.logits(hidden) / temperature  # [..., V] float32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse
+    lg, ls = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
+    entropy = ls - jnp.sum(jnp.exp(lg - ls[..., None]) * lg, axis=-1)
+    return logp, entropy
+
+  n, t = tokens.shape
+  if not chunk or chunk >= t:
+    return logp_and_entropy(target_hidden, tokens)
+  num_chunks = -(-t // chunk)
+  pad = num_chunks * chunk - t
+  hidden = jnp.pad(target_hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, num_chunks, chunk, -1).swapaxes(0, 1)
+  targets = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(n, num_chunks, chunk).swapaxes(0, 1)
+  logp, entropy = jax.lax.map(jax.checkpoint(lambda xs: logp_and_entropy(*xs)), (hidden, targets))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, -1)[:, :t]
+  return unchunk(logp), unchunk(entropy)
+
+
+def gate_log_density(gate_logit: jax.Array, sample_logit: jax.Array, tau) -> jax.Array:
+  """Binary-concrete log-density, in logit space, of the stored gate sample under the current gate logit.
+
+  gate_logit [N,T] (current l), sample_logit [N,T] (z = (l_old + n) / tau of the stored sample), tau broadcastable.
+  z = (l + n') / tau with logistic n', so log p(z) = log tau + log f(tau * z - l), log f(x) = -x - 2 softplus(-x).
+  """
+  x = tau * sample_logit - gate_logit
+  return jnp.log(tau) - x - 2.0 * jax.nn.softplus(-x)
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+  """exp(ref - logp) - (ref - logp) - 1 >= 0, per token."""
+  d = ref_logp - logp
+  return jnp.exp(d) - d - 1.0
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+  """per_token, mask [N,T] -> scalar by `mode` ('grpo' | 'dapo' | 'dr_grpo'; module doc)."""
+  mask = mask.astype(per_token.dtype)
+  total = per_token * mask
+  if mode == 'grpo':
+    per_seq = total.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+    has_tokens = (mask.sum(-1) > 0).astype(per_token.dtype)
+    return jnp.sum(per_seq * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
+  if mode == 'dapo':
+    return total.sum() / jnp.maximum(mask.sum(), 1.0)
+  if mode == 'dr_grpo':
+    return total.sum() / (per_token.shape[0] * per_token.shape[1])
+  raise ValueError(f'Unknown loss aggregation {mode!r}; expected one of {", ".join(LOSS_AGGREGATIONS)}.')
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+# -------------------------------------------------------------------------------------------------------- loss
+
+
+def loss_mask(batch: RolloutBatch, zero_std: jax.Array, cfg: GRPOConfig) -> jax.Array:
+  """[N,T] float: real completion tokens, not forced by the budget, not in a dropped zero-std group."""
+  mask = (batch.completion_mask > 0) & (batch.forced == 0)
+  if cfg.drop_zero_std_groups:
+    keep_rows = ~jnp.repeat(zero_std, cfg.num_generations)  # [N]
+    mask = mask & keep_rows[:, None]
+  return mask.astype(jnp.float32)
+
+
+def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask: jax.Array,
+              old_logprobs: jax.Array, old_gate_logits: jax.Array, first, cfg: GRPOConfig):
+  """The GRPO objective of one rollout batch -> (loss, aux).
+
+  advantages [N]; mask [N,T] loss tokens; old_logprobs, old_gate_logits [N,T]: the first iteration's (ignored when
+  `first` is true: then this pass's own values, stop-gradient, are the old ones and the ratio is 1).
+  aux: scalar metrics, and `logprobs`, `gate_logits` [N,T] of this pass (stop-gradient) for later iterations.
+  """
+  n, t = batch.completion.shape
+  chex.assert_shape([advantages], (n,))
+  chex.assert_shape([mask, old_logprobs, old_gate_logits, batch.ref_logprobs, batch.gate_noise], (n, t))
+  model = nnx.merge(graphdef, params)
+  tau = batch.tau[:, None]  # [N,1]: the temperature each row was generated with
+  hidden_inputs = jax.lax.stop_gradient(batch.hidden_inputs)
+  target_hidden, gates = engine.rescore(model, batch.prompt, batch.prompt_mask, batch.completion, hidden_inputs,
+                                        batch.gate_noise, tau, hard=cfg.hard_gate)
+  logp, entropy = token_logprobs(model, target_hidden, batch.completion, cfg.temperature, cfg.logit_chunk)
+  gate_logits = model.gate_logit(hidden_inputs)  # [N,T]
+  old_logp = jnp.where(first, jax.lax.stop_gradient(logp), old_logprobs)
+  old_gl = jnp.where(first, jax.lax.stop_gradient(gate_logits), old_gate_logits)
+
+  action_logp, old_action_logp = logp, old_logp
+  if cfg.gate_as_action:
+    sample_logit = (old_gl + batch.gate_noise) / tau
+    action_logp = logp + gate_log_density(gate_logits, sample_logit, tau)
+    old_action_logp = old_logp + gate_log_density(old_gl, sample_logit, tau)
+  ratio = jnp.exp(action_logp - old_action_logp)
+  adv = advantages[:, None]
+  clipped_ratio = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+  per_token = -jnp.minimum(ratio * adv, clipped_ratio * adv)
+  kl = k3_kl(logp, batch.ref_logprobs)
+  if cfg.beta:
+    per_token = per_token + cfg.beta * kl
+  loss = aggregate(per_token, mask, cfg.loss_agg)
+
+  real = batch.completion_mask
+  clipped = ((ratio < 1.0 - cfg.clip_eps) & (adv < 0)) | ((ratio > 1.0 + cfg.clip_eps) & (adv > 0))
+  aux = {
+      'loss': loss,
+      'kl': _masked_mean(kl, real),
+      'entropy': _masked_mean(entropy, real),
+      'clip_fraction': _masked_mean(clipped, mask),
+      'ratio': _masked_mean(ratio, mask),
+      'logprob_mismatch': _masked_mean(jnp.abs(batch.logprobs - logp), real),
+      'logprob_mismatch_max': jnp.max(jnp.abs(batch.logprobs - logp) * real),
+      'gate_mismatch': _masked_mean(jnp.abs(batch.gates - gates), real),
+  }
+  return loss, (aux, {'logprobs': jax.lax.stop_gradient(logp), 'gate_logits': jax.lax.stop_gradient(gate_logits)})
+
+
+def batch_metrics(batch: RolloutBatch, advantages: jax.Array, zero_std: jax.Array) -> dict[str, jax.Array]:
+  """Rollout statistics: rewards and their components, accuracy, structure, lengths, gates, group spread."""
+  real = batch.completion_mask.astype(jnp.float32)
+  metrics = {name: jnp.mean(value.astype(jnp.float32)) for name, value in batch.stats.items()}
+  metrics.update(
+      reward=jnp.mean(batch.rewards),
+      reward_std=jnp.mean(jnp.std(batch.rewards.reshape(zero_std.shape[0], -1), axis=1, ddof=1)),
+      advantage_abs=jnp.mean(jnp.abs(advantages)),
+      zero_std_fraction=jnp.mean(zero_std.astype(jnp.float32)),
+      completion_length=jnp.sum(real) / real.shape[0],
+      reasoning_length=jnp.sum(batch.inner_mask) / real.shape[0],
+      forced_fraction=jnp.mean(jnp.sum(batch.forced, axis=1) > 0),
+      gate_inner=_masked_mean(batch.gates, batch.inner_mask),
+      gate_outer=_masked_mean(batch.gates, batch.outer_mask),
+  )
+  return metrics
+
+
+def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, mesh):
+  """-> jitted `grpo_step(state, batch: RolloutBatch) -> (state, metrics)`.
+
+  The state is donated and replicated; the batch is sharded on 'data' by whole groups (`rollout.collect`).
+  `cfg.mu` optimizer steps on the same batch inside the call; metrics average them (except `logprob_mismatch*`, of
+  the first iteration, whose parameters generated the rollout).
+  """
+
+  def grpo_step(state: TrainState, batch: RolloutBatch):
+    n, t = batch.completion.shape
+    advantages, zero_std = group_advantages(batch.rewards, cfg.num_generations)
+    mask = loss_mask(batch, zero_std, cfg)
+    grad_fn = jax.grad(grpo_loss, has_aux=True)
+
+    def iteration(carry, i):
+      params, opt_state, old = carry
+      grads, (aux, new_old) = grad_fn(params, graphdef, batch, advantages, mask, old['logprobs'],
+                                      old['gate_logits'], i == 0, cfg)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      old = jax.tree.map(lambda new, prev: jnp.where(i == 0, new, prev), new_old, old)
+      return (params, opt_state, old), dict(aux, grad_norm=optax.global_norm(grads))
+
+    zeros = jnp.zeros((n, t), jnp.float32)
+    old = {'logprobs': zeros, 'gate_logits': zeros}
+    (params, opt_state, _), per_iter = jax.lax.scan(iteration, (state.params, state.opt_state, old),
+                                                    jnp.arange(cfg.mu))
+    metrics = {k: (v[0] if k.startswith('logprob_mismatch') else jnp.mean(v)) for k, v in per_iter.items()}
+    metrics.update(batch_metrics(batch, advantages, zero_std))
+    metrics['tau'] = jnp.mean(batch.tau)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  return jax.jit(grpo_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+                 donate_argnums=0)

@@ -1,0 +1,162 @@
+"""GRPO rollouts: B prompts x G completions from the generation engine with the policy's params, scored by the reward.
+
+Each prompt is repeated G times contiguously (row i of the N = B*G rows belongs to prompt i // G), and the N axis
+is sharded on the ('data',) mesh with B divisible by the number of devices, so every device holds whole groups and
+group statistics never cross devices. The rollout stores everything the update needs to re-score it in one
+parallel pass: tokens, the rollout's log-probs, gates, gate noise, the hidden states used as inputs, the
+temperature it was generated with, and (beta > 0) the frozen reference model's log-probs of the same completions,
+re-scored from the same stored hidden states and noise with the reference's own gate head.
+
+`collect` takes the global batch of prompts (the same on every process); rewards are computed on the host from
+the decoded completions (`dtt_jax.reward`), and the large arrays (hidden states) never leave the devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from dtt_jax import parallel, reward
+from dtt_jax.rl.grpo import GRPOConfig, token_logprobs
+from dtt_jax.sampling import engine
+from dtt_jax.sampling.sampler import SamplingConfig
+from dtt_jax.tokens import Tokenizer, Vocab
+
+# Per-completion statistics carried to the step's metrics: metric name -> field of `reward.compute_rewards`.
+STATS = {
+    'reward_structure': 'structure', 'reward_correctness': 'correctness', 'reward_efficiency': 'efficiency',
+    'reward_gate': 'gate', 'accuracy': 'correct', 'structure_rate': 'structure_ok',
+}
+
+
+@flax.struct.dataclass
+class RolloutBatch:
+  """One GRPO batch of N = B*G completions (groups contiguous). Every field has the leading axis N."""
+
+  prompt: jax.Array  # [N,P] int32, left-padded
+  prompt_mask: jax.Array  # [N,P] int32
+  completion: jax.Array  # [N,T] int32 model ids (eos after the end)
+  completion_mask: jax.Array  # [N,T] int32: real tokens through the first eos inclusive
+  forced: jax.Array  # [N,T] int32: <|eot|> forced by the reasoning budget (not sampled: no loss)
+  logprobs: jax.Array  # [N,T] float32 rollout log-probs under logits / temperature (0 at padding)
+  ref_logprobs: jax.Array  # [N,T] float32 reference log-probs (0 when beta == 0)
+  gates: jax.Array  # [N,T] float32 gate that blended each position's input
+  gate_noise: jax.Array  # [N,T] float32 logistic noise of each gate
+  hidden_inputs: jax.Array  # [N,T,D] h_{t-1}, blended into position t's input
+  inner_mask: jax.Array  # [N,T] float32: positions strictly inside <|bot|> ... <|eot|>
+  outer_mask: jax.Array  # [N,T] float32: other real positions
+  tau: jax.Array  # [N] float32 gate temperature of the rollout (the update re-scores with it)
+  rewards: jax.Array  # [N] float32 total reward
+  stats: dict[str, jax.Array]  # name -> [N] float32 (`STATS`)
+
+
+def generate_config(cfg: GRPOConfig, vocab: Vocab) -> engine.GenerateConfig:
+  """The engine settings of a GRPO rollout: sampled tokens, gate noise on (`cfg.gate_noise`), hidden states kept."""
+  return engine.GenerateConfig(
+      max_new_tokens=cfg.max_new_tokens, eos_id=vocab.eos, bot_id=vocab.bot, eot_id=vocab.eot,
+      sampling=SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p),
+      max_think=cfg.max_think, gate_noise=cfg.gate_noise, hard_gate=cfg.hard_gate, early_stop=True,
+      return_hidden=True)
+
+
+def repeat_prompts(prompt: np.ndarray, prompt_mask: np.ndarray, num_generations: int):
+  """[B,P] -> [B*G,P]: each prompt G times in a row (a group is contiguous)."""
+  return np.repeat(prompt, num_generations, axis=0), np.repeat(prompt_mask, num_generations, axis=0)
+
+
+def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh):
+  """-> jitted `rollout(params, ref_params, prompt, prompt_mask, key, tau) -> (engine.Rollout, ref_logprobs [N,T])`.
+
+  prompt, prompt_mask [N,P] sharded on 'data'; params, ref_params (None when beta == 0), key, tau replicated.
+  The reference parameters are only read.
+  """
+  gen_cfg = generate_config(cfg, vocab)
+
+  def rollout(params, ref_params, prompt, prompt_mask, key, tau):
+    out = engine.generate_traced(nnx.merge(graphdef, params), prompt, prompt_mask, key, tau, gen_cfg, False)
+    if cfg.beta:
+      ref = nnx.merge(graphdef, ref_params)
+      target_hidden, _ = engine.rescore(ref, prompt, prompt_mask, out.tokens, out.hidden_inputs, out.gate_noise, tau,
+                                        hard=cfg.hard_gate)
+      ref_logprobs, _ = token_logprobs(ref, target_hidden, out.tokens, cfg.temperature, cfg.logit_chunk)
+      ref_logprobs = jnp.where(out.mask > 0, ref_logprobs, 0.0)
+    else:
+      ref_logprobs = jnp.zeros(out.tokens.shape, jnp.float32)
+    return out, ref_logprobs
+
+  replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  return jax.jit(rollout, in_shardings=(replicated, replicated, sharded, sharded, replicated, replicated),
+                 out_shardings=sharded)
+
+
+def _to_global(x: np.ndarray, sharding) -> jax.Array:
+  """A global host array (the same on every process) -> a jax array with `sharding`."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+  """A sharded jax array -> the whole array on the host (gathered across processes if needed)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def shard_rollout(batch: RolloutBatch, mesh) -> RolloutBatch:
+  """A host copy of a RolloutBatch (e.g. `jax.device_get(batch)`) -> sharded by rows on `mesh`."""
+  parallel.check_divisible(batch.rewards.shape[0], mesh, 'rollout rows')
+  sharding = parallel.data_sharded(mesh)
+  return jax.tree.map(lambda x: _to_global(x, sharding), batch)
+
+
+class RolloutCollector:
+  """Generates, scores and packs GRPO batches: `collect(params, ref_params, prompts...) -> (RolloutBatch, info)`."""
+
+  def __init__(self, graphdef, cfg: GRPOConfig, tokenizer: Tokenizer, dataset: str, mesh,
+               reward_weights: Mapping[str, float] | None = None):
+    self.cfg, self.tokenizer, self.dataset, self.mesh = cfg, tokenizer, dataset, mesh
+    self.reward_weights = None if reward_weights is None else dict(reward_weights)
+    self.rollout_fn = make_rollout_fn(graphdef, cfg, tokenizer.vocab, mesh)
+
+  def collect(self, params, ref_params, prompt: np.ndarray, prompt_mask: np.ndarray, references: Sequence[str],
+              key: jax.Array, tau: float) -> tuple[RolloutBatch, dict]:
+    """B prompts [B,P] (left-padded, global), B reference answers -> (RolloutBatch of B*G rows, info).
+
+    info: the reward dict of `reward.compute_rewards` ([N] numpy arrays) plus `completions` (N decoded texts).
+    """
+    g = self.cfg.num_generations
+    b = prompt.shape[0]
+    if len(references) != b:
+      raise ValueError(f'{b} prompts but {len(references)} references.')
+    parallel.check_divisible(b, self.mesh, 'grpo.prompts_per_step')
+    if self.cfg.beta and ref_params is None:
+      raise ValueError('grpo.beta > 0 needs the reference parameters (the Stage-1 checkpoint).')
+    sharding = parallel.data_sharded(self.mesh)
+    prompt_g, mask_g = repeat_prompts(np.asarray(prompt, np.int32), np.asarray(prompt_mask, np.int32), g)
+    prompt_g, mask_g = _to_global(prompt_g, sharding), _to_global(mask_g, sharding)
+    tau = jnp.float32(tau)
+    out, ref_logprobs = self.rollout_fn(params, ref_params, prompt_g, mask_g, key, tau)
+
+    tokens, mask, gates = _fetch(out.tokens), _fetch(out.mask), _fetch(out.gates)
+    n = tokens.shape[0]
+    completions = reward.decode_completions(self.tokenizer, tokens, mask)
+    refs = [r for r in references for _ in range(g)]
+    r = reward.compute_rewards(tokens, mask, gates, completions, refs, self.dataset, self.tokenizer.vocab,
+                               self.reward_weights)
+    inner, outer, _ = reward.span_masks(tokens, mask, self.tokenizer.vocab)
+    host = {
+        'inner_mask': inner.astype(np.float32), 'outer_mask': outer.astype(np.float32),
+        'tau': np.full((n,), float(tau), np.float32), 'rewards': r['total'].astype(np.float32),
+        'stats': {name: np.asarray(r[field], np.float32) for name, field in STATS.items()},
+    }
+    host = jax.tree.map(lambda x: _to_global(x, sharding), host)
+    batch = RolloutBatch(prompt=prompt_g, prompt_mask=mask_g, completion=out.tokens, completion_mask=out.mask,
+                         forced=out.forced, logprobs=out.logprobs, ref_logprobs=ref_logprobs, gates=out.gates,
+                         gate_noise=out.gate_noise, hidden_inputs=out.hidden_inputs, **host)
+    return batch, dict(r, completions=completions)
