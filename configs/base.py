@@ -13,6 +13,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.stage = 'pipeline'  # 'bootstrap' | 'grpo' | 'eval' | 'pipeline' (bootstrap, then grpo, then eval)
   c.method = 'dtt'  # 'dtt' (gated latent blend); later issues add 'coconut' and baselines
   c.num_devices = 0  # 0: every device of every process
+  c.init_from = ''  # GRPO: a workdir whose bootstrap result gives the initial policy and the reference ('' = this one)
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.enabled = False  # also log to Weights & Biases
+  c.wandb.mode = 'offline'  # 'online' | 'offline' (no network needed; `wandb sync` later)
+  c.wandb.project = 'dtt_jax'
+  c.wandb.name = ''
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'addition'  # 'gsm8k' | 'prosqa' | 'prontoqa' | 'addition'

@@ -19,13 +19,16 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from dtt_jax import data as data_lib
 from dtt_jax import parallel, tokens
 from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.eval import evaluate as eval_lib
+from dtt_jax.eval import report
 from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import build_model
+from dtt_jax.rl import grpo, rollout
 from dtt_jax.train import bootstrap, loop, state as state_lib
 from dtt_jax.train.temperature import Temperature
 
@@ -132,18 +135,12 @@ def make_validate(exp: Experiment, graphdef):
 
   def validate(state, step, tau):
     del step
-    model = jax.tree.map(lambda x: x, state.params)
-    result = eval_lib.evaluate(_merge(graphdef, model), prompts.prompt, prompts.prompt_mask, prompts.questions,
+    result = eval_lib.evaluate(nnx.merge(graphdef, state.params), prompts.prompt, prompts.prompt_mask, prompts.questions,
                                prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
                                exp.mesh)
     return result.metrics
 
   return validate
-
-
-def _merge(graphdef, params):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  return nnx.merge(graphdef, params)
 
 
 def bootstrap_optimizer(c):
@@ -184,6 +181,87 @@ def run_bootstrap(exp: Experiment) -> loop.LoopResult:
   return result
 
 
+def _stage_result_params(exp: Experiment, stage: str, tx, prefer_best: bool = True):
+  """(graphdef, params) of a finished stage's best (or latest) checkpoint in the workdir."""
+  graphdef, state = initial_state(exp, tx)
+  ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), async_save=False,
+                      best_metric=exp.config[stage].best_metric)
+  steps = ckpt.steps()
+  if not steps:
+    ckpt.close()
+    raise FileNotFoundError(f'No {stage} checkpoint in {exp.workdir}/{stage}/checkpoints: run the {stage} stage first '
+                            '(--config.stage=bootstrap) or set config.init_from.')
+  step = (ckpt.best_step() if prefer_best else None) or steps[-1]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored, _ = ckpt.restore(step, abstract)
+  ckpt.close()
+  log.info('Loaded %s parameters from %s/%s/checkpoints/%d.', stage, exp.workdir, stage, step)
+  return graphdef, restored.params
+
+
+def grpo_start_params(exp: Experiment):
+  """GRPO's initial policy and frozen reference: `config.init_from` (a workdir holding a bootstrap result) or this
+  workdir's bootstrap result."""
+  source = exp
+  if exp.config.get('init_from'):
+    source = dataclasses.replace(exp, workdir=exp.config.init_from)
+  return _stage_result_params(source, 'bootstrap', bootstrap_optimizer(exp.config))
+
+
+def run_grpo(exp: Experiment) -> loop.LoopResult:
+  c, g = exp.config, exp.config.grpo
+  cfg = grpo.GRPOConfig.from_config(g)
+  graphdef, start = grpo_start_params(exp)
+  reference = parallel.replicate(jax.device_get(start), exp.mesh) if cfg.beta else None
+  tx = grpo.make_grpo_optimizer(g)
+  state = parallel.replicate(state_lib.init_state(jax.device_get(start), tx, seed=c.seed + 1), exp.mesh)
+  grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
+  collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
+                                       dict(g.reward_weights))
+  prompts = data_lib.prompt_iterator(exp.train, exp.tokenizer, c.data.max_prompt_len, g.prompts_per_step,
+                                     seed=c.seed)
+
+  def step_fn(state, batch, tau):
+    key = state_lib.step_key(state, salt=1)
+    rollout_batch, info = collector.collect(state.params, reference, batch.prompt, batch.prompt_mask, batch.answers,
+                                            key, tau)
+    state, metrics = grpo_step(state, rollout_batch)
+    return state, dict(metrics, **{f'reward_{k}': float(np.mean(info[k])) for k in ('structure', 'correctness',
+                                                                                     'efficiency', 'gate', 'total')})
+
+  stage_dir = os.path.join(exp.workdir, 'grpo')
+  ckpt = Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=g.keep_checkpoints, best_metric=g.best_metric)
+  writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
+  temperature = Temperature(g.tau0, g.tau_min, g.steps, g.patience)
+  loop_cfg = loop.LoopConfig('grpo', g.steps, g.log_every, g.eval_every, g.checkpoint_every, g.best_metric)
+  try:
+    return loop.run(loop_cfg, state, step_fn, prompts, temperature, ckpt, writer, make_validate(exp, graphdef),
+                    meta={'vocab': json.loads(exp.vocab.to_json())})
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def run_eval(exp: Experiment) -> dict[str, float]:
+  """Greedy evaluation of the newest finished stage (GRPO if present, else bootstrap) on the validation records;
+  writes the report files to `<workdir>/eval/`."""
+  c = exp.config
+  stage = 'grpo' if os.path.isdir(os.path.join(exp.workdir, 'grpo', 'checkpoints')) else 'bootstrap'
+  tx = grpo.make_grpo_optimizer(c.grpo) if stage == 'grpo' else bootstrap_optimizer(c)
+  graphdef, params = _stage_result_params(exp, stage, tx)
+  prompts = _validation_prompts(exp)
+  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think)
+  tau = c.grpo.tau_min if stage == 'grpo' else c.bootstrap.tau_min
+  result = eval_lib.evaluate(nnx.merge(graphdef, params), prompts.prompt, prompts.prompt_mask, prompts.questions,
+                             prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
+                             exp.mesh, dict(c.grpo.reward_weights))
+  if jax.process_index() == 0:
+    paths = report.write_report(result, os.path.join(exp.workdir, 'eval'), {'stage': stage, 'tau': tau})
+    log.info('Evaluation of %s (%d examples): %s. Reports: %s', stage, len(result.rows), result.metrics,
+             ', '.join(paths.values()))
+  return result.metrics
+
+
 def run(config, workdir: str) -> None:
   exp = setup(config, workdir)
   stage = config.stage
@@ -192,8 +270,10 @@ def run(config, workdir: str) -> None:
     log.info('bootstrap finished at step %d: %s', result.step, result.last_validation)
     if result.interrupted:
       return
-  if stage not in ('bootstrap', 'pipeline'):
-    raise NotImplementedError(f'config.stage={stage!r} is not available yet.')
-
-
-__all__ = ['run', 'setup', 'run_bootstrap', 'init_distributed', 'np']
+  if stage in ('grpo', 'pipeline'):
+    result = run_grpo(exp)
+    log.info('grpo finished at step %d: %s', result.step, result.last_validation)
+    if result.interrupted:
+      return
+  if stage in ('eval', 'pipeline'):
+    run_eval(exp)
