@@ -155,7 +155,13 @@ def _kind(path: str) -> str:
 def _hf_rows(path: str, kind: str) -> list[dict]:
   """All rows of a local file via HF datasets ('text' rows are {'text': line}, blank lines included)."""
   import datasets  # pylint: disable=g-import-not-at-top
-  ds = datasets.load_dataset('text' if kind == 'txt' else 'json', data_files=path, split='train')
+  quiet = datasets.utils.are_progress_bars_disabled()
+  datasets.utils.disable_progress_bars()  # one 'Generating train split' bar per file is noise in training logs
+  try:
+    ds = datasets.load_dataset('text' if kind == 'txt' else 'json', data_files=path, split='train')
+  finally:
+    if not quiet:
+      datasets.utils.enable_progress_bars()
   return ds.to_list()
 
 
