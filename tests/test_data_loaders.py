@@ -139,7 +139,8 @@ def test_unknown_names():
 @pytest.fixture
 def data_dir(tmp_path):
   """A data dir with the fixtures at the default file names."""
-  for fixture, target in (('prosqa.json', 'prosqa/prosqa_valid.json'), ('prontoqa.json', 'prontoqa/prontoqa_train.json'),
+  for fixture, target in (('prosqa.json', 'prosqa/prosqa_valid.json'),
+                          ('prontoqa.json', 'prontoqa/prontoqa_train.json'),
                           ('gsm8k_coconut.json', 'gsm8k/coconut_format/gsm_valid.json'),
                           ('gsm8k_icot.txt', 'gsm8k/icot_gsm8k_aug/test.txt')):
     (tmp_path / target).parent.mkdir(parents=True, exist_ok=True)

@@ -187,6 +187,18 @@ def test_processes_take_their_slices_of_each_global_batch():
     _iterator(RECORDS, batch_size=6, process_index=0, process_count=4)
 
 
+def test_one_shot_batch_equals_the_iterators_rows():
+  cfg = samples.SampleConfig(16, 24, 'none', 0.5, 4)
+  tok = Tokenizer(ByteTokenizer(), Vocab.full())
+  records = RECORDS[:10] + [dict(RECORD, question='9' * 20)]  # the last one does not fit and is left out
+  whole = samples.stage1_batch(records, tok, cfg, seed=3)
+  assert whole.prompt.shape == (10, 16) and whole.filler_mask.any()
+  it = samples.stage1_iterator(records, tok, cfg, 10, seed=3)
+  rows = it.global_rows(0, 0)
+  batch = next(it)
+  assert all(np.array_equal(batch[k], whole[k][rows]) for k in ALL_FIELDS)
+
+
 def test_batch_is_a_pytree_with_the_train_step_fields():
   from dtt_jax.train import bootstrap  # pylint: disable=g-import-not-at-top
   b = next(_iterator(RECORDS))

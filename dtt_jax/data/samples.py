@@ -331,6 +331,16 @@ def stage1_iterator(records: Sequence[dict], tokenizer: Tokenizer, cfg, batch_si
   return BatchIterator(len(encoded), batch_size, make_batch, seed, process_index, process_count)
 
 
+def stage1_batch(records: Sequence[dict], tokenizer: Tokenizer, cfg, seed: int = 0, epoch: int = 0) -> Stage1Batch:
+  """One Stage1Batch [N,P] / [N,T] of every record that fits, in order, with the filler the iterator would draw
+  in `epoch` (e.g. a fixed validation batch; N = the number of records that fit)."""
+  cfg = SampleConfig.from_config(cfg)
+  encoded = encode_stage1(records, tokenizer, cfg)
+  filler_ids = filler_token_ids(tokenizer.vocab)
+  fillers = [draw_filler(seed, epoch, int(i), cfg, filler_ids) for i in encoded.indices]
+  return build_stage1_batch(encoded, range(len(encoded)), fillers, cfg, tokenizer.vocab)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 2
 
