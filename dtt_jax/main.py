@@ -28,7 +28,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s',
-                      stream=sys.stderr)
+                      stream=sys.stderr, force=True)
+  logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax logs every file operation at INFO
   pipeline.init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   pipeline.run(FLAGS.config, FLAGS.workdir)
 

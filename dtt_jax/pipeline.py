@@ -129,16 +129,22 @@ def _validation_prompts(exp: Experiment):
 
 
 def make_validate(exp: Experiment, graphdef):
+  """validate(state, step, tau) -> greedy-generation metrics on the held-out prompts, plus teacher-forced gate means
+  on the same examples with a filler span in every one (`tf_gate_inner`, `tf_gate_outer`)."""
   c = exp.config
   prompts = _validation_prompts(exp)
   gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think)
+  records = exp.valid[:c.dataset.valid_size]
+  span_cfg = dataclasses.replace(data_lib.SampleConfig.from_config(c.data), filler_prob=1.0)
+  span_batch = data_lib.stage1_batch(records, exp.tokenizer, span_cfg, seed=c.seed)
 
   def validate(state, step, tau):
     del step
-    result = eval_lib.evaluate(nnx.merge(graphdef, state.params), prompts.prompt, prompts.prompt_mask, prompts.questions,
-                               prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
-                               exp.mesh)
-    return result.metrics
+    result = eval_lib.evaluate(nnx.merge(graphdef, state.params), prompts.prompt, prompts.prompt_mask,
+                               prompts.questions, prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau,
+                               c.generate.batch_size, exp.mesh)
+    return {**result.metrics, **eval_lib.teacher_forced_gates(graphdef, state.params, span_batch, tau,
+                                                              c.bootstrap.noisy_span_scale)}
 
   return validate
 
@@ -181,8 +187,9 @@ def run_bootstrap(exp: Experiment) -> loop.LoopResult:
   return result
 
 
-def _stage_result_params(exp: Experiment, stage: str, tx, prefer_best: bool = True):
+def stage_params(exp: Experiment, stage: str, prefer_best: bool = True):
   """(graphdef, params) of a finished stage's best (or latest) checkpoint in the workdir."""
+  tx = grpo.make_grpo_optimizer(exp.config.grpo) if stage == 'grpo' else bootstrap_optimizer(exp.config)
   graphdef, state = initial_state(exp, tx)
   ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), async_save=False,
                       best_metric=exp.config[stage].best_metric)
@@ -205,7 +212,7 @@ def grpo_start_params(exp: Experiment):
   source = exp
   if exp.config.get('init_from'):
     source = dataclasses.replace(exp, workdir=exp.config.init_from)
-  return _stage_result_params(source, 'bootstrap', bootstrap_optimizer(exp.config))
+  return stage_params(source, 'bootstrap')
 
 
 def run_grpo(exp: Experiment) -> loop.LoopResult:
@@ -247,8 +254,7 @@ def run_eval(exp: Experiment) -> dict[str, float]:
   writes the report files to `<workdir>/eval/`."""
   c = exp.config
   stage = 'grpo' if os.path.isdir(os.path.join(exp.workdir, 'grpo', 'checkpoints')) else 'bootstrap'
-  tx = grpo.make_grpo_optimizer(c.grpo) if stage == 'grpo' else bootstrap_optimizer(c)
-  graphdef, params = _stage_result_params(exp, stage, tx)
+  graphdef, params = stage_params(exp, stage)
   prompts = _validation_prompts(exp)
   gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think)
   tau = c.grpo.tau_min if stage == 'grpo' else c.bootstrap.tau_min

@@ -9,12 +9,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dtt_jax import parallel, reward
 from dtt_jax.data.answers import extract_answer
 from dtt_jax.sampling import engine
+from dtt_jax.train.bootstrap import noisy_span_bias
 from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.tokens import Tokenizer
 
@@ -88,3 +93,24 @@ def evaluate(model, prompt: np.ndarray, prompt_mask: np.ndarray, questions: Sequ
     })
   return EvalResult(metrics, rows, {'inner': gates[inner], 'outer': gates[outer]},
                     np.asarray(r['reasoning_length']))
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'noisy_span_scale'))
+def _teacher_forced_gates(graphdef, params, batch, tau, noisy_span_scale):
+  model = nnx.merge(graphdef, params)
+  out = engine.unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'],
+                      jnp.zeros(batch['completion'].shape, jnp.float32), tau,
+                      completion_key_bias=noisy_span_bias(batch['filler_mask'], noisy_span_scale))
+  mean = lambda m: jnp.sum(out.gates * m) / jnp.maximum(jnp.sum(m), 1)
+  return {'tf_gate_inner': mean(batch['inner_mask']), 'tf_gate_outer': mean(batch['outer_mask'])}
+
+
+def teacher_forced_gates(graphdef, params, batch, tau: float, noisy_span_scale: float) -> dict[str, float]:
+  """Mean gate at inner / outer positions of a Stage-1 batch (every example with a span), noise off.
+
+  Greedy generation after a 'none'-span bootstrap usually closes the span at once (no inner positions); these
+  teacher-forced means show whether the gate opens inside a span at all.
+  """
+  fields = {k: batch[k] for k in ('prompt', 'prompt_mask', 'completion', 'filler_mask', 'inner_mask', 'outer_mask')}
+  out = _teacher_forced_gates(graphdef, params, fields, jnp.float32(tau), noisy_span_scale)
+  return {k: float(v) for k, v in jax.device_get(out).items()}

@@ -51,15 +51,20 @@ def _counts(batch) -> dict[str, jax.Array]:
           for name in ('loss_mask', 'inner_mask', 'outer_mask')}
 
 
+def noisy_span_bias(filler_mask, scale: float) -> jax.Array:
+  """filler_mask [B,T] -> additive attention bias of those keys: log(scale) on fillers, 0 elsewhere."""
+  return jnp.where(filler_mask > 0, math.log(scale), 0.0)
+
+
 def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts):
   """Sums of the loss terms over `batch` divided by the (whole-batch) `counts` -> (loss, metrics).
 
   batch fields [B,P] / [B,T] as in `BATCH_FIELDS`; noise [B,T] logistic gate noise.
   """
   chex.assert_equal_shape([batch['completion'], batch['loss_mask'], noise])
-  key_bias = jnp.where(batch['filler_mask'] > 0, math.log(cfg.noisy_span_scale), 0.0)
   out = engine.unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'], noise, tau,
-                      hard=cfg.hard_gate, completion_key_bias=key_bias)
+                      hard=cfg.hard_gate, completion_key_bias=noisy_span_bias(batch['filler_mask'],
+                                                                              cfg.noisy_span_scale))
   logits = model.gpt2.logits(out.target_hidden)  # [B,T,V]
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['completion'])  # [B,T]
   ce = jnp.sum(nll * batch['loss_mask']) / counts['loss_mask']

@@ -1,0 +1,75 @@
+"""Export a trained DTT model as a Hugging Face GPT-2 directory.
+
+    python -m dtt_jax.export --workdir=runs/gsm8k --out=exported/gsm8k [--stage=grpo|bootstrap] [--step=N]
+
+Writes `config.json` + `model.safetensors` (loads with `transformers.GPT2LMHeadModel.from_pretrained(out)`),
+`dtt_head.safetensors` (gate head `gate.weight` [1,D] / `gate.bias` [1], and `proj.weight`/`proj.bias` when the
+projection is used, in PyTorch Linear layout), `dtt_config.json` (gate settings, evaluation temperature) and
+`dtt_vocab.json`. With the full vocabulary the HF token ids are GPT-2's (plus the 4 DTT specials). With the
+compact vocabulary the exported rows are the model ids; `dtt_vocab.json` lists the GPT-2 id of each row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_dict
+
+from dtt_jax import pipeline, tokens
+from dtt_jax.model import hf_io
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
+flags.DEFINE_string('out', None, 'Output directory for the HF checkpoint.')
+flags.DEFINE_string('stage', '', "'grpo' or 'bootstrap' ('' = the newest finished stage).")
+flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def load_run_config(workdir: str) -> config_dict.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing: {workdir} is not a dtt_jax workdir (run dtt_jax.main first).')
+  with open(path) as f:
+    return config_dict.ConfigDict(json.load(f))
+
+
+def export(workdir: str, out_dir: str, stage: str = '') -> str:
+  """Writes the HF directory for `stage`'s best checkpoint; returns the stage exported."""
+  config = load_run_config(workdir)
+  config.num_devices = 1
+  exp = pipeline.setup(config, workdir)
+  if not stage:
+    stage = 'grpo' if os.path.isdir(os.path.join(workdir, 'grpo', 'checkpoints')) else 'bootstrap'
+  graphdef, params = pipeline.stage_params(exp, stage)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(graphdef, params)
+  hf_io.export_pretrained(model.gpt2, out_dir)
+  head = {'gate.weight': np.asarray(model.gate_head.kernel.value).T, 'gate.bias': np.asarray(model.gate_head.bias.value)}
+  if model.proj is not None:
+    head['proj.weight'] = np.asarray(model.proj.kernel.value).T
+    head['proj.bias'] = np.asarray(model.proj.bias.value)
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in head.items()},
+            os.path.join(out_dir, 'dtt_head.safetensors'))
+  tau = config[stage].tau_min
+  with open(os.path.join(out_dir, 'dtt_config.json'), 'w') as f:
+    json.dump({'stage': stage, 'eval_tau': tau, 'use_projection': model.proj is not None,
+               'blend': 'x_t = g*P(h_{t-1}) + (1-g)*E[y_t], g = sigmoid((gate(h_{t-1}) + noise) / tau)',
+               'special_tokens': {name: exp.vocab.model_id(gid) for name, gid in zip(
+                   ('<|endoftext|>',) + tokens.SPECIAL_TOKENS, tokens.SPECIAL_IDS)}}, f, indent=2)
+  with open(os.path.join(out_dir, 'dtt_vocab.json'), 'w') as f:
+    f.write(exp.vocab.to_json())
+  return stage
+
+
+def main(argv):
+  del argv
+  stage = export(FLAGS.workdir, FLAGS.out, FLAGS.stage)
+  print(f'Exported the {stage} model of {FLAGS.workdir} to {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
