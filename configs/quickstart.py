@@ -19,6 +19,13 @@ def get_config(stage: str = ''):
   c.bootstrap.eval_every = 200
   c.bootstrap.checkpoint_every = 200
   c.generate.max_new_tokens = 20
+  c.grpo.steps = 60
+  c.grpo.prompts_per_step = 8
+  c.grpo.num_generations = 8
+  c.grpo.lr = 5e-5
+  c.grpo.max_new_tokens = 20
+  c.grpo.eval_every = 20
+  c.grpo.checkpoint_every = 20
   # At lambda 0.1 the many outer positions win: the gate closes everywhere and, once tau is small, gets no
   # gradient back (measured on this config); at 1.0 the inner gate opens (teacher-forced mean 1.0 by step 200).
   c.bootstrap.hinge_lambda = 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
@@ -46,6 +47,23 @@ def shard_batch(batch, mesh):
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, batch)
+
+
+def to_global(tree, mesh):
+  """Host arrays that every process holds in full (e.g. prompts all processes built the same way) -> global
+  arrays sharded on 'data' (each device takes its rows)."""
+  sharding = data_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i, x=np.asarray(x): x[i]),
+                      tree)
+
+
+def to_host(tree):
+  """Global (possibly multi-process) arrays -> full numpy arrays on every process."""
+  def fetch(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(fetch, tree)
 
 
 def replicate(tree, mesh):

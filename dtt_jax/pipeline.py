@@ -48,8 +48,7 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
   else:
     if num_processes <= 0 or process_id < 0:
       raise ValueError('--coordinator host:port needs --num_processes and --process_id.')
-    if jax.default_backend() == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices only; GPUs/TPUs use their own
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
   log.info('jax.distributed: process %d of %d, %d global devices.', jax.process_index(), jax.process_count(),
            jax.device_count())

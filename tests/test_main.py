@@ -41,14 +41,19 @@ def _run(workdir, *overrides, stage='bootstrap', check=True):
   return proc
 
 
-def _final_params(workdir, stage='bootstrap'):
+def _final_state(workdir, like=None, stage='bootstrap'):
+  """(step, state) of the newest checkpoint; `like`: a state of the same structure, for checkpoints written with
+  another device topology (restored onto this process's first device)."""
   from dtt_jax.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt = Checkpointer(os.path.join(workdir, stage, 'checkpoints'), async_save=False)
   step = ckpt.steps()[-1]
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = None if like is None else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   ckpt.close()
-  return step, restored.state['params']
+  return step, restored.state
 
 
 def _wait_for(predicate, proc, timeout=600):
@@ -108,10 +113,10 @@ def test_kill_9_then_rerun_resumes_to_identical_params(tmp_path):
   proc.wait()
   assert not os.path.isdir(os.path.join(ckpt_dir, '10'))
   _run(killed, *common)
-  step_a, params_a = _final_params(straight)
-  step_b, params_b = _final_params(killed)
+  step_a, state_a = _final_state(straight)
+  step_b, state_b = _final_state(killed)
   assert step_a == step_b == 10
-  for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+  for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(x, y)
 
 

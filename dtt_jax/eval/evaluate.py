@@ -48,9 +48,9 @@ def generate_all(model, prompt: np.ndarray, prompt_mask: np.ndarray, gen_cfg: en
   parts = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
-    batch = parallel.shard_batch({'prompt': prompt[idx], 'mask': prompt_mask[idx]}, mesh)
+    batch = parallel.to_global({'prompt': prompt[idx], 'mask': prompt_mask[idx]}, mesh)
     out = engine.generate(model, batch['prompt'], batch['mask'], jax.random.fold_in(key, start), tau, gen_cfg)
-    parts.append(jax.device_get(out))
+    parts.append(parallel.to_host(out))
   keep = n - (len(parts) - 1) * batch_size
   parts[-1] = jax.tree.map(lambda x: x[:keep], parts[-1])
   return jax.tree.map(lambda *xs: np.concatenate(xs, 0), *parts)
