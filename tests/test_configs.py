@@ -1,0 +1,38 @@
+"""Every shipped config loads, takes a stage suffix, and passes the value checks; bad values name their key."""
+
+import importlib
+
+import pytest
+
+from dtt_jax import pipeline
+
+CONFIGS = ('base', 'quickstart', 'addition', 'gsm8k', 'prosqa', 'prontoqa')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_is_valid(name):
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config() if name == 'base' else module.get_config('grpo')
+  pipeline.check_config(config)
+  if name != 'base':
+    assert config.stage == 'grpo'
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('stage', 'train', "config.stage='train': expected one of 'bootstrap', 'grpo', 'eval', 'pipeline'"),
+    ('model.vocab', 'small', "config.model.vocab='small'"),
+    ('bootstrap.batch_size', 0, 'config.bootstrap.batch_size=0 must be positive'),
+])
+def test_bad_values_are_named(key, value, message):
+  config = importlib.import_module('configs.quickstart').get_config()
+  section, _, name = key.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    pipeline.check_config(config)
+
+
+def test_pretrained_model_needs_full_vocab():
+  config = importlib.import_module('configs.gsm8k').get_config()
+  config.model.vocab = 'compact'
+  with pytest.raises(ValueError, match='model.vocab="compact" only works with config.model.init="scratch"'):
+    pipeline.check_config(config)
