@@ -190,6 +190,25 @@ def test_group_advantages_are_group_normalised_and_zero_spread_groups_give_zero(
   assert np.all(np.asarray(advantages)[4:8] == 0.0)  # exactly zero, not rounding noise / 1e-4
 
 
+def test_token_logprobs_chunked_equal_log_softmax_and_entropy():
+  """The output layer over chunks of positions (rematerialised) gives log-softmax log-probs, the entropy
+  -sum p log p, and the same gradient as all positions at once."""
+  model = _model()
+  hidden = jax.random.normal(jax.random.key(0), (3, 7, TINY.n_embd))
+  targets = jax.random.randint(jax.random.key(1), (3, 7), 0, VOCAB.num_tokens)
+  logp_all = jax.nn.log_softmax(model.gpt2.logits(hidden) / 0.8)
+  expected_logp = jnp.take_along_axis(logp_all, targets[..., None], -1)[..., 0]
+  valid = jnp.arange(TINY.vocab_rows) < TINY.num_tokens  # padded rows have probability 0
+  expected_entropy = -jnp.sum(jnp.where(valid, jnp.exp(logp_all) * logp_all, 0.0), -1)
+  grads = []
+  for chunk in (0, 3):  # 3 does not divide 7: the last chunk is padded
+    logp, entropy = grpo.token_logprobs(model, hidden, targets, 0.8, chunk)
+    np.testing.assert_allclose(logp, expected_logp, atol=1e-5)
+    np.testing.assert_allclose(entropy, expected_entropy, atol=1e-4)
+    grads.append(jax.grad(lambda h, c=chunk: jnp.sum(grpo.token_logprobs(model, h, targets, 0.8, c)[0] ** 2))(hidden))
+  np.testing.assert_allclose(grads[0], grads[1], atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ mu = 1: policy gradient
 
 
@@ -250,7 +269,8 @@ def _run_steps(num_devices: int, batches, cfg=CFG, steps: int = 2):
   mesh = parallel.make_mesh(num_devices)
   state = _init_state(mesh)
   for i in range(steps):
-    state, metrics = _step_fn(cfg, num_devices)(state, rollout.shard_rollout(batches[i % len(batches)], mesh))
+    batch = rollout.shard_rollout(batches[i % len(batches)], mesh, G)
+    state, metrics = _step_fn(cfg, num_devices)(state, batch)
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -306,7 +326,7 @@ def test_reference_is_frozen():
     out, ref_logprobs = _rollout_fn(CFG, 1)(state.params, ref_params, prompt, mask, jax.random.key(i),
                                            jnp.float32(TAU))
     batch = _as_batch(out, ref_logprobs, prompt, mask, _rewards(i))
-    state, metrics = _step_fn(CFG, 1)(state, rollout.shard_rollout(batch, mesh))
+    state, metrics = _step_fn(CFG, 1)(state, rollout.shard_rollout(batch, mesh, G))
     kls.append(float(metrics['kl']))
   assert not any(x.is_deleted() for x in jax.tree.leaves(ref_params))
   _assert_trees_close(jax.device_get(ref_params), ref_host, atol=0.0)

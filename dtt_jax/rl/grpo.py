@@ -74,7 +74,7 @@ class GRPOConfig:
   max_think: int = 16
   gate_noise: bool = True
   hard_gate: bool = False
-  logit_chunk: int = 0  # > 0: output layer over chunks of this many completion positions (bounds [N,T,V] memory)
+  logit_chunk: int = 8  # > 0: output layer over chunks of this many completion positions (bounds [N,T,V] memory)
 
   def __post_init__(self):
     if self.loss_agg not in LOSS_AGGREGATIONS:
@@ -125,10 +125,14 @@ def token_logprobs(model, target_hidden: jax.Array, tokens: jax.Array, temperatu
   """
   def logp_and_entropy(hidden, targets):
     logits = model.gpt2.logits(hidden) / temperature  # [..., V] float32
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    # One pass over the vocabulary for both: e = exp(x - max), lse = max + log sum e, H = lse - sum(e x) / sum(e).
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - top)
+    sum_e = jnp.sum(e, axis=-1)
+    lse = top[..., 0] + jnp.log(sum_e)
     logp = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse
-    lg, ls = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
-    entropy = ls - jnp.sum(jnp.exp(lg - ls[..., None]) * lg, axis=-1)
+    sg = jax.lax.stop_gradient
+    entropy = sg(lse) - jnp.sum(sg(e) * sg(logits), axis=-1) / sg(sum_e)
     return logp, entropy
 
   n, t = tokens.shape

@@ -108,9 +108,10 @@ def _fetch(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def shard_rollout(batch: RolloutBatch, mesh) -> RolloutBatch:
-  """A host copy of a RolloutBatch (e.g. `jax.device_get(batch)`) -> sharded by rows on `mesh`."""
-  parallel.check_divisible(batch.rewards.shape[0], mesh, 'rollout rows')
+def shard_rollout(batch: RolloutBatch, mesh, num_generations: int) -> RolloutBatch:
+  """A host copy of a RolloutBatch (e.g. `jax.device_get(batch)`) -> sharded by rows on `mesh`, whole groups of
+  `num_generations` rows per device."""
+  parallel.check_divisible(batch.rewards.shape[0] // num_generations, mesh, 'number of groups (prompts)')
   sharding = parallel.data_sharded(mesh)
   return jax.tree.map(lambda x: _to_global(x, sharding), batch)
 
