@@ -102,8 +102,9 @@ def setup(config, workdir: str) -> Experiment:
   hf = tokens.load_tokenizer(_tokenizer_source(config))
   train, valid = data_lib.load_splits(config.dataset, seed=config.seed)
   vocab_path = os.path.join(workdir, 'vocab.json')
-  if os.path.exists(vocab_path):
-    with open(vocab_path) as f:
+  source_vocab = os.path.join(config.init_from, 'vocab.json') if config.get('init_from') else ''
+  if os.path.exists(vocab_path) or os.path.exists(source_vocab):  # fixed by the first run / the model's source
+    with open(vocab_path if os.path.exists(vocab_path) else source_vocab) as f:
       vocab = tokens.Vocab.from_json(f.read())
   elif config.model.vocab == 'full':
     vocab = tokens.Vocab.full()
