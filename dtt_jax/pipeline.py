@@ -173,18 +173,23 @@ def run_bootstrap(exp: Experiment) -> loop.LoopResult:
   def step_fn(state, batch, tau):
     return train_step(state, parallel.shard_batch(batch, exp.mesh), tau)
 
-  stage_dir = os.path.join(exp.workdir, 'bootstrap')
-  ckpt = Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=b.keep_checkpoints, best_metric=b.best_metric)
+  return _run_stage(exp, 'bootstrap', state, step_fn, batches, graphdef)
+
+
+def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef) -> loop.LoopResult:
+  """The shared loop of a stage with its `config.<stage>` section: checkpoints, metrics, temperature, validation."""
+  c, s = exp.config, exp.config[stage]
+  ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), keep=s.keep_checkpoints,
+                      best_metric=s.best_metric)
   writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
-  temperature = Temperature(b.tau0, b.tau_min, b.steps, b.patience)
-  cfg = loop.LoopConfig('bootstrap', b.steps, b.log_every, b.eval_every, b.checkpoint_every, b.best_metric)
+  temperature = Temperature(s.tau0, s.tau_min, s.steps, s.patience)
+  loop_cfg = loop.LoopConfig(stage, s.steps, s.log_every, s.eval_every, s.checkpoint_every, s.best_metric)
   try:
-    result = loop.run(cfg, state, step_fn, batches, temperature, ckpt, writer, make_validate(exp, graphdef),
-                      meta={'vocab': json.loads(exp.vocab.to_json())})
+    return loop.run(loop_cfg, state, step_fn, data, temperature, ckpt, writer, make_validate(exp, graphdef),
+                    meta={'vocab': json.loads(exp.vocab.to_json())})
   finally:
     ckpt.close()
     writer.close()
-  return result
 
 
 def stage_params(exp: Experiment, stage: str, prefer_best: bool = True):
@@ -236,17 +241,7 @@ def run_grpo(exp: Experiment) -> loop.LoopResult:
     return state, dict(metrics, **{f'reward_{k}': float(np.mean(info[k])) for k in ('structure', 'correctness',
                                                                                      'efficiency', 'gate', 'total')})
 
-  stage_dir = os.path.join(exp.workdir, 'grpo')
-  ckpt = Checkpointer(os.path.join(stage_dir, 'checkpoints'), keep=g.keep_checkpoints, best_metric=g.best_metric)
-  writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
-  temperature = Temperature(g.tau0, g.tau_min, g.steps, g.patience)
-  loop_cfg = loop.LoopConfig('grpo', g.steps, g.log_every, g.eval_every, g.checkpoint_every, g.best_metric)
-  try:
-    return loop.run(loop_cfg, state, step_fn, prompts, temperature, ckpt, writer, make_validate(exp, graphdef),
-                    meta={'vocab': json.loads(exp.vocab.to_json())})
-  finally:
-    ckpt.close()
-    writer.close()
+  return _run_stage(exp, 'grpo', state, step_fn, prompts, graphdef)
 
 
 def run_eval(exp: Experiment) -> dict[str, float]:

@@ -25,11 +25,9 @@ from flax import nnx
 
 from dtt_jax import parallel
 from dtt_jax.model.dtt import DTTModel, logistic_noise
+from dtt_jax.data.samples import BATCH_FIELDS
 from dtt_jax.sampling import engine
 from dtt_jax.train.state import TrainState, step_key
-
-BATCH_FIELDS = ('prompt', 'prompt_mask', 'completion', 'completion_mask', 'loss_mask', 'inner_mask', 'outer_mask',
-                'filler_mask')
 
 
 @dataclasses.dataclass(frozen=True)
