@@ -101,8 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.max_think = 16  # reasoning budget in rollouts (0: none); forced <|eot|> tokens carry no loss
   c.grpo.gate_noise = True  # Gumbel noise on the gate in rollouts
   c.grpo.hard_gate = False
-  c.grpo.logit_chunk = 8  # > 0: output layer over chunks of this many completion positions, recomputed in the
-  # backward pass: bounds the [N,T,V] logits' memory (2x faster on CPU with the full vocabulary); 0: all at once
+  c.grpo.fused_logprobs = True  # output layer + log-softmax in tiles, never the [N,T,V] logits (2x faster on CPU)
   c.grpo.tau0 = 1.0  # gate temperature schedule of the stage (SPEC §6)
   c.grpo.tau_min = 0.1
   c.grpo.patience = 3

@@ -190,23 +190,32 @@ def test_group_advantages_are_group_normalised_and_zero_spread_groups_give_zero(
   assert np.all(np.asarray(advantages)[4:8] == 0.0)  # exactly zero, not rounding noise / 1e-4
 
 
-def test_token_logprobs_chunked_equal_log_softmax_and_entropy():
-  """The output layer over chunks of positions (rematerialised) gives log-softmax log-probs, the entropy
-  -sum p log p, and the same gradient as all positions at once."""
-  model = _model()
+@pytest.mark.parametrize('vocab_tile,row_tile', [(48, 8), (1024, 512)])
+def test_fused_output_layer_equals_log_softmax(monkeypatch, vocab_tile, row_tile):
+  """The tiled output layer (several vocabulary tiles, the last padded; row tiles that do not divide the rows) gives
+  the log-softmax log-probs and entropy of the plain logits, and the same gradients (hidden states and the tied
+  embedding), with padded vocabulary rows excluded."""
+  monkeypatch.setattr(grpo, 'VOCAB_TILE', vocab_tile)
+  monkeypatch.setattr(grpo, 'ROW_TILE', row_tile)
+  graphdef, params, _ = _policy_and_reference()
   hidden = jax.random.normal(jax.random.key(0), (3, 7, TINY.n_embd))
   targets = jax.random.randint(jax.random.key(1), (3, 7), 0, VOCAB.num_tokens)
-  logp_all = jax.nn.log_softmax(model.gpt2.logits(hidden) / 0.8)
-  expected_logp = jnp.take_along_axis(logp_all, targets[..., None], -1)[..., 0]
-  valid = jnp.arange(TINY.vocab_rows) < TINY.num_tokens  # padded rows have probability 0
-  expected_entropy = -jnp.sum(jnp.where(valid, jnp.exp(logp_all) * logp_all, 0.0), -1)
-  grads = []
-  for chunk in (0, 3):  # 3 does not divide 7: the last chunk is padded
-    logp, entropy = grpo.token_logprobs(model, hidden, targets, 0.8, chunk)
-    np.testing.assert_allclose(logp, expected_logp, atol=1e-5)
-    np.testing.assert_allclose(entropy, expected_entropy, atol=1e-4)
-    grads.append(jax.grad(lambda h, c=chunk: jnp.sum(grpo.token_logprobs(model, h, targets, 0.8, c)[0] ** 2))(hidden))
-  np.testing.assert_allclose(grads[0], grads[1], atol=1e-5)
+  weights = jax.random.normal(jax.random.key(2), (3, 7))
+
+  def objective(p, h, fused):
+    logp, entropy = grpo.token_logprobs(nnx.merge(graphdef, p), h, targets, 0.8, fused)
+    return jnp.sum(weights * logp), (logp, entropy)
+
+  outputs = {}
+  for fused in (True, False):
+    grad_fn = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True), static_argnums=2)
+    outputs[fused] = grad_fn(params, hidden, fused)
+  (grads, (logp, entropy)), (ref_grads, (ref_logp, ref_entropy)) = outputs[True], outputs[False]
+  np.testing.assert_allclose(logp, ref_logp, atol=1e-5)
+  np.testing.assert_allclose(entropy, ref_entropy, atol=1e-4)
+  assert float(ref_entropy.min()) > 1.0  # a spread distribution: the entropy check means something
+  _assert_trees_close(grads, ref_grads, atol=1e-5)
+  assert float(jnp.abs(grads[0]['gpt2']['wte']['embedding']).max()) > 1e-3
 
 
 # ------------------------------------------------------------------------------------ mu = 1: policy gradient

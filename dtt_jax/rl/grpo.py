@@ -35,6 +35,7 @@ ratio is exactly 1 and no extra forward pass is needed. The rollout's own log-pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import chex
@@ -44,6 +45,7 @@ import optax
 from flax import nnx
 
 from dtt_jax import parallel
+from dtt_jax.model.gpt2 import NEG_INF
 from dtt_jax.sampling import engine
 from dtt_jax.train import state as state_lib
 from dtt_jax.train.state import TrainState
@@ -74,7 +76,7 @@ class GRPOConfig:
   max_think: int = 16
   gate_noise: bool = True
   hard_gate: bool = False
-  logit_chunk: int = 8  # > 0: output layer over chunks of this many completion positions (bounds [N,T,V] memory)
+  fused_logprobs: bool = True  # output layer + log-softmax in tiles (`fused_token_logprobs`): no [N,T,V] logits
 
   def __post_init__(self):
     if self.loss_agg not in LOSS_AGGREGATIONS:
@@ -116,35 +118,113 @@ def group_advantages(rewards: jax.Array, num_generations: int) -> tuple[jax.Arra
 # ------------------------------------------------------------------------------------------ per-token quantities
 
 
+# Tile sizes of the fused output layer (measured on CPU with the full vocabulary: the [rows, tile] logits of a
+# forward tile stay in cache; a backward tile's [rows, V] block is streamed once).
+VOCAB_TILE = 1024
+ROW_TILE = 512
+
+
+def _vocab_tiles(table: jax.Array, num_tokens: int):
+  """table [V,D] -> tiles [n, C, D] (zero-padded), valid [n, C] (column < num_tokens)."""
+  v, d = table.shape
+  tile = min(VOCAB_TILE, v)
+  n = -(-v // tile)
+  tiles = jnp.pad(table, ((0, n * tile - v), (0, 0))).reshape(n, tile, d)
+  return tiles, (jnp.arange(n * tile) < num_tokens).reshape(n, tile)
+
+
+def _scaled_logits(hidden, table, temperature, valid):
+  """hidden [M,D], table [C,D] -> logits / temperature [M,C] float32, NEG_INF where not `valid` [C]."""
+  logits = jnp.dot(hidden, table.astype(hidden.dtype).T, preferred_element_type=jnp.float32) / temperature
+  return jnp.where(valid, logits, NEG_INF)
+
+
+def _fused_forward(hidden, table, targets, temperature, num_tokens):
+  """One pass over vocabulary tiles with a running max: log-normaliser, entropy and target log-probs [M]."""
+  m = hidden.shape[0]
+  tiles, valid = _vocab_tiles(table, num_tokens)
+
+  def tile_step(carry, xs):
+    top, sum_e, sum_ex = carry  # [M] running max, sum exp(x - top), sum exp(x - top) * x
+    tile, tile_valid = xs
+    x = _scaled_logits(hidden, tile, temperature, tile_valid)  # [M, C]
+    new_top = jnp.maximum(top, jnp.max(x, axis=-1))
+    rescale = jnp.exp(top - new_top)
+    e = jnp.exp(x - new_top[:, None])
+    return (new_top, sum_e * rescale + jnp.sum(e, -1), sum_ex * rescale + jnp.sum(e * x, -1)), None
+
+  init = (jnp.full((m,), NEG_INF, jnp.float32), jnp.zeros((m,), jnp.float32), jnp.zeros((m,), jnp.float32))
+  (top, sum_e, sum_ex), _ = jax.lax.scan(tile_step, init, (tiles, valid))
+  lse = top + jnp.log(sum_e)
+  entropy = lse - sum_ex / sum_e
+  target_logits = jnp.sum(hidden.astype(jnp.float32) * table[targets].astype(jnp.float32), -1) / temperature
+  return (target_logits - lse, entropy), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_token_logprobs(hidden, table, targets, temperature: float, num_tokens: int):
+  """The tied output layer fused with its log-softmax: never materialises the [M, V] logits.
+
+  hidden [M,D], table [V,D] (the tied token embedding), targets [M] -> (log p(targets) [M], entropy [M]) of
+  softmax(hidden @ table.T / temperature) over the first `num_tokens` columns. The entropy carries no gradient.
+  Forward: vocabulary tiles with an online log-sum-exp. Backward: row tiles, each recomputing its logits once:
+  d logits = g * (onehot - softmax) / temperature.
+  """
+  return _fused_forward(hidden, table, targets, temperature, num_tokens)[0]
+
+
+def _fused_fwd(hidden, table, targets, temperature, num_tokens):
+  out, lse = _fused_forward(hidden, table, targets, temperature, num_tokens)
+  return out, (hidden, table, targets, lse)
+
+
+def _fused_bwd(temperature, num_tokens, residuals, cotangents):
+  hidden, table, targets, lse = residuals
+  g = cotangents[0].astype(jnp.float32) / temperature  # d loss / d logit(target), per row
+  m, d = hidden.shape
+  rows = min(ROW_TILE, m)
+  n = -(-m // rows)
+  pad = n * rows - m
+  # Tile j holds rows j, j + n, j + 2n, ...: with rows sharded over devices, every tile stays spread over all.
+  split = lambda x: jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(rows, n, *x.shape[1:]).swapaxes(0, 1)
+  valid = jnp.arange(table.shape[0]) < num_tokens
+
+  def tile_step(d_table, xs):
+    h, lse_t, g_t = xs
+    softmax = jnp.exp(_scaled_logits(h, table, temperature, valid) - lse_t[:, None])  # [rows, V]
+    d_logits = -g_t[:, None] * softmax
+    d_table = d_table + jnp.dot(d_logits.T, h.astype(jnp.float32))
+    return d_table, jnp.dot(d_logits, table.astype(jnp.float32))
+
+  d_table, d_hidden = jax.lax.scan(tile_step, jnp.zeros(table.shape, jnp.float32),
+                                   (split(hidden), split(lse), split(g)))
+  d_hidden = d_hidden.swapaxes(0, 1).reshape(n * rows, d)[:m] + g[:, None] * table[targets].astype(jnp.float32)
+  d_table = d_table.at[targets].add(g[:, None] * hidden.astype(jnp.float32))
+  return d_hidden.astype(hidden.dtype), d_table.astype(table.dtype), None
+
+
+fused_token_logprobs.defvjp(_fused_fwd, _fused_bwd)
+
+
 def token_logprobs(model, target_hidden: jax.Array, tokens: jax.Array, temperature: float,
-                   chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+                   fused: bool = True) -> tuple[jax.Array, jax.Array]:
   """target_hidden [N,T,D], tokens [N,T] -> (log p(tokens) [N,T], entropy [N,T]) of softmax(logits / temperature).
 
-  The entropy carries no gradient. `chunk` > 0 runs the output layer over chunks of `chunk` positions (rematerialised
-  in the backward pass), so the [N,T,V] logits never exist at once.
+  The entropy carries no gradient. `fused`: the output layer and log-softmax in tiles (`fused_token_logprobs`);
+  otherwise the plain [N,T,V] logits of `model.gpt2.logits` (the reference the fused path is tested against).
   """
-  def logp_and_entropy(hidden, targets):
-    logits = model.gpt2.logits(hidden) / temperature  # [..., V] float32
-    # One pass over the vocabulary for both: e = exp(x - max), lse = max + log sum e, H = lse - sum(e x) / sum(e).
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    e = jnp.exp(logits - top)
-    sum_e = jnp.sum(e, axis=-1)
-    lse = top[..., 0] + jnp.log(sum_e)
-    logp = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse
-    sg = jax.lax.stop_gradient
-    entropy = sg(lse) - jnp.sum(sg(e) * sg(logits), axis=-1) / sg(sum_e)
-    return logp, entropy
-
-  n, t = tokens.shape
-  if not chunk or chunk >= t:
-    return logp_and_entropy(target_hidden, tokens)
-  num_chunks = -(-t // chunk)
-  pad = num_chunks * chunk - t
-  hidden = jnp.pad(target_hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, num_chunks, chunk, -1).swapaxes(0, 1)
-  targets = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(n, num_chunks, chunk).swapaxes(0, 1)
-  logp, entropy = jax.lax.map(jax.checkpoint(lambda xs: logp_and_entropy(*xs)), (hidden, targets))
-  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, -1)[:, :t]
-  return unchunk(logp), unchunk(entropy)
+  n, t, d = target_hidden.shape
+  chex.assert_shape([tokens], (n, t))
+  if fused:
+    logp, entropy = fused_token_logprobs(target_hidden.reshape(n * t, d), model.gpt2.wte.embedding[...],
+                                         tokens.reshape(n * t), float(temperature), model.gpt2.cfg.num_tokens)
+    return logp.reshape(n, t), entropy.reshape(n, t)
+  logits = model.gpt2.logits(target_hidden) / temperature  # [N,T,V] float32
+  log_softmax = jax.nn.log_softmax(logits)
+  logp = jnp.take_along_axis(log_softmax, tokens[..., None], -1)[..., 0]
+  probs = jax.lax.stop_gradient(jnp.exp(log_softmax))
+  entropy = -jnp.sum(jnp.where(probs > 0, probs * jax.lax.stop_gradient(log_softmax), 0.0), axis=-1)
+  return logp, entropy
 
 
 def gate_log_density(gate_logit: jax.Array, sample_logit: jax.Array, tau) -> jax.Array:
@@ -211,7 +291,7 @@ def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask
   hidden_inputs = jax.lax.stop_gradient(batch.hidden_inputs)
   target_hidden, gates = engine.rescore(model, batch.prompt, batch.prompt_mask, batch.completion, hidden_inputs,
                                         batch.gate_noise, tau, hard=cfg.hard_gate)
-  logp, entropy = token_logprobs(model, target_hidden, batch.completion, cfg.temperature, cfg.logit_chunk)
+  logp, entropy = token_logprobs(model, target_hidden, batch.completion, cfg.temperature, cfg.fused_logprobs)
   gate_logits = model.gate_logit(hidden_inputs)  # [N,T]
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), old_logprobs)
   old_gl = jnp.where(first, jax.lax.stop_gradient(gate_logits), old_gate_logits)

@@ -84,7 +84,7 @@ def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh):
       ref = nnx.merge(graphdef, ref_params)
       target_hidden, _ = engine.rescore(ref, prompt, prompt_mask, out.tokens, out.hidden_inputs, out.gate_noise, tau,
                                         hard=cfg.hard_gate)
-      ref_logprobs, _ = token_logprobs(ref, target_hidden, out.tokens, cfg.temperature, cfg.logit_chunk)
+      ref_logprobs, _ = token_logprobs(ref, target_hidden, out.tokens, cfg.temperature, cfg.fused_logprobs)
       ref_logprobs = jnp.where(out.mask > 0, ref_logprobs, 0.0)
     else:
       ref_logprobs = jnp.zeros(out.tokens.shape, jnp.float32)
