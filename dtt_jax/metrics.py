@@ -58,6 +58,7 @@ class MetricWriter:
       self._wandb.log({name: wandb.Histogram(np.asarray(values))}, step=int(step))
 
   def table(self, step: int, name: str, rows: list[dict]) -> None:
+    """A per-example table (wandb only; the eval stage also writes it as JSONL/CSV)."""
     if self._wandb is not None and rows:
       import wandb  # pylint: disable=g-import-not-at-top
       columns = list(rows[0])

@@ -256,6 +256,15 @@ def run_eval(exp: Experiment) -> dict[str, float]:
   result = eval_lib.evaluate(nnx.merge(graphdef, params), prompts.prompt, prompts.prompt_mask, prompts.questions,
                              prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
                              exp.mesh, dict(c.grpo.reward_weights))
+  writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
+  step = c[stage].steps
+  writer.write(step, {f'eval/{k}': v for k, v in result.metrics.items()})
+  for name, values in (('gate_inner', result.gates['inner']), ('gate_outer', result.gates['outer']),
+                       ('reasoning_length', result.reasoning_lengths)):
+    writer.histogram(step, f'eval/{name}', values)
+  writer.table(step, 'eval/completions', [{**r, 'gates': ' '.join(f'{g:.2f}' for g in r['gates'])}
+                                          for r in result.rows[:64]])
+  writer.close()
   if jax.process_index() == 0:
     paths = report.write_report(result, os.path.join(exp.workdir, 'eval'), {'stage': stage, 'tau': tau})
     log.info('Evaluation of %s (%d examples): %s. Reports: %s', stage, len(result.rows), result.metrics,

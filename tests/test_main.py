@@ -26,8 +26,16 @@ def _cmd(workdir, *overrides, stage='bootstrap'):
           *TINY, *overrides]
 
 
+def _has_wandb() -> bool:
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    return False
+
+
 def _env():
-  env = dict(os.environ)
+  env = dict(os.environ, WANDB_SILENT='true', WANDB_MODE='offline')
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
   env.setdefault('JAX_PLATFORMS', 'cpu')
   return env
@@ -76,7 +84,7 @@ def test_pipeline_end_to_end_writes_reports_and_exports(tmp_path):
   workdir = str(tmp_path / 'run')
   _run(workdir, '--config.bootstrap.steps=6', '--config.bootstrap.eval_every=3', '--config.grpo.steps=2',
        '--config.grpo.prompts_per_step=2', '--config.grpo.num_generations=2', '--config.grpo.max_new_tokens=10',
-       '--config.grpo.eval_every=2', stage='pipeline')
+       '--config.grpo.eval_every=2', *(('--config.wandb.enabled=true',) if _has_wandb() else ()), stage='pipeline')
   metrics = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))
   for key in ('accuracy', 'structure_rate', 'reasoning_tokens', 'reward_structure', 'reward_correctness',
               'reward_efficiency', 'reward_gate', 'gate_inner_mean', 'gate_outer_std', 'gate_outer_max'):
@@ -89,6 +97,8 @@ def test_pipeline_end_to_end_writes_reports_and_exports(tmp_path):
   logged = [json.loads(line) for line in _metric_lines(workdir)]
   assert any('bootstrap/loss' in r for r in logged) and any('grpo/valid/reward' in r for r in logged)
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  if _has_wandb():  # offline run directory with the logged history
+    assert any(d.startswith('offline-run-') for d in os.listdir(os.path.join(workdir, 'wandb')))
 
   out = str(tmp_path / 'hf')
   proc = subprocess.run([sys.executable, '-m', 'dtt_jax.export', f'--workdir={workdir}', f'--out={out}'],
