@@ -19,6 +19,8 @@ forward + backward pass of the policy over prompt + completion, and the optimize
   the median of its timed iterations. TRL's step time runs from the end of the previous dtt_jax iterations to
   `on_step_end`, so it includes generation, rewards, the reference pass, the update and the trainer's bookkeeping;
   dtt_jax's includes the same work, from prompts on the host to updated parameters ready.
+* The machine's load changes the ratio: other processes competing for the cores slow TRL (two torch threads) much
+  more than dtt_jax, so the script prints the load average; compare figures taken at a low load.
 * The reward is the same on both sides, and a random model gets -1.5 (no structure, wrong answer) on every
   completion, so every group has zero spread; neither side skips any work for that (TRL still runs its forward and
   backward passes; dtt_jax's step is one compiled program).
@@ -213,7 +215,7 @@ def main():
   import torch  # pylint: disable=g-import-not-at-top
   hf_tokenizer = tokens.load_tokenizer(TOKENIZER_DIR)
   print(f'devices: jax {jax.devices()} (cpu cores {os.cpu_count()}), torch {torch.__version__} '
-        f'threads={torch.get_num_threads()}, fp32')
+        f'threads={torch.get_num_threads()}, fp32; load average at start {os.getloadavg()[0]:.1f}')
   print(f'tiny GPT-2 {TINY}, vocabulary {tokens.GPT2_VOCAB} (dtt_jax rows padded to 50304), {len(QUESTIONS)} prompts '
         f'x G={NUM_GENERATIONS}, {NEW_TOKENS} completion tokens, beta {BETA}, mu 1, loss grpo')
 
@@ -255,6 +257,7 @@ def main():
         f'{m_tok["logprob_mismatch"]:.1e}, gate outer {m_tok["gate_outer"]:.3f}, reward {m_tok["reward"]:.2f})')
   print(f'dtt_jax latents on  : {_summary(times["latents on"])}   (gate outer {m_lat["gate_outer"]:.3f}, '
         f'logprob mismatch {m_lat["logprob_mismatch"]:.1e})')
+  print(f'load average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine slow both sides, TRL more)')
   if trl_times:
     print(f'TRL GRPOTrainer     : {_summary(trl_times)}')
     ratio = statistics.median(trl_times) / statistics.median(times['token-only'])
