@@ -42,6 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators
   c.model.gate_bias_init = -4.0  # gate sigmoid(-4 / tau) starts near 0 (0.12 at tau0 = 2, 0.02 at tau = 1)
   c.model.use_projection = False
+  c.model.gate = 'dtt'  # 'dtt' (Gumbel-sigmoid gate head) | 'hrpo' (HRPO's thinking-residual gate; model/dtt.py)
+  c.model.hrpo_c = 8.0  # HRPO gate: a = sigmoid(lam)^(c * r)
+  c.model.hrpo_a_init = (0.99, 0.999)  # HRPO gate: initial a over the D dimensions (input starts as the token)
+
+  c.lora = ml_collections.ConfigDict()  # LoRA adapters (dtt_jax/model/lora.py); enabled: only adapters + gate train
+  c.lora.enabled = False
+  c.lora.rank = 8
+  c.lora.alpha = 16.0  # adapter output scaled by alpha / rank
+  c.lora.targets = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')
 
   c.data = ml_collections.ConfigDict()
   c.data.max_prompt_len = 32

@@ -4,9 +4,10 @@
 
 Writes `config.json` + `model.safetensors` (loads with `transformers.GPT2LMHeadModel.from_pretrained(out)`),
 `dtt_head.safetensors` (gate head `gate.weight` [1,D] / `gate.bias` [1], and `proj.weight`/`proj.bias` when the
-projection is used, in PyTorch Linear layout), `dtt_config.json` (gate settings, evaluation temperature) and
-`dtt_vocab.json`. With the full vocabulary the HF token ids are GPT-2's (plus the 4 DTT specials). With the
-compact vocabulary the exported rows are the model ids; `dtt_vocab.json` lists the GPT-2 id of each row.
+projection is used, in PyTorch Linear layout; the HRPO gate's `hrpo.*` tensors with `config.model.gate='hrpo'`),
+`dtt_config.json` (gate kind and formula, evaluation temperature) and `dtt_vocab.json`. LoRA adapters are merged
+into the exported GPT-2 weights. With the full vocabulary the HF token ids are GPT-2's (plus the 4 DTT specials).
+With the compact vocabulary the exported rows are the model ids; `dtt_vocab.json` lists the GPT-2 id of each row.
 """
 
 from __future__ import annotations
@@ -36,6 +37,29 @@ def load_run_config(workdir: str) -> config_dict.ConfigDict:
     return config_dict.ConfigDict(json.load(f))
 
 
+BLENDS = {
+    'dtt': 'x_t = g*P(h_{t-1}) + (1-g)*E[y_t], g = sigmoid((gate(h_{t-1}) + noise) / tau)',
+    'hrpo': 'x_t = a*e + sqrt(1-a^2)*(i*z), e = E[y_t], a = sigmoid(Lambda)^(c*r), r = sigmoid(gate_r(e)), '
+            'i = sigmoid(gate_i(e)), z = E^T p / |p|_2, p = softmax(logits(h_{t-1}) / tau)',
+}
+
+
+def gate_tensors(model) -> dict[str, np.ndarray]:
+  """The gate's parameters in PyTorch Linear layout ([out, in] weights): `gate.*` and `proj.*` (DTT gate) or
+  `hrpo.gate_r.*`, `hrpo.gate_i.*`, `hrpo.Lambda` [D] (HRPO gate)."""
+  linears = {'gate': model.gate_head, 'proj': model.proj}
+  if model.hrpo is not None:
+    linears = {'hrpo.gate_r': model.hrpo.gate_r, 'hrpo.gate_i': model.hrpo.gate_i}
+  out = {}
+  for name, linear in linears.items():
+    if linear is not None:
+      out[f'{name}.weight'] = np.asarray(linear.kernel[...]).T
+      out[f'{name}.bias'] = np.asarray(linear.bias[...])
+  if model.hrpo is not None:
+    out['hrpo.Lambda'] = np.asarray(model.hrpo.lam[...])
+  return out
+
+
 def export(workdir: str, out_dir: str, stage: str = '') -> str:
   """Writes the HF directory for `stage`'s best checkpoint; returns the stage exported."""
   config = load_run_config(workdir)
@@ -46,18 +70,16 @@ def export(workdir: str, out_dir: str, stage: str = '') -> str:
   graphdef, params = pipeline.stage_params(exp, stage)
   from flax import nnx  # pylint: disable=g-import-not-at-top
   model = nnx.merge(graphdef, params)
-  hf_io.export_pretrained(model.gpt2, out_dir)
-  head = {'gate.weight': np.asarray(model.gate_head.kernel.value).T, 'gate.bias': np.asarray(model.gate_head.bias.value)}
-  if model.proj is not None:
-    head['proj.weight'] = np.asarray(model.proj.kernel.value).T
-    head['proj.bias'] = np.asarray(model.proj.bias.value)
+  hf_io.export_pretrained(model.gpt2, out_dir)  # LoRA adapters merged into the base
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in head.items()},
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in gate_tensors(model).items()},
             os.path.join(out_dir, 'dtt_head.safetensors'))
   tau = config[stage].tau_min
+  gate = {'gate': model.cfg.gate, 'use_projection': model.proj is not None, 'blend': BLENDS[model.cfg.gate]}
+  if model.hrpo is not None:
+    gate['hrpo_c'] = model.hrpo.c
   with open(os.path.join(out_dir, 'dtt_config.json'), 'w') as f:
-    json.dump({'stage': stage, 'eval_tau': tau, 'use_projection': model.proj is not None,
-               'blend': 'x_t = g*P(h_{t-1}) + (1-g)*E[y_t], g = sigmoid((gate(h_{t-1}) + noise) / tau)',
+    json.dump({'stage': stage, 'eval_tau': tau, **gate,
                'special_tokens': {name: exp.vocab.model_id(gid) for name, gid in zip(
                    ('<|endoftext|>',) + tokens.SPECIAL_TOKENS, tokens.SPECIAL_IDS)}}, f, indent=2)
   with open(os.path.join(out_dir, 'dtt_vocab.json'), 'w') as f:

@@ -27,7 +27,8 @@ from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.eval import evaluate as eval_lib
 from dtt_jax.eval import report
 from dtt_jax.metrics import MetricWriter
-from dtt_jax.model import build_model
+from dtt_jax.model import build_model, lora
+from dtt_jax.model import dtt as dtt_lib
 from dtt_jax.rl import grpo, rollout
 from dtt_jax.train import bootstrap, loop, state as state_lib
 from dtt_jax.train.temperature import Temperature
@@ -70,6 +71,15 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     section, name = key.split('.')
     if c[section][name] <= 0:
       raise ValueError(f'config.{key}={c[section][name]} must be positive.')
+  expect('model.gate', c.model.get('gate', 'dtt'), dtt_lib.GATES)  # runs from before the key: 'dtt'
+  if c.model.get('gate') == 'hrpo':
+    for key in ('bootstrap.hard_gate', 'grpo.hard_gate', 'grpo.gate_as_action', 'model.use_projection'):
+      section, name = key.split('.')
+      if c[section][name]:
+        raise ValueError(f'config.{key}=True does not apply to config.model.gate="hrpo" (a deterministic gate with '
+                         'no projection): set it to False.')
+  if c.get('lora') and c.lora.enabled:
+    lora.LoRAConfig.from_config(c.lora)  # raises on a bad rank, alpha or target
   if c.bootstrap.batch_size % c.bootstrap.microbatches:
     raise ValueError(f'config.bootstrap.batch_size={c.bootstrap.batch_size} must be divisible by '
                      f'config.bootstrap.microbatches={c.bootstrap.microbatches}.')
@@ -155,7 +165,7 @@ def bootstrap_optimizer(c):
 
 
 def initial_state(exp: Experiment, tx):
-  model = build_model(exp.config.model, exp.vocab, seed=exp.config.seed)
+  model = build_model(exp.config.model, exp.vocab, seed=exp.config.seed, lora_cfg=exp.config.get('lora'))
   graphdef, params = state_lib.split_model(model)
   state = parallel.replicate(state_lib.init_state(params, tx, seed=exp.config.seed), exp.mesh)
   return graphdef, state

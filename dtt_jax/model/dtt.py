@@ -1,4 +1,10 @@
-"""The DTT model: GPT-2 plus a gate head that blends the previous hidden state into the next input (SPEC §3).
+"""The DTT model: GPT-2 plus a gate that blends the previous hidden state into the next input (SPEC §3).
+
+`DTTConfig.gate` picks the gate (`config.model.gate`); both keep the interface
+`blended_input(prev_hidden, tokens, noise, tau, hard) -> (input [...,D], gate [...])` used by the engine, the
+bootstrap loss and GRPO.
+
+'dtt' (default), a Gumbel-sigmoid gate head:
 
     l_t = w . h_{t-1} + b                       gate logit from the previous final hidden state (after ln_f)
     g_t = sigmoid((l_t + n_t) / tau),  n_t = log u - log(1 - u),  u ~ U(0, 1)      (Gumbel-sigmoid)
@@ -7,6 +13,24 @@
 The gate value g_t belongs to position t, whose input it blends. `P` is an optional d->d projection initialised
 to the identity (seed 001). With `hard=True` the forward value is the 0/1 threshold of g and the gradient is the
 soft one (straight-through). Evaluation uses noise n = 0 (deterministic).
+
+'hrpo', the gated "thinking residual" of HRPO (arXiv 2505.18454, c = 8):
+
+    p_t = softmax(logits(h_{t-1}) / tau)             next-token distribution of position t-1 (tied output layer)
+    z_t = E^T p_t / ||p_t||_2                         probability-weighted embedding rows, normalised as HRPO does:
+                                                       a one-hot p gives exactly E[y]; a spread p keeps the norm of
+                                                       a sum of ~1/||p||^2 random rows near one row's norm
+    r_t = sigmoid(W_r e_t + b_r),  i_t = sigmoid(W_i e_t + b_i),  e_t = E[y_t]      [D] each
+    a_t = sigmoid(lam)^(c r_t) = exp(c r_t log sigmoid(lam))                          [D], in (0, 1)
+    x_t = a_t * e_t + sqrt(1 - a_t^2) * (i_t * z_t)
+
+W_r, W_i start at zero (r = i = 1/2 for every input), and lam so that a = sigmoid(lam)^(c/2) runs linearly over
+`hrpo_a_init` = [0.99, 0.999] across the D dimensions: the input starts as the token embedding. (With r free in
+(0,1) a spans (sigmoid(lam)^c, 1), so no lam bounds a for all r; zero W_r pins r at init.) The gate value
+reported for position t is the latent weight mean_D sqrt(1 - a_t^2), in [0, 1] (0.044-0.14 per dimension at init):
+the hinge loss, the reward's gate term and the metrics read it as the DTT gate. The HRPO gate is deterministic:
+`noise` is ignored, and `hard` / GRPO's gate_as_action are rejected by the config check. It costs one extra
+[D, V] matmul per position (the logits of h_{t-1}, recomputed inside the gate; [B,T,V] in `rescore`).
 """
 
 from __future__ import annotations
@@ -19,12 +43,28 @@ from flax import nnx
 
 from dtt_jax.model.gpt2 import GPT2, GPT2Config
 
+GATES = ('dtt', 'hrpo')
+
 
 @dataclasses.dataclass(frozen=True)
 class DTTConfig:
   gpt2: GPT2Config = GPT2Config()
   gate_bias_init: float = -4.0  # sigmoid(-4 / tau): 0.12 at tau 2, 0.02 at tau 1: the gate starts near 0
   use_projection: bool = False
+  gate: str = 'dtt'  # 'dtt' (Gumbel-sigmoid gate head) | 'hrpo' (HRPO's thinking-residual gate)
+  hrpo_c: float = 8.0
+  hrpo_a_init: tuple[float, float] = (0.99, 0.999)  # range of the initial a over the D dimensions
+
+  def __post_init__(self):
+    if self.gate not in GATES:
+      raise ValueError(f'config.model.gate={self.gate!r}: expected one of {", ".join(map(repr, GATES))}.')
+    lo, hi = self.hrpo_a_init
+    if not 0 < lo <= hi < 1:
+      raise ValueError(f'config.model.hrpo_a_init={self.hrpo_a_init}: expected 0 < low <= high < 1.')
+    if self.hrpo_c <= 0:
+      raise ValueError(f'config.model.hrpo_c={self.hrpo_c} must be > 0.')
+    if self.gate == 'hrpo' and self.use_projection:
+      raise ValueError('config.model.use_projection=True only applies to config.model.gate="dtt".')
 
 
 def logistic_noise(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -48,6 +88,39 @@ def blend(gate: jax.Array, latent: jax.Array, token_embedding: jax.Array) -> jax
   return g * latent.astype(token_embedding.dtype) + (1 - g) * token_embedding
 
 
+def normalized_soft_embedding(logits: jax.Array, embedding: jax.Array, tau) -> jax.Array:
+  """logits [..., V], embedding [V, D], tau broadcastable to [...] -> E^T p / ||p||_2 with p = softmax(logits / tau),
+  [..., D] (float32)."""
+  p = jax.nn.softmax(logits.astype(jnp.float32) / jnp.asarray(tau, jnp.float32)[..., None], axis=-1)
+  norm = jnp.sqrt(jnp.sum(p * p, axis=-1, keepdims=True))  # >= 1/sqrt(V) > 0
+  return (p @ embedding.astype(jnp.float32)) / norm
+
+
+class HRPOGate(nnx.Module):
+  """HRPO's thinking-residual gate (module docstring): parameters gate_r, gate_i (Linear D->D) and lam [D]."""
+
+  def __init__(self, d: int, c: float, a_init: tuple[float, float], *, rngs: nnx.Rngs):
+    self.c = c
+    self.gate_r = nnx.Linear(d, d, kernel_init=nnx.initializers.zeros, rngs=rngs)
+    self.gate_i = nnx.Linear(d, d, kernel_init=nnx.initializers.zeros, rngs=rngs)
+    a0 = jnp.linspace(*a_init, d, dtype=jnp.float32)  # a at r = 1/2: sigmoid(lam) = a0^(2/c), lam = logit of that
+    self.lam = nnx.Param(-jnp.log(jnp.expm1(-(2.0 / c) * jnp.log(a0))))
+
+  def coefficients(self, token_embedding: jax.Array):
+    """e [..., D] -> (a, sqrt(1 - a^2), i), each [..., D] float32."""
+    e = token_embedding.astype(jnp.float32)
+    r = jax.nn.sigmoid(self.gate_r(e))
+    log_a = self.c * r * jax.nn.log_sigmoid(self.lam[...])  # <= 0
+    latent_weight = jnp.sqrt(jnp.maximum(-jnp.expm1(2.0 * log_a), 1e-12))  # sqrt(1 - a^2) without cancellation
+    return jnp.exp(log_a), latent_weight, jax.nn.sigmoid(self.gate_i(e))
+
+  def __call__(self, token_embedding: jax.Array, latent: jax.Array):
+    """e, z [..., D] -> (a*e + sqrt(1-a^2)*(i*z) [..., D] in e's dtype, gate mean_D sqrt(1-a^2) [...])."""
+    a, latent_weight, i = self.coefficients(token_embedding)
+    x = a * token_embedding.astype(jnp.float32) + latent_weight * (i * latent.astype(jnp.float32))
+    return x.astype(token_embedding.dtype), jnp.mean(latent_weight, axis=-1)
+
+
 class DTTModel(nnx.Module):
 
   def __init__(self, cfg: DTTConfig, *, rngs: nnx.Rngs, gpt2: GPT2 | None = None):
@@ -55,13 +128,19 @@ class DTTModel(nnx.Module):
     self.cfg = cfg
     self.gpt2 = gpt2 if gpt2 is not None else GPT2(cfg.gpt2, rngs=rngs)
     d = self.gpt2.cfg.n_embd
-    self.gate_head = nnx.Linear(d, 1, kernel_init=nnx.initializers.zeros,
-                                bias_init=nnx.initializers.constant(cfg.gate_bias_init), rngs=rngs)
+    dtt = cfg.gate == 'dtt'
+    self.gate_head = nnx.data(nnx.Linear(d, 1, kernel_init=nnx.initializers.zeros,
+                                         bias_init=nnx.initializers.constant(cfg.gate_bias_init), rngs=rngs)
+                              if dtt else None)
     identity = lambda _, shape, dtype: jnp.eye(*shape, dtype=dtype)
     self.proj = nnx.data(nnx.Linear(d, d, kernel_init=identity, rngs=rngs) if cfg.use_projection else None)
+    self.hrpo = nnx.data(None if dtt else HRPOGate(d, cfg.hrpo_c, cfg.hrpo_a_init, rngs=rngs))
 
   def gate_logit(self, hidden: jax.Array) -> jax.Array:
-    """hidden [..., D] -> gate logit [...] (float32)."""
+    """hidden [..., D] -> gate logit [...] (float32). The deterministic HRPO gate samples nothing and has no
+    logit: zeros (GRPO's gate_as_action, their only user, is rejected for it)."""
+    if self.gate_head is None:
+      return jnp.zeros(hidden.shape[:-1], jnp.float32)
     return self.gate_head(hidden.astype(jnp.float32))[..., 0]
 
   def project(self, hidden: jax.Array) -> jax.Array:
@@ -69,5 +148,8 @@ class DTTModel(nnx.Module):
 
   def blended_input(self, prev_hidden, tokens, noise, tau, hard: bool = False):
     """prev_hidden [...,D], tokens [...] int, noise [...] -> (input embedding [...,D], gate [...])."""
+    if self.hrpo is not None:
+      latent = normalized_soft_embedding(self.gpt2.logits(prev_hidden), self.gpt2.wte.embedding[...], tau)
+      return self.hrpo(self.gpt2.embed(tokens), latent)
     gate = gumbel_sigmoid(self.gate_logit(prev_hidden), noise, tau, hard)
     return blend(gate, self.project(prev_hidden), self.gpt2.embed(tokens)), gate

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dtt_jax import tokens
+from dtt_jax.model import lora
 from dtt_jax.model.gpt2 import GPT2, GPT2Config
 
 _IGNORED_SUFFIXES = ('.attn.bias', '.attn.masked_bias')  # causal-mask buffers of old checkpoints
@@ -147,9 +148,11 @@ def assign_hf_tensors(model: GPT2, tensors: dict[str, np.ndarray], source: str =
 def export_pretrained(model: GPT2, out_dir: str, num_tokens: int | None = None) -> None:
   """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads.
 
-  The first `num_tokens` embedding rows are exported (default: the model's real rows, without padding).
+  The first `num_tokens` embedding rows are exported (default: the model's real rows, without padding). LoRA
+  adapters are merged into their base kernels first (`lora.merged`).
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  model = lora.merged(model)
   cfg = model.cfg
   n = cfg.num_tokens if num_tokens is None else num_tokens
   tensors = {f'transformer.{name}': np.asarray(var.value, np.float32) for name, var in _hf_variables(model)}

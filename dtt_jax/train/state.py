@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-GATE_MODULES = ('gate_head', 'proj')  # parameters with their own learning rate (gate_lr_mult)
+GATE_MODULES = ('gate_head', 'proj', 'hrpo')  # parameters with their own learning rate (gate_lr_mult)
+LORA_MODULE = 'lora'  # LoRA adapters (`model/lora.py`): with them in the tree, the rest of the trunk is frozen
 
 
 @flax.struct.dataclass
@@ -27,11 +28,20 @@ def split_model(model: nnx.Module):
   return graphdef, nnx.to_pure_dict(state)
 
 
+def _names(path) -> set:
+  return {getattr(p, 'key', None) for p in path}
+
+
 def param_labels(params) -> Any:
-  """'gate' for gate-head/projection parameters, 'trunk' for the rest (same tree structure as params)."""
+  """Same tree structure as params: 'gate' for gate parameters (head, projection, HRPO gate), 'trunk' for the rest;
+  when the tree holds LoRA adapters, 'trunk' is the adapters only and every other parameter is 'base' (frozen)."""
+  has_lora = any(LORA_MODULE in _names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+
   def label(path, _):
-    names = {getattr(p, 'key', None) for p in path}
-    return 'gate' if names & set(GATE_MODULES) else 'trunk'
+    names = _names(path)
+    if names & set(GATE_MODULES):
+      return 'gate'
+    return 'trunk' if LORA_MODULE in names or not has_lora else 'base'
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -39,17 +49,24 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float
                    gate_lr_mult: float = 1.0, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with linear warmup + cosine decay; gate params at lr * gate_lr_mult.
 
-  Weight decay applies to matrices (kernels, embeddings), not to biases or LayerNorm scales.
+  Weight decay applies to matrices (kernels, embeddings), not to biases or LayerNorm scales. Labels in `frozen`
+  and the 'base' label (the trunk under LoRA) get `set_to_zero`: their gradients are zeroed before clipping (the
+  norm is that of the trained parameters) and they hold no Adam moments. The train steps still differentiate the
+  whole tree (their `grad_norm` metric includes the frozen gradients), so freezing saves optimizer memory and the
+  update, not the backward pass.
   """
   def adamw(peak):
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1), max(steps, warmup_steps + 1),
                                                   end_value=peak * 0.1)
     return optax.adamw(schedule, weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
 
+  frozen = ('base',) + tuple(frozen)
   transforms = {'trunk': adamw(lr), 'gate': adamw(lr * gate_lr_mult)}
   for name in frozen:
     transforms[name] = optax.set_to_zero()
-  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.multi_transform(transforms, param_labels))
+  is_frozen = lambda p: jax.tree.map(lambda label: label in frozen, param_labels(p))
+  clip = optax.chain(optax.masked(optax.set_to_zero(), is_frozen), optax.clip_by_global_norm(grad_clip))
+  return optax.chain(clip, optax.multi_transform(transforms, param_labels))
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:

@@ -1,0 +1,96 @@
+"""LoRA on GPT-2's attention and MLP projections (`config.lora`), with Flax NNX's own `nnx.LoRALinear`.
+
+    y = x W + b + (alpha / rank) * (x A) B        A [in, rank] (he-uniform), B [rank, out] (zeros): y = x W + b at init
+
+`apply_lora` swaps the target `nnx.Linear` modules of every block for `LoRALinear` (module surgery after the model
+is built, so `gpt2.py` stays as it is); the base kernel and bias keep their paths (`h[i].attn.c_attn.kernel`), the
+adapter adds `h[i].attn.c_attn.lora.lora_a` / `lora_b`. Training: `train.state.param_labels` sees the adapters and
+labels every other non-gate parameter 'base', which gets a zero update and no optimizer moments in both stages.
+Export: `merged` folds W + (alpha / rank) A B back into plain `nnx.Linear` modules (`hf_io.export_pretrained`
+calls it), so the HF checkpoint is an ordinary GPT-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dtt_jax.model.gpt2 import GPT2
+
+TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')  # per block, HF GPT-2 module names
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = TARGETS
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or self.rank <= 0:
+      raise ValueError(f'config.lora.rank={self.rank!r} must be a positive integer.')
+    if self.alpha <= 0:
+      raise ValueError(f'config.lora.alpha={self.alpha} must be > 0.')
+    unknown = [t for t in self.targets if t not in TARGETS]
+    if not self.targets or unknown:
+      raise ValueError(f'config.lora.targets={tuple(self.targets)}: expected a non-empty subset of {TARGETS}.')
+
+  @classmethod
+  def from_config(cls, c) -> LoRAConfig:
+    return cls(rank=c.rank, alpha=float(c.alpha), targets=tuple(c.targets))
+
+
+class LoRALinear(nnx.LoRALinear):
+  """`nnx.LoRALinear` with the adapter's output scaled by alpha / rank."""
+
+  def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
+    super().__init__(base.in_features, base.out_features, lora_rank=rank, lora_dtype=base.dtype, dtype=base.dtype,
+                     rngs=rngs)
+    self.kernel, self.bias = base.kernel, base.bias  # the base's own variables (same values, same paths)
+    self.scale = alpha / rank
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nnx.Linear.__call__(self, x) + self.scale * self.lora(x)
+
+  def merged_kernel(self) -> jax.Array:
+    """W + (alpha / rank) A B, [in, out] float32."""
+    return self.kernel[...] + self.scale * (self.lora.lora_a[...] @ self.lora.lora_b[...])
+
+
+def _target_modules(gpt2: GPT2, targets):
+  """(parent module, attribute name) of each target in each block."""
+  for block in gpt2.h:
+    for target in targets:
+      parent, name = target.split('.')
+      yield getattr(block, parent), name
+
+
+def apply_lora(gpt2: GPT2, cfg: LoRAConfig, rngs: nnx.Rngs) -> GPT2:
+  """Replaces the target projections of `gpt2` in place by `LoRALinear` around the same weights; returns it."""
+  for parent, name in _target_modules(gpt2, cfg.targets):
+    setattr(parent, name, LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, rngs=rngs))
+  return gpt2
+
+
+def merged(gpt2: GPT2) -> GPT2:
+  """A copy of `gpt2` with every `LoRALinear` folded into a plain `nnx.Linear` (W + (alpha / rank) A B)."""
+  gpt2 = nnx.clone(gpt2)
+  for parent, name in _target_modules(gpt2, TARGETS):
+    module = getattr(parent, name)
+    if isinstance(module, LoRALinear):
+      kernel = module.merged_kernel()
+      setattr(parent, name, nnx.Linear(module.in_features, module.out_features, dtype=module.dtype,
+                                       kernel_init=lambda *_: kernel, bias_init=lambda *_: module.bias[...],
+                                       rngs=nnx.Rngs(0)))
+  return gpt2
+
+
+def count_params(params) -> dict[str, int]:
+  """Parameter counts of a params tree: 'total' and 'lora' (adapter entries)."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  is_lora = lambda path: any(getattr(p, 'key', None) == 'lora' for p in path)
+  return {'total': sum(int(jnp.size(x)) for _, x in leaves),
+          'lora': sum(int(jnp.size(x)) for path, x in leaves if is_lora(path))}
