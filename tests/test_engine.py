@@ -165,8 +165,7 @@ def test_hidden_state_reaches_next_input():
     h1 = pre.last_hidden
     h2 = h1 + jax.random.normal(jax.random.key(9), h1.shape)
     token = jnp.array([30, 31])
-    run = lambda h: engine.step(model, pre.cache, pre.key_bias, h, token, jnp.zeros(2), 6, pre.num_real, 1.0,
-                                kv_len=7)[1]
+    run = lambda h: engine.step(model, pre.cache, pre.key_bias, h, token, jnp.zeros(2), 6, pre.num_real, 1.0)[1]
     outs[name] = float(jnp.abs(run(h1) - run(h2)).max())
   assert outs['open'] > 1e-2 and outs['closed'] < 1e-6
 

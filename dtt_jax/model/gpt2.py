@@ -4,8 +4,8 @@ Parameter names mirror HF's (`wte`, `wpe`, `h[i].attn.c_attn`, ..., `ln_f`) so c
 (`model/hf_io.py`). Linear kernels are `[in, out]` like HF's Conv1D weights.
 
 Attention takes an additive bias `[B, Tq, Tk]` (0 = attend, NEG_INF = masked, log(0.3) = noisy-span key) built
-by the caller, and an optional preallocated KV cache `[layers, B, heads, max_len, head_dim]` that the layer writes
-its new keys/values into at `cache_index` before attending over the first `kv_len` cache positions.
+by the caller, and an optional preallocated KV cache (per layer `[B, heads, cache_len, head_dim]`) that the layer
+writes its new keys/values into at `cache_index` before attending over all `cache_len` cache positions (Tk).
 """
 
 from __future__ import annotations
@@ -46,20 +46,39 @@ class GPT2Config:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer: k, v `[layers, B, heads, max_len, head_dim]`.
+  """Keys and values, one buffer per layer: k[layer], v[layer] `[B, heads, cache_len, head_dim]`.
 
-  Heads before positions: a one-query step then reads each head's keys as a contiguous [max_len, head_dim]
-  matrix; the [.., max_len, heads, ..] layout made XLA transpose the whole cache slice every step (13x slower
-  attention at B=64, measured on CPU).
+  Heads before positions, so a one-query step reads each head's keys as one contiguous [cache_len, head_dim]
+  matrix, and one buffer per layer, so attention reads a whole buffer: a slice of a stacked [layers, ...] array or a
+  prefix of the positions is copied by XLA before the dot, every layer of every step (3x the cache traffic,
+  measured on CPU). A caller that wants attention cost to follow the sequence length grows the cache in segments
+  (`grow`) instead of slicing it.
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
 
   @classmethod
-  def zeros(cls, cfg: GPT2Config, batch: int, max_len: int) -> KVCache:
-    shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
-    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+  def zeros(cls, cfg: GPT2Config, batch: int, length: int) -> KVCache:
+    shape = (batch, cfg.n_head, length, cfg.head_dim)
+    return cls(*(tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer)) for _ in range(2)))
+
+  @property
+  def length(self) -> int:
+    return self.k[0].shape[2]
+
+  def grow(self, length: int) -> KVCache:
+    """-> the cache with zero slots appended up to `length` positions (one copy; no-op at the same length)."""
+    if length == self.length:
+      return self
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, length - self.length), (0, 0)))
+    return KVCache(tuple(map(pad, self.k)), tuple(map(pad, self.v)))
+
+  def write(self, layer: int, index, k: jax.Array, v: jax.Array) -> KVCache:
+    """Stores k, v [B,H,T,Dh] at positions [index, index + T) of `layer`."""
+    put = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, index, 0))
+    replace = lambda bufs, new: bufs[:layer] + (put(bufs[layer], new),) + bufs[layer + 1:]
+    return KVCache(replace(self.k, k), replace(self.v, v))
 
 
 def _normal(std: float):
@@ -75,17 +94,16 @@ class Attention(nnx.Module):
     self.c_proj = nnx.Linear(d, d, dtype=cfg.dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)),
                              rngs=rngs)
 
-  def __call__(self, x, bias, layer, cache, cache_index, kv_len):
-    """x [B,T,D], bias [B,T,Tk] -> [B,T,D], cache. Without a cache, Tk = T (self-attention over x)."""
+  def __call__(self, x, bias, layer, cache, cache_index):
+    """x [B,T,D], bias [B,T,Tk] -> [B,T,D], cache. Tk = T without a cache (self-attention over x), else the
+    cache length."""
     b, t, d = x.shape
     q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
     q, k, v = (a.reshape(b, t, self.n_head, self.head_dim) for a in (q, k, v))
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B,H,T,Dh]
     if cache is not None:
-      start = (layer, 0, 0, cache_index, 0)
-      cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-                      jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
-      k, v = cache.k[layer, :, :, :kv_len], cache.v[layer, :, :, :kv_len]  # [B,H,Tk,Dh]
+      cache = cache.write(layer, cache_index, k, v)
+      k, v = cache.k[layer], cache.v[layer]  # [B,H,Tk,Dh]
     scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(self.head_dim) + bias[:, None].astype(jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -118,8 +136,8 @@ class Block(nnx.Module):
     self.ln_2 = _layer_norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, bias, layer, cache, cache_index, kv_len):
-    a, cache = self.attn(self.ln_1(x), bias, layer, cache, cache_index, kv_len)
+  def __call__(self, x, bias, layer, cache, cache_index):
+    a, cache = self.attn(self.ln_1(x), bias, layer, cache, cache_index)
     x = x + a
     return x + self.mlp(self.ln_2(x)), cache
 
@@ -139,11 +157,11 @@ class GPT2(nnx.Module):
     """tokens [...] int -> token embeddings [..., D] (no position embedding)."""
     return self.wte(tokens)
 
-  def __call__(self, inputs_embeds, positions, bias, cache=None, cache_index=0, kv_len=None):
+  def __call__(self, inputs_embeds, positions, bias, cache=None, cache_index=0):
     """inputs_embeds [B,T,D], positions [B,T], bias [B,T,Tk] -> hidden [B,T,D] after ln_f, updated cache."""
     x = inputs_embeds + self.wpe(positions)
     for layer, block in enumerate(self.h):
-      x, cache = block(x, bias, layer, cache, cache_index, kv_len)
+      x, cache = block(x, bias, layer, cache, cache_index)
     return self.ln_f(x), cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -13,7 +13,8 @@ gate/projection blends into the input of completion position t (h_{-1} is the la
 that predict completion token t come from h_{t-1} too.
 
 Attention cost is kept proportional to the generated length: the steps are grouped in segments of `segment`
-positions and each segment attends only over the cache prefix it can see (a static `kv_len` per segment).
+positions, and before each segment the cache grows (one copy) to the length that segment can see, so every step
+attends over its whole cache buffer with a static shape (slicing a prefix would make XLA copy it every step).
 """
 
 from __future__ import annotations
@@ -62,20 +63,21 @@ class Rollout:
   logits: jax.Array | None = None  # [B,N,V] float32, only from `generate(..., return_logits=True)` (tests)
 
 
-def _step_bias(key_bias: jax.Array, index, kv_len: int) -> jax.Array:
-  """key_bias [B,S], current cache index -> [B,1,kv_len] additive bias (keys after `index` masked)."""
-  visible = jnp.arange(kv_len) <= index
-  return (key_bias[:, :kv_len] + jnp.where(visible, 0.0, NEG_INF))[:, None, :]
+def _step_bias(key_bias: jax.Array, index, cache_len: int) -> jax.Array:
+  """key_bias [B,S], current cache index -> [B,1,cache_len] additive bias (keys after `index` masked)."""
+  visible = jnp.arange(cache_len) <= index
+  return (key_bias[:, :cache_len] + jnp.where(visible, 0.0, NEG_INF))[:, None, :]
 
 
 def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noise, index, position, tau, *,
-         kv_len: int, hard: bool = False, with_logits: bool = True):
+         hard: bool = False, with_logits: bool = True):
   """One position. prev_hidden [B,D], token [B], gate_noise [B], position [B]; index: cache slot (scalar).
 
-  Returns logits [B,V] float32 (None unless with_logits), hidden [B,D] (after ln_f), gate [B], cache.
+  Attends over the whole cache (slots after `index` masked). Returns logits [B,V] float32 (None unless
+  with_logits), hidden [B,D] (after ln_f), gate [B], cache.
   """
   x, gate = model.blended_input(prev_hidden, token, gate_noise, tau, hard)
-  h, cache = model.gpt2(x[:, None], position[:, None], _step_bias(key_bias, index, kv_len), cache, index, kv_len)
+  h, cache = model.gpt2(x[:, None], position[:, None], _step_bias(key_bias, index, cache.length), cache, index)
   h = h[:, 0]
   return (model.gpt2.logits(h) if with_logits else None), h, gate, cache
 
@@ -88,8 +90,10 @@ class Prefill:
   num_real: jax.Array  # [B] real prompt tokens (position id of completion token 0)
 
 
-def prefill(model: DTTModel, prompt, prompt_mask, max_len: int, completion_key_bias=None) -> Prefill:
-  """prompt, prompt_mask [B,P] (left-padded) -> cache of length max_len holding the prompt's keys/values.
+def prefill(model: DTTModel, prompt, prompt_mask, max_len: int, completion_key_bias=None,
+            cache_len: int | None = None) -> Prefill:
+  """prompt, prompt_mask [B,P] (left-padded) -> cache of `cache_len` slots (default max_len) holding the
+  prompt's keys/values in slots [0, P); key_bias covers all max_len slots.
 
   completion_key_bias [B,T]: additive bias of completion keys (e.g. log 0.3 on injected filler), default 0.
   """
@@ -98,15 +102,16 @@ def prefill(model: DTTModel, prompt, prompt_mask, max_len: int, completion_key_b
   key_bias = key_bias.at[:, :p].set(jnp.where(prompt_mask > 0, 0.0, NEG_INF))
   if completion_key_bias is not None:
     key_bias = key_bias.at[:, p:p + completion_key_bias.shape[1]].set(completion_key_bias)
-  cache = KVCache.zeros(model.gpt2.cfg, b, max_len)
+  cache = KVCache.zeros(model.gpt2.cfg, b, p)
   bias = causal_bias(prompt_mask) + key_bias[:, None, :p]
-  h, cache = model.gpt2(model.gpt2.embed(prompt), positions_from_mask(prompt_mask), bias, cache, 0, p)
-  return Prefill(cache, key_bias, h[:, -1], jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32))
+  h, cache = model.gpt2(model.gpt2.embed(prompt), positions_from_mask(prompt_mask), bias, cache, 0)
+  return Prefill(cache.grow(cache_len or max_len), key_bias, h[:, -1],
+                 jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32))
 
 
 def _segments(n_steps: int, prompt_len: int, segment: int, max_len: int):
-  """[(first step, end step, kv_len)]: step t writes cache slot prompt_len + t, so a segment ending at step e
-  needs the first prompt_len + e slots."""
+  """[(first step, end step, cache length)]: step t writes cache slot prompt_len + t, so a segment ending at step
+  e needs the first prompt_len + e slots."""
   return [(s, min(s + segment, n_steps), min(max_len, prompt_len + min(s + segment, n_steps)))
           for s in range(0, n_steps, segment)]
 
@@ -115,7 +120,8 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
   b, p = prompt.shape
   n = cfg.max_new_tokens
   max_len = p + n
-  pre = prefill(model, prompt, prompt_mask, max_len)
+  segments = _segments(n, p, cfg.segment, max_len)
+  pre = prefill(model, prompt, prompt_mask, max_len, cache_len=segments[0][2])
   d = pre.last_hidden.shape[-1]
   first_logits = model.gpt2.logits(pre.last_hidden)
   carry = dict(
@@ -128,7 +134,7 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
       all_logits=jnp.zeros((b, n) + first_logits.shape[1:], jnp.float32) if return_logits else None,
   )
 
-  def body(t, c, kv_len):
+  def body(t, c):
     key_t = jax.random.fold_in(key, t)
     token, lognorm = sample(c['logits'], jax.random.fold_in(key_t, 0), cfg.sampling)
     forced = (c['phase'] == 1) & (c['n_think'] >= cfg.max_think) if cfg.max_think > 0 else jnp.zeros((b,), bool)
@@ -139,7 +145,7 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
     noise = (logistic_noise(jax.random.fold_in(key_t, 1), (b,)) if cfg.gate_noise
              else jnp.zeros((b,), jnp.float32))
     logits, hidden, gate, cache = step(model, c['cache'], pre.key_bias, c['hidden'], token, noise, p + t,
-                                       pre.num_real + t, tau, kv_len=kv_len, hard=cfg.hard_gate)
+                                       pre.num_real + t, tau, hard=cfg.hard_gate)
     is_eot = token == cfg.eot_id
     inner = live & (c['phase'] == 1) & ~is_eot
     phase = jnp.where((c['phase'] == 0) & (token == cfg.bot_id), 1,
@@ -156,15 +162,15 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
       new[name] = jax.lax.dynamic_update_index_in_dim(c[name], value.astype(c[name].dtype), t, axis=1)
     return new
 
-  for start, end, kv_len in _segments(n, p, cfg.segment, max_len):
-    seg_body = functools.partial(body, kv_len=kv_len)
+  for start, end, cache_len in segments:
+    carry['cache'] = carry['cache'].grow(cache_len)
     if cfg.early_stop:
       state = (jnp.int32(start), carry)
       state = jax.lax.while_loop(lambda s, e=end: (s[0] < e) & ~jnp.all(s[1]['done']),
-                                 lambda s, f=seg_body: (s[0] + 1, f(s[0], s[1])), state)
+                                 lambda s: (s[0] + 1, body(s[0], s[1])), state)
       carry = state[1]
     else:
-      carry = jax.lax.fori_loop(start, end, seg_body, carry)
+      carry = jax.lax.fori_loop(start, end, body, carry)
   return Rollout(tokens=carry['tokens'], mask=carry['mask'], logprobs=carry['logprobs'], gates=carry['gates'],
                  gate_noise=carry['gate_noise'], forced=carry['forced'], hidden_inputs=carry['hidden_inputs'],
                  logits=carry['all_logits'])
@@ -205,20 +211,21 @@ def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *,
   b, p = prompt.shape
   t_len = completion.shape[1]
   max_len = p + t_len
-  pre = prefill(model, prompt, prompt_mask, max_len, completion_key_bias)
+  segments = _segments(t_len, p, segment, max_len)
+  pre = prefill(model, prompt, prompt_mask, max_len, completion_key_bias, cache_len=segments[0][2])
   cache, hidden = pre.cache, pre.last_hidden
   hiddens, gates = [], []
-  for start, end, kv_len in _segments(t_len, p, segment, max_len):
 
-    def body(carry, xs, kv_len=kv_len):
-      cache, prev = carry
-      token, noise, t = xs
-      _, h, g, cache = step(model, cache, pre.key_bias, prev, token, noise, p + t, pre.num_real + t, tau,
-                            kv_len=kv_len, hard=hard, with_logits=False)
-      return (cache, h), (h, g)
+  def body(carry, xs):
+    cache, prev = carry
+    token, noise, t = xs
+    _, h, g, cache = step(model, cache, pre.key_bias, prev, token, noise, p + t, pre.num_real + t, tau, hard=hard,
+                          with_logits=False)
+    return (cache, h), (h, g)
 
+  for start, end, cache_len in segments:
     xs = (completion[:, start:end].T, gate_noise[:, start:end].T, jnp.arange(start, end))
-    (cache, hidden), (h_seg, g_seg) = jax.lax.scan(body, (cache, hidden), xs)
+    (cache, hidden), (h_seg, g_seg) = jax.lax.scan(body, (cache.grow(cache_len), hidden), xs)
     hiddens.append(h_seg)
     gates.append(g_seg)
   h_all = jnp.concatenate(hiddens, 0).swapaxes(0, 1)  # [B,T,D]
