@@ -1,0 +1,184 @@
+"""LoRA (`config.lora`): the adapted projection equals its formula, a pretrained HF checkpoint + LoRA exports (merged)
+to an HF GPT-2 with the same logits, training moves only adapters and gate with no optimizer moments for the
+frozen base, and the switch from configs."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from dtt_jax import parallel, pipeline, tokens
+from dtt_jax.model import build_model, hf_io, lora
+from dtt_jax.model.gpt2 import causal_bias, positions_from_mask
+from dtt_jax.rl import grpo, rollout
+from dtt_jax.train import bootstrap, state as state_lib
+
+EOS, BOT, EOT = 0, 1, 2
+
+
+def _lora_cfg(rank=4, alpha=8.0, targets=lora.TARGETS):
+  return ml_collections.ConfigDict(dict(enabled=True, rank=rank, alpha=alpha, targets=targets))
+
+
+def _model_cfg(**kw):
+  c = importlib.import_module('configs.base').get_config().model
+  c.n_layer, c.n_embd, c.n_head, c.n_positions = 2, 32, 4, 64
+  c.update(kw)
+  return c
+
+
+def _randomize_adapters(model, seed: int) -> None:
+  """Nonzero B (zero at init), so the adapters change the function."""
+  for i, (_, var) in enumerate(nnx.iter_graph(model)):
+    if isinstance(var, nnx.LoRAParam):
+      var.value = 0.3 * jax.random.normal(jax.random.key(seed + i), var.value.shape)
+
+
+def test_lora_linear_equals_formula():
+  base = nnx.Linear(6, 5, rngs=nnx.Rngs(0))
+  w, b = np.asarray(base.kernel.value, np.float64), np.asarray(base.bias.value, np.float64)
+  layer = lora.LoRALinear(base, rank=2, alpha=3.0, rngs=nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(2), (4, 6))
+  np.testing.assert_array_equal(layer(x), base(x))  # B = 0 at init: exactly the base
+  _randomize_adapters(layer, 3)
+  a_, b_ = (np.asarray(v.value, np.float64) for v in (layer.lora.lora_a, layer.lora.lora_b))
+  expected = np.asarray(x, np.float64) @ (w + 1.5 * a_ @ b_) + b
+  np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+  np.testing.assert_allclose(layer.merged_kernel(), w + 1.5 * a_ @ b_, atol=1e-6)
+  assert layer.kernel is base.kernel  # the base's own variable, same path
+
+
+def test_pretrained_checkpoint_with_lora_exports_merged_weights_with_equal_logits(tmp_path):
+  """config.model.init = a local HF GPT-2 dir (full vocabulary) + LoRA; `export_pretrained` merges the adapters:
+  HF PyTorch GPT2LMHeadModel on the export gives the LoRA model's logits, which differ from the base's."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  torch.manual_seed(0)
+  src = tmp_path / 'hf_tiny'
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
+                                                       n_head=4)).save_pretrained(src)
+  model = build_model(_model_cfg(init=str(src), vocab='full'), tokens.Vocab.full(), lora_cfg=_lora_cfg())
+  assert isinstance(model.gpt2.h[1].mlp.c_proj, lora.LoRALinear)
+  _randomize_adapters(model, 0)
+  ids = np.random.RandomState(0).randint(0, 50257, (2, 10))
+  mask = np.ones_like(ids)
+  mask[1, :4] = 0
+
+  def logits(gpt2):
+    h, _ = gpt2(gpt2.embed(jnp.asarray(ids)), positions_from_mask(jnp.asarray(mask)), causal_bias(jnp.asarray(mask)))
+    return np.asarray(gpt2.logits(h))[..., :50257]
+
+  ours = logits(model.gpt2)
+  out = tmp_path / 'export'
+  hf_io.export_pretrained(model.gpt2, str(out))
+  hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids[:, :]), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(np.maximum(mask.cumsum(-1) - 1, 0))).logits.float().numpy()
+  theirs = theirs[..., :50257]
+  real = mask > 0
+  assert np.abs(ours - theirs)[real].max() < 1e-4
+  base = hf_io.load_pretrained(str(src), vocab=tokens.Vocab.full())
+  assert np.abs(logits(base) - ours)[real].max() > 1e-2  # the adapters matter, so the merge is really tested
+  assert isinstance(model.gpt2.h[0].attn.c_attn, lora.LoRALinear)  # the merge copies; the model keeps its adapters
+
+
+def _stage1_batch(b: int = 4):
+  """Prompts [b,6] (left-padded), completions `<bot> x y <eot> a <eos>` [b,6] with a 2-token span."""
+  rng = np.random.RandomState(0)
+  batch = {'prompt': rng.randint(5, 100, (b, 6)), 'prompt_mask': np.ones((b, 6), np.int32)}
+  batch['prompt_mask'][0, :2] = 0
+  batch['completion'] = np.stack([[BOT, *rng.randint(5, 100, 2), EOT, rng.randint(5, 100), EOS] for _ in range(b)])
+  batch['completion_mask'] = np.ones((b, 6), np.int32)
+  batch['inner_mask'] = np.tile([0, 1, 1, 0, 0, 0], (b, 1))
+  batch['filler_mask'] = np.zeros((b, 6), np.int32)
+  batch['outer_mask'] = batch['completion_mask'] - batch['inner_mask']
+  batch['loss_mask'] = batch['completion_mask']
+  return {k: v.astype(np.int32) for k, v in batch.items()}
+
+
+def _grpo_batch(graphdef, params, cfg, vocab, mesh):
+  """A real rollout of 2 prompts x G with synthetic rewards."""
+  prompt, mask = rollout.repeat_prompts(np.array([[0, 0, 15, 16], [20, 21, 22, 23]], np.int32),
+                                        np.array([[0, 0, 1, 1], [1, 1, 1, 1]], np.int32), cfg.num_generations)
+  out, ref = rollout.make_rollout_fn(graphdef, cfg, vocab, mesh)(params, params, prompt, mask, jax.random.key(0),
+                                                                 jnp.float32(1.0))
+  out, ref = jax.device_get((out, ref))
+  n, t = out.tokens.shape
+  rewards = np.random.RandomState(1).randn(n).astype(np.float32)
+  batch = rollout.RolloutBatch(
+      prompt=prompt, prompt_mask=mask, completion=out.tokens, completion_mask=out.mask, forced=out.forced,
+      logprobs=out.logprobs, ref_logprobs=ref, gates=out.gates, gate_noise=out.gate_noise,
+      hidden_inputs=out.hidden_inputs, inner_mask=np.zeros((n, t), np.float32),
+      outer_mask=out.mask.astype(np.float32), tau=np.ones((n,), np.float32), rewards=rewards,
+      stats={'accuracy': (rewards > 0).astype(np.float32)})
+  return rollout.shard_rollout(batch, mesh, cfg.num_generations)
+
+
+def _leaves(params) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.mark.parametrize('gate', ['dtt', 'hrpo'])
+def test_training_moves_only_adapters_and_gate(gate):
+  """3 bootstrap steps, then 2 GRPO steps (the pipeline's optimizers): every base parameter is bit-identical, every
+  adapter B and gate parameter moved, and the optimizer state holds Adam moments for adapters and gate only."""
+  vocab = tokens.Vocab.compact([range(1000, 1095)])
+  model = build_model(_model_cfg(gate=gate, gate_bias_init=0.0), vocab, lora_cfg=_lora_cfg())
+  graphdef, params = state_lib.split_model(model)
+  start = jax.device_get(params)
+  counts = lora.count_params(start)
+  labels = _leaves(state_lib.param_labels(start))
+  trainable = sum(x.size for k, x in _leaves(start).items() if labels[k] != 'base')
+  gate_size = sum(x.size for k, x in _leaves(start).items() if labels[k] == 'gate')
+  assert trainable == counts['lora'] + gate_size and counts['lora'] < counts['total'] // 2
+  mesh = parallel.make_mesh(1)
+
+  config = importlib.import_module('configs.lora').get_config()
+  config.bootstrap.warmup_steps, config.grpo.warmup_steps = 1, 1
+  tx = pipeline.bootstrap_optimizer(config)
+  state = parallel.replicate(state_lib.init_state(start, tx, seed=0), mesh)
+  opt_size = sum(x.size for x in jax.tree.leaves(state.opt_state))
+  assert opt_size == 2 * trainable + 4  # mu and nu of the trained leaves + 2 step counts per label (trunk, gate)
+  step = bootstrap.make_train_step(graphdef, tx, bootstrap.LossConfig(hinge_lambda=1.0), mesh)
+  for _ in range(3):
+    state, _ = step(state, parallel.shard_batch(_stage1_batch(), mesh), 1.0)
+
+  cfg = grpo.GRPOConfig(num_generations=4, beta=0.1, max_new_tokens=6, max_think=2)
+  g_tx = grpo.make_grpo_optimizer(config.grpo)
+  g_state = parallel.replicate(state_lib.init_state(jax.device_get(state.params), g_tx, seed=1), mesh)
+  g_step = grpo.make_grpo_step(graphdef, g_tx, cfg, mesh)
+  for _ in range(2):
+    g_state, _ = g_step(g_state, _grpo_batch(graphdef, g_state.params, cfg, vocab, mesh))
+
+  before, after = _leaves(start), _leaves(jax.device_get(g_state.params))
+  moved = {k for k in before if not np.array_equal(before[k], after[k])}
+  for key, label in labels.items():
+    if label == 'base':
+      assert key not in moved, key
+    elif key.endswith("['lora_b']") or label == 'gate':
+      assert key in moved, key
+
+
+def test_switch_from_configs():
+  vocab = tokens.Vocab.compact([range(1000, 1095)])
+  config = importlib.import_module('configs.lora').get_config()
+  pipeline.check_config(config)
+  model = build_model(config.model, vocab, lora_cfg=config.lora)
+  for block in model.gpt2.h:
+    for module in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+      assert isinstance(module, lora.LoRALinear) and module.lora.lora_a.value.shape[1] == 16 and module.scale == 2.0
+  plain = importlib.import_module('configs.quickstart').get_config()
+  model = build_model(plain.model, vocab, lora_cfg=plain.lora)
+  assert lora.count_params(nnx.state(model, nnx.Param))['lora'] == 0
+  assert type(model.gpt2.h[0].attn.c_attn) is nnx.Linear  # pylint: disable=unidiomatic-typecheck
+  config.lora.targets = ('attn.c_attn', 'c_proj')
+  with pytest.raises(ValueError, match=r"config.lora.targets=\('attn.c_attn', 'c_proj'\): expected a non-empty subset"):
+    pipeline.check_config(config)
+  config.lora.targets, config.lora.rank = lora.TARGETS, 0
+  with pytest.raises(ValueError, match='config.lora.rank=0 must be a positive integer'):
+    pipeline.check_config(config)
