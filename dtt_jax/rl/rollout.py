@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from dtt_jax import parallel, reward
 from dtt_jax.rl.grpo import GRPOConfig, token_logprobs
@@ -95,25 +94,11 @@ def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh):
                  out_shardings=sharded)
 
 
-def _to_global(x: np.ndarray, sharding) -> jax.Array:
-  """A global host array (the same on every process) -> a jax array with `sharding`."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def _fetch(x: jax.Array) -> np.ndarray:
-  """A sharded jax array -> the whole array on the host (gathered across processes if needed)."""
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def shard_rollout(batch: RolloutBatch, mesh, num_generations: int) -> RolloutBatch:
   """A host copy of a RolloutBatch (e.g. `jax.device_get(batch)`) -> sharded by rows on `mesh`, whole groups of
   `num_generations` rows per device."""
   parallel.check_divisible(batch.rewards.shape[0] // num_generations, mesh, 'number of groups (prompts)')
-  sharding = parallel.data_sharded(mesh)
-  return jax.tree.map(lambda x: _to_global(x, sharding), batch)
+  return parallel.to_global(batch, mesh)
 
 
 class RolloutCollector:
@@ -138,13 +123,12 @@ class RolloutCollector:
     parallel.check_divisible(b, self.mesh, 'grpo.prompts_per_step')
     if self.cfg.beta and ref_params is None:
       raise ValueError('grpo.beta > 0 needs the reference parameters (the Stage-1 checkpoint).')
-    sharding = parallel.data_sharded(self.mesh)
-    prompt_g, mask_g = repeat_prompts(np.asarray(prompt, np.int32), np.asarray(prompt_mask, np.int32), g)
-    prompt_g, mask_g = _to_global(prompt_g, sharding), _to_global(mask_g, sharding)
+    prompt_g, mask_g = parallel.to_global(
+        repeat_prompts(np.asarray(prompt, np.int32), np.asarray(prompt_mask, np.int32), g), self.mesh)
     tau = jnp.float32(tau)
     out, ref_logprobs = self.rollout_fn(params, ref_params, prompt_g, mask_g, key, tau)
 
-    tokens, mask, gates = _fetch(out.tokens), _fetch(out.mask), _fetch(out.gates)
+    tokens, mask, gates = parallel.to_host((out.tokens, out.mask, out.gates))
     n = tokens.shape[0]
     completions = reward.decode_completions(self.tokenizer, tokens, mask)
     refs = [r for r in references for _ in range(g)]
@@ -156,7 +140,7 @@ class RolloutCollector:
         'tau': np.full((n,), float(tau), np.float32), 'rewards': r['total'].astype(np.float32),
         'stats': {name: np.asarray(r[field], np.float32) for name, field in STATS.items()},
     }
-    host = jax.tree.map(lambda x: _to_global(x, sharding), host)
+    host = parallel.to_global(host, self.mesh)
     batch = RolloutBatch(prompt=prompt_g, prompt_mask=mask_g, completion=out.tokens, completion_mask=out.mask,
                          forced=out.forced, logprobs=out.logprobs, ref_logprobs=ref_logprobs, gates=out.gates,
                          gate_noise=out.gate_noise, hidden_inputs=out.hidden_inputs, **host)
