@@ -53,6 +53,14 @@ class Checkpointer:
                                                              meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the `params` of a saved state: what a later stage, an evaluation or an export needs. It does not
+    depend on the optimizer's state layout, so it reads checkpoints of any optimizer configuration."""
+    item = {'params': abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return self.manager.restore(step, args=ocp.args.Composite(state=args)).state['params']
+
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """Newest checkpoint that restores, falling back to older ones with a warning; None when there is none."""
     self.wait()

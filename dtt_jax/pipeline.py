@@ -204,8 +204,8 @@ def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef) -> l
 
 def stage_params(exp: Experiment, stage: str, prefer_best: bool = True):
   """(graphdef, params) of a finished stage's best (or latest) checkpoint in the workdir."""
-  tx = grpo.make_grpo_optimizer(exp.config.grpo) if stage == 'grpo' else bootstrap_optimizer(exp.config)
-  graphdef, state = initial_state(exp, tx)
+  graphdef, params = state_lib.split_model(build_model(exp.config.model, exp.vocab, seed=exp.config.seed,
+                                                      lora_cfg=exp.config.get('lora')))
   ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), async_save=False,
                       best_metric=exp.config[stage].best_metric)
   steps = ckpt.steps()
@@ -214,11 +214,12 @@ def stage_params(exp: Experiment, stage: str, prefer_best: bool = True):
     raise FileNotFoundError(f'No {stage} checkpoint in {exp.workdir}/{stage}/checkpoints: run the {stage} stage first '
                             '(--config.stage=bootstrap) or set config.init_from.')
   step = (ckpt.best_step() if prefer_best else None) or steps[-1]
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored, _ = ckpt.restore(step, abstract)
+  replicated = parallel.replicated(exp.mesh)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+  params = ckpt.restore_params(step, abstract)
   ckpt.close()
   log.info('Loaded %s parameters from %s/%s/checkpoints/%d.', stage, exp.workdir, stage, step)
-  return graphdef, restored.params
+  return graphdef, params
 
 
 def grpo_start_params(exp: Experiment):
