@@ -32,16 +32,20 @@ def _names(path) -> set:
   return {getattr(p, 'key', None) for p in path}
 
 
+def has_lora(params) -> bool:
+  return any(LORA_MODULE in _names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+
+
 def param_labels(params) -> Any:
   """Same tree structure as params: 'gate' for gate parameters (head, projection, HRPO gate), 'trunk' for the rest;
   when the tree holds LoRA adapters, 'trunk' is the adapters only and every other parameter is 'base' (frozen)."""
-  has_lora = any(LORA_MODULE in _names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+  lora = has_lora(params)
 
   def label(path, _):
     names = _names(path)
     if names & set(GATE_MODULES):
       return 'gate'
-    return 'trunk' if LORA_MODULE in names or not has_lora else 'base'
+    return 'trunk' if LORA_MODULE in names or not lora else 'base'
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -49,24 +53,31 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float
                    gate_lr_mult: float = 1.0, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with linear warmup + cosine decay; gate params at lr * gate_lr_mult.
 
-  Weight decay applies to matrices (kernels, embeddings), not to biases or LayerNorm scales. Labels in `frozen`
-  and the 'base' label (the trunk under LoRA) get `set_to_zero`: their gradients are zeroed before clipping (the
-  norm is that of the trained parameters) and they hold no Adam moments. The train steps still differentiate the
-  whole tree (their `grad_norm` metric includes the frozen gradients), so freezing saves optimizer memory and the
-  update, not the backward pass.
+  Weight decay applies to matrices (kernels, embeddings), not to biases or LayerNorm scales. Labels in `frozen`,
+  and the 'base' label when the params hold LoRA adapters, get `set_to_zero`: their gradients are zeroed before
+  clipping (the norm is that of the trained parameters) and they hold no Adam moments. The transformation is picked
+  by the tree it is given, so a model without adapters keeps exactly the state layout (and checkpoints) it had
+  before LoRA existed. The train steps still differentiate the whole tree (their `grad_norm` metric includes the
+  frozen gradients): freezing saves optimizer memory and the update, not the backward pass.
   """
   def adamw(peak):
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1), max(steps, warmup_steps + 1),
                                                   end_value=peak * 0.1)
     return optax.adamw(schedule, weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
 
-  frozen = ('base',) + tuple(frozen)
-  transforms = {'trunk': adamw(lr), 'gate': adamw(lr * gate_lr_mult)}
-  for name in frozen:
-    transforms[name] = optax.set_to_zero()
-  is_frozen = lambda p: jax.tree.map(lambda label: label in frozen, param_labels(p))
-  clip = optax.chain(optax.masked(optax.set_to_zero(), is_frozen), optax.clip_by_global_norm(grad_clip))
-  return optax.chain(clip, optax.multi_transform(transforms, param_labels))
+  def build(frozen_labels):
+    transforms = {'trunk': adamw(lr), 'gate': adamw(lr * gate_lr_mult)}
+    transforms.update({name: optax.set_to_zero() for name in frozen_labels})
+    clip = optax.clip_by_global_norm(grad_clip)
+    if frozen_labels:
+      is_frozen = lambda p: jax.tree.map(lambda label: label in frozen_labels, param_labels(p))
+      clip = optax.chain(optax.masked(optax.set_to_zero(), is_frozen), clip)
+    return optax.chain(clip, optax.multi_transform(transforms, param_labels))
+
+  plain, with_lora = build(tuple(frozen)), build(('base',) + tuple(frozen))
+  pick = lambda tree: with_lora if has_lora(tree) else plain
+  return optax.GradientTransformation(lambda params: pick(params).init(params),
+                                      lambda updates, state, params=None: pick(updates).update(updates, state, params))
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
