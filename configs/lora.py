@@ -1,8 +1,9 @@
 """The quickstart (generated addition, 2 CPU cores) with LoRA: only the rank-16 adapters on every attention and MLP
 projection and the gate train; the rest of the model stays at its initialisation (dtt_jax/model/lora.py).
 
-With a random base this shows the mechanism at tiny scale; the intended use is a pretrained base:
-`--config.model.init=gpt2 --config.model.vocab=full` (or a local HF GPT-2 directory).
+With a random frozen base this only exercises the mechanism at tiny scale: measured at 400 bootstrap steps (lr 3e-3
+or 1e-2) it does not learn the format (structure rate 0; the completion repeats <|eot|>). The intended use is a
+pretrained base: `--config.model.init=gpt2 --config.model.vocab=full` (or a local HF GPT-2 directory).
 
 python -m dtt_jax.main --config=configs/lora.py --workdir=runs/lora
 """
