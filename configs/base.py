@@ -46,11 +46,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.hrpo_c = 8.0  # HRPO gate: a = sigmoid(lam)^(c * r)
   c.model.hrpo_a_init = (0.99, 0.999)  # HRPO gate: initial a over the D dimensions (input starts as the token)
 
-  c.lora = ml_collections.ConfigDict()  # LoRA adapters (dtt_jax/model/lora.py); enabled: only adapters + gate train
+  # LoRA adapters (dtt_jax/model/lora.py). Enabled: adapters, gate and train_modules train, the rest is frozen. For
+  # --config.stage=grpo --config.init_from=<full bootstrap>, fresh adapters go on the bootstrap's weights.
+  c.lora = ml_collections.ConfigDict()
   c.lora.enabled = False
   c.lora.rank = 8
   c.lora.alpha = 16.0  # adapter output scaled by alpha / rank
   c.lora.targets = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')
+  # Trained fully besides adapters and gate (PEFT's modules_to_save), any of 'wte', 'wpe', 'ln_1', 'ln_2', 'ln_f'.
+  # 'wte' is the tied embedding and output layer: the DTT special tokens start as copies of one pretrained row, so
+  # with it frozen <|bot|>, <|eot|> and that token always get identical logits. () trains adapters and gate only.
+  c.lora.train_modules = ('wte',)
 
   c.data = ml_collections.ConfigDict()
   c.data.max_prompt_len = 32

@@ -19,6 +19,8 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from dtt_jax import data as data_lib
@@ -161,7 +163,8 @@ def make_validate(exp: Experiment, graphdef):
 
 def bootstrap_optimizer(c):
   b = c.bootstrap
-  return state_lib.make_optimizer(b.lr, b.steps, b.warmup_steps, b.weight_decay, b.grad_clip, b.gate_lr_mult)
+  return state_lib.make_optimizer(b.lr, b.steps, b.warmup_steps, b.weight_decay, b.grad_clip, b.gate_lr_mult,
+                                  train_modules=lora.configured_train_modules(c.get('lora')))
 
 
 def initial_state(exp: Experiment, tx):
@@ -203,7 +206,11 @@ def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef) -> l
 
 
 def stage_params(exp: Experiment, stage: str, prefer_best: bool = True):
-  """(graphdef, params) of a finished stage's best (or latest) checkpoint in the workdir."""
+  """(graphdef, params) of a finished stage's best (or latest) checkpoint in the workdir.
+
+  With `config.lora.enabled` and a checkpoint without adapters (a trained model to fine-tune, e.g. a full bootstrap
+  given as `config.init_from`), the checkpoint gives the base and the model keeps its fresh adapters: B = 0, so it
+  computes exactly the checkpoint's function. A checkpoint with adapters (a LoRA run) needs the same adapters."""
   graphdef, params = state_lib.split_model(build_model(exp.config.model, exp.vocab, seed=exp.config.seed,
                                                       lora_cfg=exp.config.get('lora')))
   ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), async_save=False,
@@ -214,12 +221,26 @@ def stage_params(exp: Experiment, stage: str, prefer_best: bool = True):
     raise FileNotFoundError(f'No {stage} checkpoint in {exp.workdir}/{stage}/checkpoints: run the {stage} stage first '
                             '(--config.stage=bootstrap) or set config.init_from.')
   step = (ckpt.best_step() if prefer_best else None) or steps[-1]
+  path = os.path.join(ckpt.directory, str(step))
+  saved = lora.adapter_shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path, 'state')).tree['params'])
+  wanted = lora.adapter_shapes(params)
+  fresh_adapters = bool(wanted) and not saved
+  if saved != wanted and not fresh_adapters:
+    ckpt.close()
+    raise ValueError(f'{path} holds LoRA adapters ({lora.describe_adapters(saved)}) but config.lora gives '
+                     f'({lora.describe_adapters(wanted)}): set config.lora.enabled, .rank and .targets as in the run '
+                     'that trained it (its workdir\'s config.json).')
   replicated = parallel.replicated(exp.mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
-  params = ckpt.restore_params(step, abstract)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          lora.without_adapters(params) if fresh_adapters else params)
+  restored = ckpt.restore_params(step, abstract)
   ckpt.close()
-  log.info('Loaded %s parameters from %s/%s/checkpoints/%d.', stage, exp.workdir, stage, step)
-  return graphdef, params
+  log.info('Loaded %s parameters from %s.', stage, path)
+  if fresh_adapters:
+    restored = jax.device_put(lora.with_adapters(restored, params), replicated)  # restored ones: no copy
+    log.info('The checkpoint has no LoRA adapters: fresh ones (%s, B = 0) on its weights.',
+             lora.describe_adapters(wanted))
+  return graphdef, restored
 
 
 def grpo_start_params(exp: Experiment):
@@ -236,7 +257,7 @@ def run_grpo(exp: Experiment) -> loop.LoopResult:
   cfg = grpo.GRPOConfig.from_config(g)
   graphdef, start = grpo_start_params(exp)
   reference = parallel.replicate(jax.device_get(start), exp.mesh) if cfg.beta else None
-  tx = grpo.make_grpo_optimizer(g)
+  tx = grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora')))
   state = parallel.replicate(state_lib.init_state(jax.device_get(start), tx, seed=c.seed + 1), exp.mesh)
   grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,

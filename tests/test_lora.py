@@ -1,7 +1,9 @@
 """LoRA (`config.lora`): the adapted projection equals its formula, a pretrained HF checkpoint + LoRA exports (merged)
-to an HF GPT-2 with the same logits, training moves only adapters and gate with no optimizer moments for the
-frozen base, and the switch from configs."""
+to an HF GPT-2 with the same logits, training moves only adapters, gate and `train_modules` with no optimizer moments
+for the frozen base, fine-tuning a full bootstrap checkpoint with fresh adapters (GRPO via `config.init_from`) starts
+from the same function and evaluates from its own checkpoint, and the switch from configs."""
 
+import dataclasses
 import importlib
 
 import jax
@@ -123,23 +125,29 @@ def _leaves(params) -> dict[str, np.ndarray]:
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
-@pytest.mark.parametrize('gate', ['dtt', 'hrpo'])
-def test_training_moves_only_adapters_and_gate(gate):
-  """3 bootstrap steps, then 2 GRPO steps (the pipeline's optimizers): every base parameter is bit-identical, every
-  adapter B and gate parameter moved, and the optimizer state holds Adam moments for adapters and gate only."""
+@pytest.mark.parametrize('gate,train_modules', [('dtt', ()), ('hrpo', ()), ('dtt', ('wte',))],
+                         ids=['dtt', 'hrpo', 'dtt+wte'])
+def test_training_moves_only_adapters_gate_and_train_modules(gate, train_modules):
+  """3 bootstrap steps, then 2 GRPO steps (the pipeline's optimizers, `config.lora.train_modules`): every base
+  parameter is bit-identical, every adapter B, gate and train_modules parameter moved, and the optimizer state holds
+  Adam moments for exactly those."""
   vocab = tokens.Vocab.compact([range(1000, 1095)])
   model = build_model(_model_cfg(gate=gate, gate_bias_init=0.0), vocab, lora_cfg=_lora_cfg())
   graphdef, params = state_lib.split_model(model)
   start = jax.device_get(params)
   counts = lora.count_params(start)
-  labels = _leaves(state_lib.param_labels(start))
+  labels = _leaves(state_lib.param_labels(start, train_modules))
   trainable = sum(x.size for k, x in _leaves(start).items() if labels[k] != 'base')
   gate_size = sum(x.size for k, x in _leaves(start).items() if labels[k] == 'gate')
-  assert trainable == counts['lora'] + gate_size and counts['lora'] < counts['total'] // 2
+  wte_size = start['gpt2']['wte']['embedding'].size
+  assert trainable == counts['lora'] + gate_size + (wte_size if train_modules else 0)
+  assert counts['lora'] < counts['total'] // 2
+  assert (labels["['gpt2']['wte']['embedding']"] == 'trunk') == bool(train_modules)
   mesh = parallel.make_mesh(1)
 
   config = importlib.import_module('configs.lora').get_config()
   config.bootstrap.warmup_steps, config.grpo.warmup_steps = 1, 1
+  config.lora.train_modules = train_modules
   tx = pipeline.bootstrap_optimizer(config)
   state = parallel.replicate(state_lib.init_state(start, tx, seed=0), mesh)
   opt_size = sum(x.size for x in jax.tree.leaves(state.opt_state))
@@ -149,7 +157,7 @@ def test_training_moves_only_adapters_and_gate(gate):
     state, _ = step(state, parallel.shard_batch(_stage1_batch(), mesh), 1.0)
 
   cfg = grpo.GRPOConfig(num_generations=4, beta=0.1, max_new_tokens=6, max_think=2)
-  g_tx = grpo.make_grpo_optimizer(config.grpo)
+  g_tx = grpo.make_grpo_optimizer(config.grpo, config.lora.train_modules)
   g_state = parallel.replicate(state_lib.init_state(jax.device_get(state.params), g_tx, seed=1), mesh)
   g_step = grpo.make_grpo_step(graphdef, g_tx, cfg, mesh)
   for _ in range(2):
@@ -160,8 +168,9 @@ def test_training_moves_only_adapters_and_gate(gate):
   for key, label in labels.items():
     if label == 'base':
       assert key not in moved, key
-    elif key.endswith("['lora_b']") or label == 'gate':
+    elif key.endswith("['lora_b']") or label == 'gate' or 'wte' in key:
       assert key in moved, key
+  assert ("['gpt2']['wte']['embedding']" in moved) == bool(train_modules)
 
 
 def test_switch_from_configs():
@@ -182,3 +191,83 @@ def test_switch_from_configs():
   config.lora.targets, config.lora.rank = lora.TARGETS, 0
   with pytest.raises(ValueError, match='config.lora.rank=0 must be a positive integer'):
     pipeline.check_config(config)
+  config.lora.rank, config.lora.train_modules = 16, ('wte', 'lm_head')
+  with pytest.raises(ValueError, match=r"config.lora.train_modules=\('wte', 'lm_head'\): unknown module\(s\) \['lm_head'\]"):
+    pipeline.check_config(config)
+
+
+def _tiny_config(workdir_config: str = 'configs.quickstart', **lora_kw):
+  config = importlib.import_module(workdir_config).get_config()
+  config.num_devices = 1
+  config.model.n_layer, config.model.n_embd, config.model.n_head = 1, 32, 2
+  config.dataset.train_size, config.dataset.valid_size, config.dataset.max_digits = 300, 8, 2
+  config.data.max_completion_len, config.generate.max_new_tokens, config.generate.batch_size = 12, 10, 8
+  config.bootstrap.steps, config.bootstrap.batch_size, config.bootstrap.warmup_steps = 2, 8, 1
+  config.grpo.steps, config.grpo.prompts_per_step, config.grpo.num_generations = 1, 2, 4
+  config.grpo.max_new_tokens, config.grpo.max_think, config.grpo.warmup_steps = 8, 2, 1
+  config.lora.update(lora_kw)
+  return config
+
+
+def _gpt2_logits(graphdef, params, ids):
+  gpt2 = nnx.merge(graphdef, params).gpt2
+  mask = jnp.ones_like(ids)
+  h, _ = gpt2(gpt2.embed(ids), positions_from_mask(mask), causal_bias(mask))
+  return np.asarray(gpt2.logits(h))
+
+
+def test_grpo_with_lora_from_a_full_bootstrap(tmp_path):
+  """A full bootstrap (no adapters) in one workdir; GRPO with `config.lora.enabled` and `config.init_from` in another:
+  the initial policy (and so the KL reference) is the bootstrap model (same weights, same logits; fresh adapters
+  with B = 0), a GRPO update moves adapters, gate and `train_modules` ('wte') only, the GRPO run saves its adapters,
+  evaluation loads them, and loading them into a model without LoRA fails naming config.lora."""
+  base_dir, lora_dir = str(tmp_path / 'base'), str(tmp_path / 'lora')
+  base_exp = pipeline.setup(_tiny_config(), base_dir)
+  pipeline.run_bootstrap(base_exp)
+  base_graphdef, base_params = jax.device_get(pipeline.stage_params(base_exp, 'bootstrap'))
+  assert not state_lib.has_lora(base_params)
+
+  config = _tiny_config(enabled=True, rank=4, alpha=8.0)
+  config.stage, config.init_from = 'grpo', base_dir
+  exp = pipeline.setup(config, lora_dir)
+  graphdef, start = pipeline.grpo_start_params(exp)
+  start = jax.device_get(start)
+  assert lora.adapter_shapes(start) and state_lib.has_lora(start)
+  base_leaves, start_leaves = _leaves(base_params), _leaves(lora.without_adapters(start))
+  assert base_leaves.keys() == start_leaves.keys()
+  for key, value in base_leaves.items():
+    np.testing.assert_array_equal(start_leaves[key], value, err_msg=key)
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, exp.vocab.num_tokens, (2, 9)))
+  np.testing.assert_array_equal(_gpt2_logits(graphdef, start, ids), _gpt2_logits(base_graphdef, base_params, ids))
+
+  # GRPO updates with the pipeline's optimizer on real rollouts with random rewards (nonzero advantages); the first
+  # update has lr 0 (warmup).
+  mesh = parallel.make_mesh(1)
+  cfg = grpo.GRPOConfig.from_config(config.grpo)
+  tx = grpo.make_grpo_optimizer(config.grpo, config.lora.train_modules)
+  g_state = parallel.replicate(state_lib.init_state(start, tx, seed=1), mesh)
+  g_step = grpo.make_grpo_step(graphdef, tx, cfg, mesh)
+  for _ in range(2):
+    g_state, _ = g_step(g_state, _grpo_batch(graphdef, g_state.params, cfg, exp.vocab, mesh))
+  labels = _leaves(state_lib.param_labels(start, config.lora.train_modules))
+  after = _leaves(jax.device_get(g_state.params))
+  moved = {k for k, v in _leaves(start).items() if not np.array_equal(v, after[k])}
+  assert "['gpt2']['wte']['embedding']" in moved and any(k.endswith("['lora_b']") for k in moved)
+  assert {k for k in moved if labels[k] == 'base'} == set()
+
+  # The pipeline's GRPO run saves its adapters and evaluation restores them (not fresh ones). Its rewards may all be
+  # equal (zero advantages), so weight decay makes sure the trained parameters move in 2 steps (lr 0 at the first).
+  exp.config.grpo.steps, exp.config.grpo.weight_decay = 2, 0.5
+  pipeline.run_grpo(exp)
+  trained = _leaves(jax.device_get(pipeline.stage_params(exp, 'grpo'))[1])
+  start_leaves = _leaves(start)
+  moved = {k for k, v in start_leaves.items() if not np.array_equal(v, trained[k])}
+  assert any(k.endswith("['lora_a']") for k in moved) and "['gpt2']['wte']['embedding']" in moved
+  assert {k for k in moved if labels[k] == 'base'} == set()
+  metrics = pipeline.run_eval(exp)
+  assert 0.0 <= metrics['structure_rate'] <= 1.0
+  with open(f'{lora_dir}/eval/metrics.json') as f:
+    assert '"stage": "grpo"' in f.read()
+  plain = dataclasses.replace(exp, config=_tiny_config())
+  with pytest.raises(ValueError, match=r'holds LoRA adapters \(rank 4 on .*\) but config.lora gives \(none\)'):
+    pipeline.stage_params(plain, 'grpo')

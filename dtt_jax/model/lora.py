@@ -5,7 +5,11 @@
 `apply_lora` swaps the target `nnx.Linear` modules of every block for `LoRALinear` (module surgery after the model
 is built, so `gpt2.py` stays as it is); the base kernel and bias keep their paths (`h[i].attn.c_attn.kernel`), the
 adapter adds `h[i].attn.c_attn.lora.lora_a` / `lora_b`. Training: `train.state.param_labels` sees the adapters and
-labels every other non-gate parameter 'base', which gets a zero update and no optimizer moments in both stages.
+labels every other parameter 'base' (a zero update and no optimizer moments in both stages), except the gate and the
+modules of `config.lora.train_modules` (PEFT's `modules_to_save`; default the tied embedding `wte`, without which the
+DTT special tokens, initialised as copies of one pretrained row, keep identical logits), which train fully.
+Fine-tuning a trained model: `pipeline.stage_params` restores a checkpoint without adapters into a model with them
+(`without_adapters` / `with_adapters`); the fresh adapters have B = 0, so the model starts as the checkpoint's.
 Export: `merged` folds W + (alpha / rank) A B back into plain `nnx.Linear` modules (`hf_io.export_pretrained`
 calls it), so the HF checkpoint is an ordinary GPT-2.
 """
@@ -21,6 +25,8 @@ from flax import nnx
 from dtt_jax.model.gpt2 import GPT2
 
 TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')  # per block, HF GPT-2 module names
+TRAIN_MODULES = ('wte', 'wpe', 'ln_1', 'ln_2', 'ln_f')  # GPT-2 modules that `train_modules` may train fully
+ADAPTER = 'lora'  # the adapter's attribute in `LoRALinear` (`nnx.LoRALinear.lora`): a path component of A and B
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +34,7 @@ class LoRAConfig:
   rank: int = 8
   alpha: float = 16.0
   targets: tuple[str, ...] = TARGETS
+  train_modules: tuple[str, ...] = ('wte',)  # trained fully besides adapters and gate (every block's, for ln_*)
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or self.rank <= 0:
@@ -37,10 +44,21 @@ class LoRAConfig:
     unknown = [t for t in self.targets if t not in TARGETS]
     if not self.targets or unknown:
       raise ValueError(f'config.lora.targets={tuple(self.targets)}: expected a non-empty subset of {TARGETS}.')
+    unknown = [m for m in self.train_modules if m not in TRAIN_MODULES]
+    if unknown:
+      raise ValueError(f'config.lora.train_modules={tuple(self.train_modules)}: unknown module(s) {unknown}; '
+                       f'expected a subset of {TRAIN_MODULES} (or () to train only adapters and gate).')
 
   @classmethod
   def from_config(cls, c) -> LoRAConfig:
-    return cls(rank=c.rank, alpha=float(c.alpha), targets=tuple(c.targets))
+    return cls(rank=c.rank, alpha=float(c.alpha), targets=tuple(c.targets), train_modules=configured_train_modules(c))
+
+
+def configured_train_modules(c) -> tuple[str, ...]:
+  """`config.lora.train_modules` (`c`: the `config.lora` section or None); () for the config of a run from before
+  the key (it trained only adapters and gate)."""
+  modules = c.get('train_modules', ()) if c is not None else ()
+  return (modules,) if isinstance(modules, str) else tuple(modules)
 
 
 class LoRALinear(nnx.LoRALinear):
@@ -88,9 +106,44 @@ def merged(gpt2: GPT2) -> GPT2:
   return gpt2
 
 
+def _is_adapter(path) -> bool:
+  return any(getattr(p, 'key', None) == ADAPTER for p in path)
+
+
+def without_adapters(params: dict) -> dict:
+  """The nested params dict without its adapter subtrees: the layout of the same model without LoRA."""
+  return {k: without_adapters(v) if isinstance(v, dict) else v for k, v in params.items() if k != ADAPTER}
+
+
+def with_adapters(base: dict, params: dict) -> dict:
+  """`base` (a `without_adapters` layout) with the adapter subtrees of `params` added."""
+  out = {}
+  for k, v in params.items():
+    if k == ADAPTER:
+      out[k] = v
+    else:
+      out[k] = with_adapters(base[k], v) if isinstance(v, dict) else base[k]
+  return out
+
+
+def adapter_shapes(params) -> dict[str, tuple[int, ...]]:
+  """{'gpt2.h.0.attn.c_attn.lora.lora_a': shape, ...} of the adapter entries of a params tree (arrays, or the array
+  metadata of a checkpoint, whose list indices are strings)."""
+  return {'.'.join(str(getattr(p, 'key', p)) for p in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(params) if _is_adapter(path)}
+
+
+def describe_adapters(shapes: dict[str, tuple[int, ...]]) -> str:
+  """'rank 8 on attn.c_attn, mlp.c_fc' for `adapter_shapes`' output; 'none' when empty."""
+  if not shapes:
+    return 'none'
+  ranks = sorted({shape[-1] for key, shape in shapes.items() if key.endswith('lora_a')})
+  targets = sorted({'.'.join(key.split('.')[-4:-2]) for key in shapes})
+  return f'rank {"/".join(map(str, ranks))} on {", ".join(targets)}'
+
+
 def count_params(params) -> dict[str, int]:
   """Parameter counts of a params tree: 'total' and 'lora' (adapter entries)."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  is_lora = lambda path: any(getattr(p, 'key', None) == 'lora' for p in path)
   return {'total': sum(int(jnp.size(x)) for _, x in leaves),
-          'lora': sum(int(jnp.size(x)) for path, x in leaves if is_lora(path))}
+          'lora': sum(int(jnp.size(x)) for path, x in leaves if _is_adapter(path))}

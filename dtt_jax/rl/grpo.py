@@ -93,10 +93,11 @@ class GRPOConfig:
     return cls(**{f.name: g[f.name] for f in dataclasses.fields(cls)})
 
 
-def make_grpo_optimizer(g) -> optax.GradientTransformation:
-  """AdamW + clipping from `config.grpo`; the schedule counts optimizer updates (steps * mu)."""
+def make_grpo_optimizer(g, train_modules: tuple[str, ...]) -> optax.GradientTransformation:
+  """AdamW + clipping from `config.grpo`; the schedule counts optimizer updates (steps * mu). `train_modules`
+  (`config.lora.train_modules`) train besides LoRA adapters and gate when the params hold adapters."""
   return state_lib.make_optimizer(g.lr, g.steps * g.mu, g.warmup_steps * g.mu, g.weight_decay, g.grad_clip,
-                                  g.gate_lr_mult)
+                                  g.gate_lr_mult, train_modules=train_modules)
 
 
 # ------------------------------------------------------------------------------------------------- advantages

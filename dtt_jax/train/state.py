@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax
@@ -10,8 +11,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+log = logging.getLogger(__name__)
+
 GATE_MODULES = ('gate_head', 'proj', 'hrpo')  # parameters with their own learning rate (gate_lr_mult)
 LORA_MODULE = 'lora'  # LoRA adapters (`model/lora.py`): with them in the tree, the rest of the trunk is frozen
+# except `config.lora.train_modules`
 
 
 @flax.struct.dataclass
@@ -36,26 +40,30 @@ def has_lora(params) -> bool:
   return any(LORA_MODULE in _names(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
 
 
-def param_labels(params) -> Any:
+def param_labels(params, train_modules: tuple[str, ...] = ()) -> Any:
   """Same tree structure as params: 'gate' for gate parameters (head, projection, HRPO gate), 'trunk' for the rest;
-  when the tree holds LoRA adapters, 'trunk' is the adapters only and every other parameter is 'base' (frozen)."""
+  when the tree holds LoRA adapters, 'trunk' is the adapters and the modules named in `train_modules` (path
+  components such as 'wte'; `config.lora.train_modules`), and every other parameter is 'base' (frozen)."""
   lora = has_lora(params)
+  trained = {LORA_MODULE, *train_modules}
 
   def label(path, _):
     names = _names(path)
     if names & set(GATE_MODULES):
       return 'gate'
-    return 'trunk' if LORA_MODULE in names or not lora else 'base'
+    return 'trunk' if not lora or names & trained else 'base'
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float, grad_clip: float,
-                   gate_lr_mult: float = 1.0, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+                   gate_lr_mult: float = 1.0, frozen: tuple[str, ...] = (),
+                   train_modules: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with linear warmup + cosine decay; gate params at lr * gate_lr_mult.
 
   Weight decay applies to matrices (kernels, embeddings), not to biases or LayerNorm scales. Labels in `frozen`,
-  and the 'base' label when the params hold LoRA adapters, get `set_to_zero`: their gradients are zeroed before
-  clipping (the norm is that of the trained parameters) and they hold no Adam moments. The transformation is picked
+  and the 'base' label when the params hold LoRA adapters (all but adapters, gate and `train_modules`, see
+  `param_labels`), get `set_to_zero`: their gradients are zeroed before clipping (the norm is that of the trained
+  parameters) and they hold no Adam moments. The transformation is picked
   by the tree it is given, so a model without adapters keeps exactly the state layout (and checkpoints) it had
   before LoRA existed. The train steps still differentiate the whole tree (their `grad_norm` metric includes the
   frozen gradients): freezing saves optimizer memory and the update, not the backward pass.
@@ -65,14 +73,16 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float
                                                   end_value=peak * 0.1)
     return optax.adamw(schedule, weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
 
+  labels = lambda params: param_labels(params, train_modules)
+
   def build(frozen_labels):
     transforms = {'trunk': adamw(lr), 'gate': adamw(lr * gate_lr_mult)}
     transforms.update({name: optax.set_to_zero() for name in frozen_labels})
     clip = optax.clip_by_global_norm(grad_clip)
     if frozen_labels:
-      is_frozen = lambda p: jax.tree.map(lambda label: label in frozen_labels, param_labels(p))
+      is_frozen = lambda p: jax.tree.map(lambda label: label in frozen_labels, labels(p))
       clip = optax.chain(optax.masked(optax.set_to_zero(), is_frozen), clip)
-    return optax.chain(clip, optax.multi_transform(transforms, param_labels))
+    return optax.chain(clip, optax.multi_transform(transforms, labels))
 
   plain, with_lora = build(tuple(frozen)), build(('base',) + tuple(frozen))
   pick = lambda tree: with_lora if has_lora(tree) else plain
@@ -81,7 +91,10 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  opt_state = tx.init(params)
+  size = lambda tree: sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
+  log.info('%d parameters, optimizer state %d values.', size(params), size(opt_state))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                     key=jax.random.key_data(jax.random.key(seed)))
 
 
