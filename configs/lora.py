@@ -18,8 +18,10 @@ parameters (adapters 65,536, wte 180,224, gate 129), optimizer state 491,782 val
 drifted (KL 2.9, completions up to the 20-token limit) for reward -0.310.
 
 `python -m dtt_jax.main --config=configs/lora.py --workdir=runs/lora` runs the whole pipeline with LoRA from the
-start (a random frozen base: a test of the mechanism, which at this scale does not learn the format). With a
-pretrained base: `--config.model.init=gpt2 --config.model.vocab=full`.
+start, on a random frozen base (a test of the mechanism). Its 400-step bootstrap (`:bootstrap
+--config.bootstrap.steps=400`, 106 s) learns the format with `wte` trained: structure 1.0, accuracy 0, reward -0.350,
+loss 1.88 (full bootstrap: 1.78); with `--config.lora.train_modules="()"` (the behaviour before that key) it did not
+(structure 0, the completion repeats <|eot|>; measured at lr 3e-3 and 1e-2). With a pretrained base: `--config.model.init=gpt2 --config.model.vocab=full`.
 """
 
 from configs import quickstart
