@@ -192,7 +192,8 @@ def test_switch_from_configs():
   with pytest.raises(ValueError, match='config.lora.rank=0 must be a positive integer'):
     pipeline.check_config(config)
   config.lora.rank, config.lora.train_modules = 16, ('wte', 'lm_head')
-  with pytest.raises(ValueError, match=r"config.lora.train_modules=\('wte', 'lm_head'\): unknown module\(s\) \['lm_head'\]"):
+  with pytest.raises(ValueError,
+                     match=r"config.lora.train_modules=\('wte', 'lm_head'\): unknown module\(s\) \['lm_head'\]"):
     pipeline.check_config(config)
 
 
