@@ -6,7 +6,7 @@ import pytest
 
 from dtt_jax import pipeline
 
-CONFIGS = ('base', 'quickstart', 'addition', 'gsm8k', 'prosqa', 'prontoqa')
+CONFIGS = ('base', 'quickstart', 'addition', 'addition_cot', 'gsm8k', 'prosqa', 'prontoqa', 'hrpo', 'lora')
 
 
 @pytest.mark.parametrize('name', CONFIGS)
