@@ -117,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.gate_noise = True  # Gumbel noise on the gate in rollouts
   c.grpo.hard_gate = False
   c.grpo.fused_logprobs = True  # output layer + log-softmax in tiles, never the [N,T,V] logits (2x faster on CPU)
+  c.grpo.rescore = 'parallel'  # 'parallel' (SPEC §7, no gradient through fed-back hidden states) | 'recurrent'
   c.grpo.tau0 = 1.0  # gate temperature schedule of the stage (SPEC §6)
   c.grpo.tau_min = 0.1
   c.grpo.patience = 3

@@ -53,6 +53,7 @@ from dtt_jax.train.state import TrainState
 if TYPE_CHECKING:
   from dtt_jax.rl.rollout import RolloutBatch
 
+RESCORE_MODES = ('parallel', 'recurrent')
 LOSS_AGGREGATIONS = ('grpo', 'dapo', 'dr_grpo')
 STD_EPS = 1e-4
 
@@ -77,6 +78,10 @@ class GRPOConfig:
   gate_noise: bool = True
   hard_gate: bool = False
   fused_logprobs: bool = True  # output layer + log-softmax in tiles (`fused_token_logprobs`): no [N,T,V] logits
+  # How the update recomputes the rollout's log-probs: 'parallel' (SPEC §7: one forward pass, inputs rebuilt from
+  # the stored hidden states, no gradient through them) or 'recurrent' (the teacher-forced unroll of the engine
+  # with the stored noise: the same numbers, and the gradient also flows through the fed-back hidden states).
+  rescore: str = 'parallel'
 
   def __post_init__(self):
     if self.loss_agg not in LOSS_AGGREGATIONS:
@@ -87,10 +92,13 @@ class GRPOConfig:
       raise ValueError(f'grpo.mu={self.mu} must be >= 1.')
     if self.temperature <= 0:
       raise ValueError(f'grpo.temperature={self.temperature} must be > 0 (GRPO samples; greedy is for evaluation).')
+    if self.rescore not in RESCORE_MODES:
+      raise ValueError(f'grpo.rescore={self.rescore!r}: expected one of {", ".join(RESCORE_MODES)}.')
 
   @classmethod
   def from_config(cls, g) -> GRPOConfig:
-    return cls(**{f.name: g[f.name] for f in dataclasses.fields(cls)})
+    """From `config.grpo`; keys added after a run was configured keep their defaults."""
+    return cls(**{f.name: g[f.name] for f in dataclasses.fields(cls) if f.name in g})
 
 
 def make_grpo_optimizer(g, train_modules: tuple[str, ...]) -> optax.GradientTransformation:
@@ -290,8 +298,13 @@ def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask
   model = nnx.merge(graphdef, params)
   tau = batch.tau[:, None]  # [N,1]: the temperature each row was generated with
   hidden_inputs = jax.lax.stop_gradient(batch.hidden_inputs)
-  target_hidden, gates = engine.rescore(model, batch.prompt, batch.prompt_mask, batch.completion, hidden_inputs,
-                                        batch.gate_noise, tau, hard=cfg.hard_gate)
+  if cfg.rescore == 'recurrent':
+    out = engine.unroll(model, batch.prompt, batch.prompt_mask, batch.completion, batch.gate_noise, batch.tau,
+                        hard=cfg.hard_gate)
+    target_hidden, gates = out.target_hidden, out.gates
+  else:
+    target_hidden, gates = engine.rescore(model, batch.prompt, batch.prompt_mask, batch.completion, hidden_inputs,
+                                          batch.gate_noise, tau, hard=cfg.hard_gate)
   logp, entropy = token_logprobs(model, target_hidden, batch.completion, cfg.temperature, cfg.fused_logprobs)
   gate_logits = model.gate_logit(hidden_inputs)  # [N,T]
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), old_logprobs)
