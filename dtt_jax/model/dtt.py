@@ -148,8 +148,13 @@ class DTTModel(nnx.Module):
 
   def blended_input(self, prev_hidden, tokens, noise, tau, hard: bool = False):
     """prev_hidden [...,D], tokens [...] int, noise [...] -> (input embedding [...,D], gate [...])."""
+    return self.blend_embedding(prev_hidden, self.gpt2.embed(tokens), noise, tau, hard)
+
+  def blend_embedding(self, prev_hidden, token_embedding, noise, tau, hard: bool = False):
+    """`blended_input` with the token embeddings [...,D] already looked up (a recurrence then gathers them once,
+    outside its loop: a lookup inside a differentiated loop adds a dense [V,D] gradient every step)."""
     if self.hrpo is not None:
       latent = normalized_soft_embedding(self.gpt2.logits(prev_hidden), self.gpt2.wte.embedding[...], tau)
-      return self.hrpo(self.gpt2.embed(tokens), latent)
+      return self.hrpo(token_embedding, latent)
     gate = gumbel_sigmoid(self.gate_logit(prev_hidden), noise, tau, hard)
-    return blend(gate, self.project(prev_hidden), self.gpt2.embed(tokens)), gate
+    return blend(gate, self.project(prev_hidden), token_embedding), gate

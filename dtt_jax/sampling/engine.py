@@ -70,13 +70,16 @@ def _step_bias(key_bias: jax.Array, index, cache_len: int) -> jax.Array:
 
 
 def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noise, index, position, tau, *,
-         hard: bool = False, with_logits: bool = True):
+         hard: bool = False, with_logits: bool = True, token_embedding=None):
   """One position. prev_hidden [B,D], token [B], gate_noise [B], position [B]; index: cache slot (scalar).
+  token_embedding [B,D]: the token's embedding when the caller looked it up already (else `token` is looked up).
 
   Attends over the whole cache (slots after `index` masked). Returns logits [B,V] float32 (None unless
   with_logits), hidden [B,D] (after ln_f), gate [B], cache.
   """
-  x, gate = model.blended_input(prev_hidden, token, gate_noise, tau, hard)
+  if token_embedding is None:
+    token_embedding = model.gpt2.embed(token)
+  x, gate = model.blend_embedding(prev_hidden, token_embedding, gate_noise, tau, hard)
   h, cache = model.gpt2(x[:, None], position[:, None], _step_bias(key_bias, index, cache.length), cache, index)
   h = h[:, 0]
   return (model.gpt2.logits(h) if with_logits else None), h, gate, cache
@@ -216,15 +219,17 @@ def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *,
   cache, hidden = pre.cache, pre.last_hidden
   hiddens, gates = [], []
 
+  embeddings = model.gpt2.embed(completion).swapaxes(0, 1)  # [T,B,D], looked up once (one gradient scatter)
+
   def body(carry, xs):
     cache, prev = carry
-    token, noise, t = xs
-    _, h, g, cache = step(model, cache, pre.key_bias, prev, token, noise, p + t, pre.num_real + t, tau, hard=hard,
-                          with_logits=False)
+    embedding, noise, t = xs
+    _, h, g, cache = step(model, cache, pre.key_bias, prev, None, noise, p + t, pre.num_real + t, tau, hard=hard,
+                          with_logits=False, token_embedding=embedding)
     return (cache, h), (h, g)
 
   for start, end, cache_len in segments:
-    xs = (completion[:, start:end].T, gate_noise[:, start:end].T, jnp.arange(start, end))
+    xs = (embeddings[start:end], gate_noise[:, start:end].T, jnp.arange(start, end))
     (cache, hidden), (h_seg, g_seg) = jax.lax.scan(body, (cache.grow(cache_len), hidden), xs)
     hiddens.append(h_seg)
     gates.append(g_seg)
