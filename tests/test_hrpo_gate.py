@@ -13,11 +13,12 @@ from flax import nnx
 from dtt_jax import parallel, pipeline, tokens
 from dtt_jax.model import build_model
 from dtt_jax.model.dtt import DTTConfig, DTTModel, HRPOGate, normalized_soft_embedding
-from dtt_jax.model.gpt2 import GPT2Config, causal_bias, positions_from_mask
+from dtt_jax.model.gpt2 import GPT2Config
 from dtt_jax.rl import grpo, rollout
 from dtt_jax.sampling import engine
 from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.train import bootstrap, state as state_lib
+from tests.test_engine import naive_scores
 
 EOS, BOT, EOT = 0, 1, 2
 TINY = GPT2Config(vocab_rows=128, num_tokens=100, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -126,29 +127,13 @@ def _prompts():
   return prompt, mask
 
 
-def naive_scores(model, prompt, mask, completion, tau):
-  """Full recompute at every step (no cache): logits [B,T,V], gates [B,T]."""
-  x = model.gpt2.embed(prompt)
-  h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask))
-  last, logits, gates = h[:, -1], [], []
-  for t in range(completion.shape[1]):
-    logits.append(model.gpt2.logits(last))
-    x_t, g = model.blended_input(last, completion[:, t], jnp.zeros(completion.shape[:1]), tau)
-    gates.append(g)
-    x = jnp.concatenate([x, x_t[:, None]], axis=1)
-    mask = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], axis=1)
-    h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask))
-    last = h[:, -1]
-  return jnp.stack(logits, 1), jnp.stack(gates, 1)
-
-
 def test_generation_equals_naive_loop_and_rescore_reproduces_it():
   model = _model()
   prompt, mask = _prompts()
   cfg = engine.GenerateConfig(max_new_tokens=8, eos_id=EOS, bot_id=BOT, eot_id=EOT, segment=4, gate_noise=True,
                               sampling=SamplingConfig(temperature=1.5))
   out = engine.generate(model, prompt, mask, jax.random.key(3), 0.8, cfg, return_logits=True)
-  ref_logits, ref_gates = naive_scores(model, prompt, mask, out.tokens, 0.8)
+  ref_logits, ref_gates = naive_scores(model, prompt, mask, out.tokens, out.gate_noise, 0.8)  # noise unused
   np.testing.assert_allclose(out.logits, ref_logits, atol=1e-4)
   np.testing.assert_allclose(out.gates, ref_gates, atol=1e-5)
   assert float(out.gates.min()) > 0.2  # the latent part really enters the inputs
