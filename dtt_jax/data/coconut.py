@@ -92,3 +92,26 @@ def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokeniz
   loss_mask = np.concatenate([np.zeros(len(head), np.int32), np.ones(len(tail), np.int32)])
   latent_mask = (completion == vocab.latent).astype(np.int32) if method == 'coconut' else np.zeros_like(completion)
   return Sample(prompt.astype(np.int32), completion, loss_mask, latent_mask)
+
+
+def build_batch(records, method: str, stage: int, cfg: Curriculum, tokenizer: Tokenizer, max_prompt_len: int,
+                max_completion_len: int) -> dict[str, np.ndarray]:
+  """Fixed-shape batch of `build_sample`s: prompt, prompt_mask [B,P] left-padded with eos; completion, loss_mask,
+  latent_mask [B,T] right-padded (eos, 0, 0). A record that does not fit raises, naming the lengths needed."""
+  samples = [build_sample(r, method, stage, cfg, tokenizer) for r in records]
+  need_p, need_t = max(len(s.prompt) for s in samples), max(len(s.completion) for s in samples)
+  if need_p > max_prompt_len or need_t > max_completion_len:
+    raise ValueError(f'A {method} sample at stage {stage} needs data.max_prompt_len >= {need_p} and '
+                     f'data.max_completion_len >= {need_t} (configured {max_prompt_len}, {max_completion_len}).')
+  eos = tokenizer.vocab.eos
+  out = {'prompt': np.full((len(samples), max_prompt_len), eos, np.int32),
+         'prompt_mask': np.zeros((len(samples), max_prompt_len), np.int32),
+         'completion': np.full((len(samples), max_completion_len), eos, np.int32)}
+  out.update({k: np.zeros((len(samples), max_completion_len), np.int32) for k in ('loss_mask', 'latent_mask')})
+  for i, s in enumerate(samples):
+    out['prompt'][i, max_prompt_len - len(s.prompt):] = s.prompt
+    out['prompt_mask'][i, max_prompt_len - len(s.prompt):] = 1
+    out['completion'][i, :len(s.completion)] = s.completion
+    out['loss_mask'][i, :len(s.completion)] = s.loss_mask
+    out['latent_mask'][i, :len(s.completion)] = s.latent_mask
+  return out

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dtt_jax.model.dtt import DTTModel, logistic_noise
+from dtt_jax.model.dtt import DTTModel, blend, logistic_noise
 from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, positions_from_mask
 from dtt_jax.sampling.sampler import SamplingConfig, sample, token_logprob
 
@@ -70,16 +70,20 @@ def _step_bias(key_bias: jax.Array, index, cache_len: int) -> jax.Array:
 
 
 def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noise, index, position, tau, *,
-         hard: bool = False, with_logits: bool = True, token_embedding=None):
+         hard: bool = False, with_logits: bool = True, token_embedding=None, forced_gate=None):
   """One position. prev_hidden [B,D], token [B], gate_noise [B], position [B]; index: cache slot (scalar).
   token_embedding [B,D]: the token's embedding when the caller looked it up already (else `token` is looked up).
+  forced_gate [B]: a fixed gate instead of the model's (COCONUT: 1 = the input is exactly prev_hidden).
 
   Attends over the whole cache (slots after `index` masked). Returns logits [B,V] float32 (None unless
   with_logits), hidden [B,D] (after ln_f), gate [B], cache.
   """
   if token_embedding is None:
     token_embedding = model.gpt2.embed(token)
-  x, gate = model.blend_embedding(prev_hidden, token_embedding, gate_noise, tau, hard)
+  if forced_gate is None:
+    x, gate = model.blend_embedding(prev_hidden, token_embedding, gate_noise, tau, hard)
+  else:
+    x, gate = blend(forced_gate, prev_hidden, token_embedding), forced_gate
   h, cache = model.gpt2(x[:, None], position[:, None], _step_bias(key_bias, index, cache.length), cache, index)
   h = h[:, 0]
   return (model.gpt2.logits(h) if with_logits else None), h, gate, cache
@@ -204,8 +208,9 @@ class Unrolled:
 
 
 def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *, hard: bool = False,
-           completion_key_bias=None, segment: int = 64) -> Unrolled:
+           completion_key_bias=None, segment: int = 64, forced_gates=None) -> Unrolled:
   """Teacher-forced recurrent pass over completion [B,T] with the exact blend; differentiable end to end.
+  forced_gates [B,T]: fixed gates instead of the model's (COCONUT's latent positions: 1, elsewhere 0).
 
   gate_noise [B,T] (zeros for deterministic gates). Logits are not computed inside the recurrence (only hidden
   states feed back), so the caller computes them once, in one large matmul, where it needs them:
@@ -223,13 +228,14 @@ def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *,
 
   def body(carry, xs):
     cache, prev = carry
-    embedding, noise, t = xs
+    embedding, noise, forced, t = xs
     _, h, g, cache = step(model, cache, pre.key_bias, prev, None, noise, p + t, pre.num_real + t, tau, hard=hard,
-                          with_logits=False, token_embedding=embedding)
+                          with_logits=False, token_embedding=embedding, forced_gate=forced)
     return (cache, h), (h, g)
 
   for start, end, cache_len in segments:
-    xs = (embeddings[start:end], gate_noise[:, start:end].T, jnp.arange(start, end))
+    forced = None if forced_gates is None else forced_gates[:, start:end].T.astype(jnp.float32)
+    xs = (embeddings[start:end], gate_noise[:, start:end].T, forced, jnp.arange(start, end))
     (cache, hidden), (h_seg, g_seg) = jax.lax.scan(body, (cache.grow(cache_len), hidden), xs)
     hiddens.append(h_seg)
     gates.append(g_seg)

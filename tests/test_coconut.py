@@ -1,4 +1,5 @@
-"""COCONUT layout: the latent replacement per curriculum stage (exact ids), the baselines, and the schedule."""
+"""COCONUT: the latent replacement per curriculum stage (exact ids), the baselines, the schedule, and the loss
+through the engine against COCONUT's n + 1 passes."""
 
 import numpy as np
 import pytest
@@ -81,3 +82,46 @@ def test_bad_values_name_their_key(tok):
     coconut.Curriculum(c_thoughts=0)
   with pytest.raises(ValueError, match="config.method='latent'"):
     coconut.build_sample(RECORD, 'latent', 0, coconut.Curriculum(), tok)
+
+
+def test_loss_through_the_engine_equals_coconuts_n_plus_one_passes(tok):
+  """The engine's recurrent pass with the gate forced to 1 at <|latent|> gives the same logits as COCONUT's
+  reference algorithm: n + 1 full forward passes, each filling the next latent position's input with the previous
+  position's last hidden state. The loss covers only the text after the latent span."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dtt_jax.model.dtt import DTTConfig, DTTModel  # pylint: disable=g-import-not-at-top
+  from dtt_jax.model.gpt2 import GPT2Config, causal_bias, positions_from_mask  # pylint: disable=g-import-not-at-top
+  from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
+
+  records = [RECORD, {'question': '5 + 7 =', 'steps': ['5+7=12 write 2 carry 1', 'carry 1 write 1'], 'answer': '12'}]
+  vocab = tokens.Vocab.compact([tok.encode_gpt2(t) for r in records
+                                for t in (r['question'] + '\n', *[s + '\n' for s in r['steps']], '### ' + r['answer'])])
+  compact = tokens.Tokenizer(tok.hf, vocab)
+  batch = coconut.build_batch(records, 'coconut', 1, coconut.Curriculum(c_thoughts=2), compact, 12, 24)
+  cfg = GPT2Config(vocab_rows=vocab.num_rows, num_tokens=vocab.num_tokens, n_positions=64, n_embd=32, n_layer=2,
+                   n_head=4)
+  model = DTTModel(DTTConfig(cfg), rngs=nnx.Rngs(0))
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  loss, _ = coconut_train.coconut_loss(model, b)
+
+  # COCONUT's algorithm on prompt + completion (padding masked), one full pass per latent position, then one more.
+  tokens_all = jnp.concatenate([b['prompt'], b['completion']], 1)
+  mask = jnp.concatenate([b['prompt_mask'], jnp.ones_like(b['completion'])], 1)
+  latent = jnp.concatenate([jnp.zeros_like(b['prompt']), b['latent_mask']], 1)
+  x = model.gpt2.embed(tokens_all)
+  p = b['prompt'].shape[1]
+  for j in range(p, tokens_all.shape[1]):
+    if bool(jnp.any(latent[:, j])):
+      h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask))
+      x = x.at[:, j].set(jnp.where(latent[:, j, None] > 0, h[:, j - 1], x[:, j]))
+  h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask))
+  logits = model.gpt2.logits(h[:, p - 1:-1])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, b['completion'])
+  expected = jnp.sum(nll * b['loss_mask']) / jnp.sum(b['loss_mask'])
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+  assert int(b['latent_mask'].sum()) == 4  # 2 records x 1 replaced step x c = 2
+  grads = jax.grad(lambda m: coconut_train.coconut_loss(m, b)[0])(model)
+  assert float(jnp.abs(grads.gpt2.wte.embedding[...]).max()) > 0
