@@ -11,7 +11,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stage = 'pipeline'  # 'bootstrap' | 'grpo' | 'eval' | 'pipeline' (bootstrap, then grpo, then eval)
-  c.method = 'dtt'  # 'dtt' (gated latent blend); later issues add 'coconut' and baselines
+  # 'dtt' (gated latent blend, bootstrap + GRPO); COCONUT and its baselines (config.coconut): 'coconut',
+  # 'pause_as_thought', 'cot', 'no_cot', 'pause'; 'think_tokens' (learned thinking-token vocabulary, config.think)
+  c.method = 'dtt'
   c.num_devices = 0  # 0: every device of every process
   c.init_from = ''  # GRPO: a workdir whose bootstrap result gives the initial policy and the reference ('' = this one)
 
@@ -88,6 +90,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.bootstrap.keep_checkpoints = 2
   c.bootstrap.log_every = 20
   c.bootstrap.best_metric = 'structure_rate'  # validation metric that picks the best checkpoint
+
+  # COCONUT and its baselines (config.method in data/coconut.py METHODS), trained by the bootstrap stage's loop
+  # with the config.bootstrap optimizer settings; the stage counts epochs of `steps_per_epoch` steps.
+  c.coconut = ml_collections.ConfigDict()
+  c.coconut.c_thoughts = 1  # continuous thoughts per replaced step (paper: 1 on ProsQA/ProntoQA, 2 on GSM8K)
+  c.coconut.max_stage = 6  # K: stages 0..K replace the first k steps, then one stage with every step latent
+  c.coconut.epochs_per_stage = 5
+  c.coconut.curriculum = True  # False: COCONUT "w/o curriculum", every step at the final stage
+  c.coconut.steps_per_epoch = 0  # 0: one pass over the training records
+  c.coconut.reset_optimizer = True  # fresh optimizer state at each stage change (as COCONUT)
+
+  # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/think_tokens.py)
+  c.think = ml_collections.ConfigDict()
+  c.think.num_tokens = 8  # K extra vocabulary rows <think_0> ... <think_{K-1}>
+  c.think.mode = 'teacher'  # 'teacher' (frozen teacher's log-likelihood of the real tokens) | 'next_token'
 
   c.generate = ml_collections.ConfigDict()  # validation / evaluation decoding
   c.generate.max_new_tokens = 32

@@ -306,6 +306,10 @@ def run_eval(exp: Experiment) -> dict[str, float]:
 
 def run(config, workdir: str) -> None:
   exp = setup(config, workdir)
+  if config.method == 'think_tokens':
+    from dtt_jax import think_tokens  # pylint: disable=g-import-not-at-top
+    think_tokens.run(exp)
+    return
   stage = config.stage
   if stage in ('bootstrap', 'pipeline'):
     result = run_bootstrap(exp)

@@ -1,28 +1,35 @@
 """COCONUT-style samples and the staged curriculum (seeds 000, 002, 004; COCONUT arXiv:2412.06769 §3, §4).
 
 A record {question, steps, answer} becomes, in model ids, prompt `question\\n` and a completion that depends on
-the method and the curriculum stage k (c = thoughts per step):
+the method and the curriculum stage k (c = thoughts per step, K = max_stage):
 
-    coconut           <|bot|> <|latent|> x (k'c) <|eot|> steps[k':] (each + `\\n`) `### answer` <|endoftext|>
+    coconut           <|bot|> <|latent|> x (n c) <|eot|> steps[k:] (each + `\\n`) `### answer` <|endoftext|>
     pause_as_thought  the same with <|pause|> in place of <|latent|>
     cot               steps (each + `\\n`) `### answer` <|endoftext|>                 (k ignored)
     no_cot            `### answer` <|endoftext|>                                     (k ignored)
-    pause             <|pause|> x (max_stage c) `### answer` <|endoftext|>          (k ignored)
+    pause             <|pause|> x (K c) `### answer` <|endoftext|>                  (k ignored)
 
-with k' = min(k, number of steps): a record with fewer steps than k has all of them replaced, by k'c thoughts
-(COCONUT's data code does the same). The loss covers the text after the latent span (`<|eot|>` excluded), or
-after the question / pauses for the baselines; `latent_mask` marks the positions whose input is the previous
-position's last hidden state instead of a token embedding (COCONUT's continuous thoughts). Without a curriculum
-(COCONUT's "w/o curriculum" ablation) every epoch trains at the last stage.
+with n = k up to stage K (a record with fewer than k steps loses all of them but still gets k c thoughts), and
+past stage K every step removed and n = K (COCONUT's data code with `pad_latent_to_max`, its ProsQA/ProntoQA
+setting). The loss covers the text after the latent span (`<|eot|>` excluded), or after the question / pauses for
+the baselines; `latent_mask` marks the positions whose input is the previous position's last hidden state instead
+of a token embedding (COCONUT's continuous thoughts). Without a curriculum (COCONUT's "w/o curriculum" ablation)
+every epoch trains at the final stage K + 1. Evaluation feeds min(k, K) c thoughts after the question.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import logging
+from collections.abc import Sequence
+
 import numpy as np
 
+from dtt_jax.data.samples import BatchIterator, gpt2_ids
 from dtt_jax.tokens import Tokenizer
+
+log = logging.getLogger(__name__)
 
 METHODS = ('coconut', 'pause_as_thought', 'cot', 'no_cot', 'pause')
 ANSWER_PREFIX = '### '
@@ -45,8 +52,13 @@ class Curriculum:
       raise ValueError(f'config.coconut.max_stage={self.max_stage} must be >= 0.')
 
   def stage(self, epoch: int) -> int:
-    """k = epoch // epochs_per_stage, at most max_stage (always max_stage without a curriculum)."""
-    return self.max_stage if not self.curriculum else min(epoch // self.epochs_per_stage, self.max_stage)
+    """k = epoch // epochs_per_stage, counted up to max_stage + 1 (every step latent); without a curriculum
+    always max_stage + 1."""
+    return self.max_stage + 1 if not self.curriculum else min(epoch // self.epochs_per_stage, self.max_stage + 1)
+
+  def thoughts(self, stage: int) -> int:
+    """Latent (or pause) positions at `stage`: k c, and K c past the last stage."""
+    return min(stage, self.max_stage) * self.c_thoughts
 
   def stage_at_step(self, step: int, steps_per_epoch: int) -> int:
     return self.stage(step // steps_per_epoch)
@@ -67,27 +79,47 @@ class Sample:
   latent_mask: np.ndarray
 
 
-def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokenizer: Tokenizer) -> Sample:
-  """The record laid out for `method` at curriculum stage `stage` (module docstring)."""
+def _encode(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+  return [tokenizer.vocab.to_model(ids) for ids in gpt2_ids(tokenizer.hf, texts)]  # memoised GPT-2 encoding
+
+
+def layout_texts(record: dict) -> tuple[str, list[str], str]:
+  """(`question\\n`, [`step\\n`, ...], `### answer`): the texts every layout encodes, each separately (as COCONUT
+  does; the compact vocabulary is built from them)."""
+  return (record['question'].strip() + '\n', [s.strip() + '\n' for s in record['steps']],
+          ANSWER_PREFIX + record['answer'].strip())
+
+
+def check_method(method: str) -> str:
   if method not in METHODS:
     raise ValueError(f'config.method={method!r}: expected one of {", ".join(map(repr, METHODS))}.')
-  vocab = tokenizer.vocab
-  steps = [s.strip() for s in record['steps']]
-  answer = tokenizer.encode(ANSWER_PREFIX + record['answer'].strip())
-  prompt = tokenizer.encode(record['question'].strip() + '\n')
+  return method
+
+
+def head_tokens(method: str, stage: int, cfg: Curriculum, vocab) -> list[int]:
+  """The tokens between the question and the text for `method` at `stage`: [<|bot|>, thoughts, <|eot|>],
+  pauses, or nothing (also the forced start of generation at evaluation)."""
   if method in ('coconut', 'pause_as_thought'):
-    replaced = min(stage, len(steps))
     thought = vocab.latent if method == 'coconut' else vocab.pause
-    head = np.array([vocab.bot] + [thought] * (replaced * cfg.c_thoughts) + [vocab.eot], np.int32)
-    text = steps[replaced:]
-  elif method == 'pause':
-    head = np.full(cfg.max_stage * cfg.c_thoughts, vocab.pause, np.int32)
-    text = []
-  else:
-    head = np.zeros(0, np.int32)
-    text = steps if method == 'cot' else []
-  body = [tokenizer.encode(step + '\n') for step in text]
-  tail = np.concatenate(body + [answer, [vocab.eos]]).astype(np.int32)
+    return [vocab.bot] + [thought] * cfg.thoughts(stage) + [vocab.eot]
+  return [vocab.pause] * (cfg.max_stage * cfg.c_thoughts) if method == 'pause' else []
+
+
+def kept_steps(method: str, stage: int, cfg: Curriculum, steps: list) -> list:
+  """The steps that stay text: all for CoT, none for No-CoT / Pause, steps[k:] up to the last stage else none."""
+  if method in ('coconut', 'pause_as_thought'):
+    return steps[stage:] if stage <= cfg.max_stage else []
+  return steps if method == 'cot' else []
+
+
+def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokenizer: Tokenizer) -> Sample:
+  """The record laid out for `method` at curriculum stage `stage` (module docstring)."""
+  check_method(method)
+  vocab = tokenizer.vocab
+  question, steps, answer = layout_texts(record)
+  head = np.array(head_tokens(method, stage, cfg, vocab), np.int32)
+  prompt, *tail = _encode(tokenizer, [question] + kept_steps(method, stage, cfg, steps) + [answer])
+  tail = np.concatenate(tail + [[vocab.eos]]).astype(np.int32)
   completion = np.concatenate([head, tail]).astype(np.int32)
   loss_mask = np.concatenate([np.zeros(len(head), np.int32), np.ones(len(tail), np.int32)])
   latent_mask = (completion == vocab.latent).astype(np.int32) if method == 'coconut' else np.zeros_like(completion)
@@ -115,3 +147,69 @@ def build_batch(records, method: str, stage: int, cfg: Curriculum, tokenizer: To
     out['loss_mask'][i, :len(s.completion)] = s.loss_mask
     out['latent_mask'][i, :len(s.completion)] = s.latent_mask
   return out
+
+
+def fitting_records(records: Sequence[dict], method: str, cfg: Curriculum, tokenizer: Tokenizer,
+                    max_prompt_len: int, max_completion_len: int) -> list[dict]:
+  """The records whose layout fits the lengths at every stage (the rest dropped with a logged count); an error
+  names the lengths needed when none fits."""
+  stages = range(cfg.max_stage + 2)
+  need_p, need_t, kept = [], [], []
+  for r in records:
+    question, steps, answer = layout_texts(r)
+    lengths = [len(x) for x in _encode(tokenizer, [question] + steps + [answer])]
+    p, step_lens, a = lengths[0], lengths[1:-1], lengths[-1]
+    t = max(len(head_tokens(method, k, cfg, tokenizer.vocab)) + sum(kept_steps(method, k, cfg, step_lens)) + a + 1
+            for k in stages)
+    need_p.append(p)
+    need_t.append(t)
+    if p <= max_prompt_len and t <= max_completion_len:
+      kept.append(r)
+  if not kept:
+    raise ValueError(f'No {method} sample fits: they need data.max_prompt_len >= {min(need_p)} and '
+                     f'data.max_completion_len >= {min(need_t)} (configured {max_prompt_len}, {max_completion_len}).')
+  if len(kept) < len(records):
+    log.warning('%d of %d records do not fit data.max_prompt_len=%d / data.max_completion_len=%d at some stage and '
+                'are dropped (longest: prompt %d, completion %d).', len(records) - len(kept), len(records),
+                max_prompt_len, max_completion_len, max(need_p), max(need_t))
+  return kept
+
+
+class CurriculumBatches:
+  """Endless, deterministic, resumable `build_batch`es: step s is at stage `cfg.stage_at_step(s, steps_per_epoch)`
+  (an "epoch" is `steps_per_epoch` steps; 0 = one pass over the records), rows drawn by `samples.BatchIterator`.
+
+  `stage_changed` is True after `next()` returned the first batch of a new stage (where COCONUT resets the
+  optimizer)."""
+
+  def __init__(self, records: Sequence[dict], method: str, cfg: Curriculum, tokenizer: Tokenizer, batch_size: int,
+               max_prompt_len: int, max_completion_len: int, steps_per_epoch: int = 0, seed: int = 0,
+               process_index: int = 0, process_count: int = 1):
+    self.records = fitting_records(records, check_method(method), cfg, tokenizer, max_prompt_len,
+                                   max_completion_len)
+    self.method, self.cfg, self.tokenizer = method, cfg, tokenizer
+    self.lengths = (max_prompt_len, max_completion_len)
+    self.rows = BatchIterator(len(self.records), batch_size, lambda rows, epoch: rows, seed, process_index,
+                              process_count)
+    self.steps_per_epoch = steps_per_epoch or self.rows.batches_per_epoch
+    self.step, self.stage_changed = 0, False
+
+  def stage(self, step: int) -> int:
+    return self.cfg.stage_at_step(step, self.steps_per_epoch)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    stage = self.stage(self.step)
+    self.stage_changed = self.step > 0 and stage != self.stage(self.step - 1)
+    rows = next(self.rows)
+    self.step += 1
+    return build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths)
+
+  def state(self) -> dict[str, int]:
+    return {**self.rows.state(), 'step': self.step}
+
+  def restore(self, state: dict) -> None:
+    self.rows.restore(state)
+    self.step = int(state['step'])

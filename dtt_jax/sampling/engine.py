@@ -47,6 +47,9 @@ class GenerateConfig:
   early_stop: bool = True  # while_loop that stops when all rows are done; False: fixed-length loop
   segment: int = 64
   return_hidden: bool = True  # keep hidden_inputs [B,N,D] (needed to re-score a rollout)
+  forced_prefix: tuple[int, ...] = ()  # tokens forced at the first steps (COCONUT: <|bot|>, latents, <|eot|>)
+  latent_id: int = -1  # >= 0: no gate head; the gate is 1 at this token (the input is exactly the previous hidden
+  # state, COCONUT's continuous thought) and 0 at every other token (plain GPT-2 decoding)
 
 
 @flax.struct.dataclass
@@ -146,13 +149,17 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
     token, lognorm = sample(c['logits'], jax.random.fold_in(key_t, 0), cfg.sampling)
     forced = (c['phase'] == 1) & (c['n_think'] >= cfg.max_think) if cfg.max_think > 0 else jnp.zeros((b,), bool)
     token = jnp.where(forced, cfg.eot_id, token)
+    if cfg.forced_prefix:
+      prefix = jnp.asarray(cfg.forced_prefix, jnp.int32)
+      token = jnp.where(t < len(cfg.forced_prefix), prefix[jnp.minimum(t, len(cfg.forced_prefix) - 1)], token)
     live = ~c['done']
     token = jnp.where(live, token, cfg.eos_id)
     logp = token_logprob(c['logits'], token, lognorm, cfg.sampling)
     noise = (logistic_noise(jax.random.fold_in(key_t, 1), (b,)) if cfg.gate_noise
              else jnp.zeros((b,), jnp.float32))
+    forced_gate = (token == cfg.latent_id).astype(jnp.float32) if cfg.latent_id >= 0 else None
     logits, hidden, gate, cache = step(model, c['cache'], pre.key_bias, c['hidden'], token, noise, p + t,
-                                       pre.num_real + t, tau, hard=cfg.hard_gate)
+                                       pre.num_real + t, tau, hard=cfg.hard_gate, forced_gate=forced_gate)
     is_eot = token == cfg.eot_id
     inner = live & (c['phase'] == 1) & ~is_eot
     phase = jnp.where((c['phase'] == 0) & (token == cfg.bot_id), 1,
