@@ -6,6 +6,12 @@ Parameter names mirror HF's (`wte`, `wpe`, `h[i].attn.c_attn`, ..., `ln_f`) so c
 Attention takes an additive bias `[B, Tq, Tk]` (0 = attend, NEG_INF = masked, log(0.3) = noisy-span key) built
 by the caller, and an optional preallocated KV cache (per layer `[B, heads, cache_len, head_dim]`) that the layer
 writes its new keys/values into at `cache_index` before attending over all `cache_len` cache positions (Tk).
+
+Learned thinking tokens (`extra_tokens = K > 0`, `config.method='think_tokens'`, `dtt_jax/think_tokens.py`): K extra
+ids `vocab_rows + j` (j < K) with their own untied rows, `think_in` [K, D] (input embedding), `think_out` [K, D]
+and `think_bias` [K] (output layer); the original `wte` rows stay tied. `embed` looks thinking ids up in
+`think_in`, `logits` returns [..., vocab_rows + K] whose last K columns are `h @ think_out.T + think_bias`. With
+K = 0 (the default) the model has none of these parameters and computes exactly what it did before they existed.
 """
 
 from __future__ import annotations
@@ -32,16 +38,24 @@ class GPT2Config:
   layer_norm_epsilon: float = 1e-5
   initializer_range: float = 0.02
   dtype: str = 'float32'  # compute dtype ('bfloat16' on accelerators); params stay float32
+  extra_tokens: int = 0  # K thinking tokens: ids vocab_rows + j (j < K), untied rows think_in / think_out
 
   @property
   def head_dim(self) -> int:
     return self.n_embd // self.n_head
+
+  @property
+  def total_rows(self) -> int:
+    """Logit columns: vocab_rows, then the K thinking tokens."""
+    return self.vocab_rows + self.extra_tokens
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
       raise ValueError(f'n_embd={self.n_embd} is not divisible by n_head={self.n_head}.')
     if not 0 < self.num_tokens <= self.vocab_rows:
       raise ValueError(f'num_tokens={self.num_tokens} must be in (0, vocab_rows={self.vocab_rows}].')
+    if self.extra_tokens < 0:
+      raise ValueError(f'extra_tokens={self.extra_tokens} (config.think.num_tokens) must be >= 0.')
 
 
 @flax.struct.dataclass
@@ -152,10 +166,22 @@ class GPT2(nnx.Module):
     self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, embedding_init=_normal(std), rngs=rngs)
     self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
     self.ln_f = _layer_norm(cfg, rngs)
+    if cfg.extra_tokens:  # created last: the other parameters draw the same random numbers as with K = 0
+      k = cfg.extra_tokens
+      self.think_in = nnx.Param(_normal(std)(rngs.params(), (k, cfg.n_embd), jnp.float32))  # [K,D]
+      self.think_out = nnx.Param(_normal(std)(rngs.params(), (k, cfg.n_embd), jnp.float32))  # [K,D]
+      self.think_bias = nnx.Param(jnp.zeros((k,), jnp.float32))  # [K]
 
   def embed(self, tokens: jax.Array) -> jax.Array:
-    """tokens [...] int -> token embeddings [..., D] (no position embedding)."""
-    return self.wte(tokens)
+    """tokens [...] int -> token embeddings [..., D] (no position embedding). Thinking ids (>= vocab_rows) read
+    `think_in`; only the rows of ids actually fed get gradient."""
+    if not self.cfg.extra_tokens:
+      return self.wte(tokens)
+    is_think = tokens >= self.cfg.vocab_rows
+    text = self.wte(jnp.where(is_think, 0, tokens))  # [...,D]
+    rows = jnp.clip(tokens - self.cfg.vocab_rows, 0, self.cfg.extra_tokens - 1)
+    think = jnp.take(self.think_in[...], rows, axis=0).astype(text.dtype)  # [...,D]
+    return jnp.where(is_think[..., None], think, text)
 
   def __call__(self, inputs_embeds, positions, bias, cache=None, cache_index=0):
     """inputs_embeds [B,T,D], positions [B,T], bias [B,T,Tk] -> hidden [B,T,D] after ln_f, updated cache."""
@@ -165,10 +191,16 @@ class GPT2(nnx.Module):
     return self.ln_f(x), cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """hidden [..., D] -> float32 logits [..., vocab_rows]; padded rows are NEG_INF (never sampled)."""
+    """hidden [..., D] -> float32 logits [..., vocab_rows + K]; padded rows are NEG_INF (never sampled). The last
+    K columns (thinking tokens) are `hidden @ think_out.T + think_bias`."""
     logits = self.wte.attend(hidden).astype(jnp.float32)
+    if self.cfg.extra_tokens:
+      dtype = self.cfg.dtype
+      think = jnp.dot(hidden.astype(dtype), self.think_out[...].astype(dtype).T, preferred_element_type=jnp.float32)
+      logits = jnp.concatenate([logits, think + self.think_bias[...]], axis=-1)  # [..., vocab_rows + K]
     if self.cfg.num_tokens < self.cfg.vocab_rows:
-      valid = jnp.arange(self.cfg.vocab_rows) < self.cfg.num_tokens
+      column = jnp.arange(self.cfg.total_rows)
+      valid = (column < self.cfg.num_tokens) | (column >= self.cfg.vocab_rows)
       logits = jnp.where(valid, logits, NEG_INF)
     return logits
 
