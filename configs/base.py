@@ -105,6 +105,35 @@ def get_config() -> ml_collections.ConfigDict:
   c.think = ml_collections.ConfigDict()
   c.think.num_tokens = 8  # K extra vocabulary rows <think_0> ... <think_{K-1}>
   c.think.mode = 'teacher'  # 'teacher' (frozen teacher's log-likelihood of the real tokens) | 'next_token'
+  c.think.with_steps = True  # text of a record: question, its reasoning steps, answer (False: question, answer)
+  c.think.max_len = 0  # tokens per text sequence (longer records are dropped); 0: the longest record
+  c.think.cut = 'text'  # where rollout prefixes end: 'text' (anywhere) | 'answer' (before an answer token)
+  c.think.teacher_steps = 500  # teacher stage: next-token CE steps from model.init (0: use model.init as is)
+  c.think.teacher_lr = 1e-3
+  c.think.batch_size = 32  # teacher stage: text sequences per step (global)
+  c.think.steps = 100  # thinking stage: GRPO rollout batches
+  c.think.prompts_per_step = 8  # text prefixes per rollout batch (global; divisible by the device count)
+  c.think.num_generations = 8  # G rollouts per prefix (one group)
+  c.think.lr = 1e-4  # thinking stage learning rate of the original parameters
+  c.think.rows_lr_mult = 10.0  # learning rate of think_in / think_out / think_bias = lr * this
+  c.think.train = 'all'  # 'all' | 'rows' (only the thinking rows train; the teacher's weights stay frozen)
+  c.think.real_tokens = 4  # teacher mode: a rollout continues its prefix by this many real tokens (or to eos)
+  c.think.max_think = 3  # at most this many consecutive thinking tokens, then a real token is forced
+  c.think.init_prob = 0.1  # think_bias at init: total thinking probability at the median training position
+  c.think.temperature = 1.0  # sampling temperature of rollouts and of the evaluation's thinking decisions
+  c.think.beta = 0.01  # k3 KL to the initial policy (teacher + fresh thinking rows; 0: none)
+  c.think.clip_eps = 0.2  # PPO clip
+  c.think.mu = 1  # optimizer updates per rollout batch
+  c.think.loss_agg = 'grpo'  # 'grpo' | 'dapo' | 'dr_grpo' (dtt_jax/rl/grpo.py)
+  c.think.ce_weight = 1.0  # next_token mode: + this * CE of the true next token after the thoughts
+  c.think.warmup_steps = 10  # both stages
+  c.think.weight_decay = 0.0  # both stages
+  c.think.grad_clip = 1.0  # both stages
+  c.think.eval_size = 64  # validation sequences of the evaluation (and of the periodic validation)
+  c.think.eval_every = 50  # both stages
+  c.think.checkpoint_every = 100  # both stages
+  c.think.keep_checkpoints = 2
+  c.think.log_every = 10
 
   c.generate = ml_collections.ConfigDict()  # validation / evaluation decoding
   c.generate.max_new_tokens = 32
