@@ -32,12 +32,15 @@ from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import build_model, lora
 from dtt_jax.model import dtt as dtt_lib
 from dtt_jax.rl import grpo, rollout
+from dtt_jax.data import coconut as coconut_data
 from dtt_jax.train import bootstrap, loop, state as state_lib
+from dtt_jax.train import coconut as coconut_train
 from dtt_jax.train.temperature import Temperature
 
 log = logging.getLogger(__name__)
 
 STAGES = ('bootstrap', 'grpo', 'eval', 'pipeline')
+METHODS = ('dtt', 'think_tokens') + coconut_data.METHODS
 SHARED_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, 'shared',
                                 'data', 'gpt2_tokenizer')
 
@@ -63,6 +66,12 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     if value not in allowed:
       raise ValueError(f'config.{key}={value!r}: expected one of {", ".join(map(repr, allowed))}.')
   expect('stage', c.stage, STAGES)
+  expect('method', c.method, METHODS)
+  if is_coconut(c):
+    curriculum(c)  # raises on bad values
+    if c.stage == 'grpo':
+      raise ValueError(f'config.stage="grpo" does not apply to config.method={c.method!r} (supervised only): use '
+                       '"bootstrap", "eval" or "pipeline".')
   expect('dataset.name', c.dataset.name, data_lib.DATASETS)
   expect('model.vocab', c.model.vocab, ('compact', 'full'))
   expect('data.span', c.data.span, ('none', 'cot'))
@@ -85,6 +94,16 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.bootstrap.batch_size % c.bootstrap.microbatches:
     raise ValueError(f'config.bootstrap.batch_size={c.bootstrap.batch_size} must be divisible by '
                      f'config.bootstrap.microbatches={c.bootstrap.microbatches}.')
+
+
+def is_coconut(c) -> bool:
+  """COCONUT or one of its baselines: trained by `run_coconut` in place of the bootstrap, no GRPO."""
+  return c.method in coconut_data.METHODS
+
+
+def curriculum(c) -> coconut_data.Curriculum:
+  k = c.coconut
+  return coconut_data.Curriculum(k.c_thoughts, k.max_stage, k.epochs_per_stage, k.curriculum)
 
 
 @dataclasses.dataclass
@@ -121,7 +140,8 @@ def setup(config, workdir: str) -> Experiment:
   elif config.model.vocab == 'full':
     vocab = tokens.Vocab.full()
   else:
-    vocab = data_lib.compact_vocab(train + valid, hf)
+    layouts = coconut_data.all_layout_texts(train + valid) if is_coconut(config) else ()
+    vocab = data_lib.compact_vocab(train + valid, hf, extra_texts=layouts)
   if jax.process_index() == 0:
     with open(vocab_path, 'w') as f:
       f.write(vocab.to_json())
@@ -161,9 +181,10 @@ def make_validate(exp: Experiment, graphdef):
   return validate
 
 
-def bootstrap_optimizer(c):
+def bootstrap_optimizer(c, schedule_steps: int = 0):
+  """AdamW of `config.bootstrap`, its warmup + cosine over `schedule_steps` (default: the stage's steps)."""
   b = c.bootstrap
-  return state_lib.make_optimizer(b.lr, b.steps, b.warmup_steps, b.weight_decay, b.grad_clip, b.gate_lr_mult,
+  return state_lib.make_optimizer(b.lr, schedule_steps or b.steps, b.warmup_steps, b.weight_decay, b.grad_clip, b.gate_lr_mult,
                                   train_modules=lora.configured_train_modules(c.get('lora')))
 
 
@@ -175,6 +196,8 @@ def initial_state(exp: Experiment, tx):
 
 
 def run_bootstrap(exp: Experiment) -> loop.LoopResult:
+  if is_coconut(exp.config):
+    return run_coconut(exp)
   c, b = exp.config, exp.config.bootstrap
   parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
   tx = bootstrap_optimizer(c)
@@ -189,7 +212,60 @@ def run_bootstrap(exp: Experiment) -> loop.LoopResult:
   return _run_stage(exp, 'bootstrap', state, step_fn, batches, graphdef)
 
 
-def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef) -> loop.LoopResult:
+def coconut_batches(exp: Experiment, records, batch_size: int) -> coconut_data.CurriculumBatches:
+  c = exp.config
+  return coconut_data.CurriculumBatches(records, c.method, curriculum(c), exp.tokenizer, batch_size,
+                                        c.data.max_prompt_len, c.data.max_completion_len, c.coconut.steps_per_epoch,
+                                        seed=c.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+
+
+def run_coconut(exp: Experiment) -> loop.LoopResult:
+  """COCONUT or a baseline (`config.method`) under the curriculum of `config.coconut`, in place of the bootstrap
+  (same stage directory, loop, checkpoints and `config.bootstrap` optimizer settings). With `reset_optimizer`,
+  the optimizer state (moments and the warmup + cosine schedule, which then spans one stage) restarts at every
+  stage change, as COCONUT's."""
+  c, b = exp.config, exp.config.bootstrap
+  parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
+  batches = coconut_batches(exp, exp.train, b.batch_size)
+  reset = c.coconut.reset_optimizer and c.coconut.curriculum
+  tx = bootstrap_optimizer(c, batches.steps_per_epoch * c.coconut.epochs_per_stage if reset else 0)
+  graphdef, state = initial_state(exp, tx)
+  train_step = coconut_train.make_train_step(graphdef, tx, exp.mesh, b.microbatches)
+  log.info('%s: %d steps per epoch, stages start at steps %s.', c.method, batches.steps_per_epoch,
+           curriculum(c).stage_starts(batches.steps_per_epoch, b.steps))
+
+  def step_fn(state, batch, tau):
+    if reset and batches.stage_changed:
+      state = state.replace(opt_state=parallel.replicate(tx.init(state.params), exp.mesh))
+    state, metrics = train_step(state, parallel.shard_batch(batch, exp.mesh), tau)
+    return state, dict(metrics, stage=float(batches.stage(batches.step - 1)))
+
+  return _run_stage(exp, 'bootstrap', state, step_fn, batches, graphdef,
+                    make_coconut_validate(exp, graphdef, batches.stage))
+
+
+def make_coconut_validate(exp: Experiment, graphdef, stage_at):
+  """validate(state, step, tau) -> at the stage of the last trained step: greedy accuracy and generated tokens on
+  the held-out prompts, teacher-forced CE / token / sequence accuracy on the held-out samples."""
+  c = exp.config
+  prompts = _validation_prompts(exp)
+  held_out = coconut_batches(exp, exp.valid[:c.dataset.valid_size], 1).records
+
+  def validate(state, step, tau):
+    del tau
+    stage = stage_at(max(step - 1, 0))
+    gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens)
+    metrics, _ = coconut_train.evaluate(nnx.merge(graphdef, state.params), prompts, exp.tokenizer, c.dataset.name,
+                                        gen_cfg, c.generate.batch_size, exp.mesh)
+    batch = coconut_data.build_batch(held_out, c.method, stage, curriculum(c), exp.tokenizer, c.data.max_prompt_len,
+                                     c.data.max_completion_len)
+    return {'stage': float(stage), **metrics, **coconut_train.teacher_forced_metrics(graphdef, state.params, batch)}
+
+  return validate
+
+
+def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef, validate=None) -> loop.LoopResult:
   """The shared loop of a stage with its `config.<stage>` section: checkpoints, metrics, temperature, validation."""
   c, s = exp.config, exp.config[stage]
   ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), keep=s.keep_checkpoints,
@@ -198,7 +274,8 @@ def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef) -> l
   temperature = Temperature(s.tau0, s.tau_min, s.steps, s.patience)
   loop_cfg = loop.LoopConfig(stage, s.steps, s.log_every, s.eval_every, s.checkpoint_every, s.best_metric)
   try:
-    return loop.run(loop_cfg, state, step_fn, data, temperature, ckpt, writer, make_validate(exp, graphdef),
+    return loop.run(loop_cfg, state, step_fn, data, temperature, ckpt, writer,
+                    validate or make_validate(exp, graphdef),
                     meta={'vocab': json.loads(exp.vocab.to_json())})
   finally:
     ckpt.close()
@@ -280,6 +357,8 @@ def run_eval(exp: Experiment) -> dict[str, float]:
   """Greedy evaluation of the newest finished stage (GRPO if present, else bootstrap) on the validation records;
   writes the report files to `<workdir>/eval/`."""
   c = exp.config
+  if is_coconut(c):
+    return run_coconut_eval(exp)
   stage = 'grpo' if os.path.isdir(os.path.join(exp.workdir, 'grpo', 'checkpoints')) else 'bootstrap'
   graphdef, params = stage_params(exp, stage)
   prompts = _validation_prompts(exp)
@@ -304,6 +383,27 @@ def run_eval(exp: Experiment) -> dict[str, float]:
   return result.metrics
 
 
+def run_coconut_eval(exp: Experiment) -> dict[str, float]:
+  """COCONUT / baseline evaluation of the latest checkpoint at its final curriculum stage (the best-by-accuracy
+  one may come from an earlier stage): `<workdir>/eval/metrics.json` and `completions.jsonl`."""
+  c = exp.config
+  graphdef, params = stage_params(exp, 'bootstrap', prefer_best=False)
+  stage = coconut_batches(exp, exp.train, c.bootstrap.batch_size).stage(c.bootstrap.steps - 1)
+  gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens)
+  metrics, rows = coconut_train.evaluate(nnx.merge(graphdef, params), _validation_prompts(exp), exp.tokenizer,
+                                         c.dataset.name, gen_cfg, c.generate.batch_size, exp.mesh)
+  metrics = {'method': c.method, 'stage': stage, 'num_examples': len(rows), **metrics}
+  if jax.process_index() == 0:
+    out = os.path.join(exp.workdir, 'eval')
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'metrics.json'), 'w') as f:
+      json.dump(metrics, f, indent=2)
+    with open(os.path.join(out, 'completions.jsonl'), 'w') as f:
+      f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
+    log.info('Evaluation of %s at stage %d (%d examples): %s. Reports: %s', c.method, stage, len(rows), metrics, out)
+  return metrics
+
+
 def run(config, workdir: str) -> None:
   exp = setup(config, workdir)
   if config.method == 'think_tokens':
@@ -316,7 +416,7 @@ def run(config, workdir: str) -> None:
     log.info('bootstrap finished at step %d: %s', result.step, result.last_validation)
     if result.interrupted:
       return
-  if stage in ('grpo', 'pipeline'):
+  if stage in ('grpo', 'pipeline') and not is_coconut(config):
     result = run_grpo(exp)
     log.info('grpo finished at step %d: %s', result.step, result.last_validation)
     if result.interrupted:

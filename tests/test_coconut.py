@@ -27,19 +27,20 @@ def _expected(tok, thoughts, thought_id, remaining):
 
 
 @pytest.mark.parametrize('c', [1, 2])
-@pytest.mark.parametrize('stage', [0, 1, 2, 3, 6])
+@pytest.mark.parametrize('stage', [0, 1, 2, 3, 6, 7])
 def test_coconut_replaces_the_first_k_steps_by_kc_latents(tok, c, stage):
-  """Stage k: k*c <|latent|> between <|bot|> and <|eot|>, then the remaining steps; a record with fewer steps
-  than k has all of them replaced by (its number of steps)*c latents. Loss on the text after <|eot|> only;
-  latent_mask exactly on the latents."""
-  cfg = coconut.Curriculum(c_thoughts=c)
+  """Stage k <= K: k*c <|latent|> between <|bot|> and <|eot|>, then steps[k:] (a record with fewer steps than k
+  loses all of them and still gets k*c latents, COCONUT's pad_latent_to_max); stage K + 1: K*c latents, no step.
+  Loss on the text after <|eot|> only; latent_mask exactly on the latents."""
+  cfg = coconut.Curriculum(c_thoughts=c, max_stage=6)
   sample = coconut.build_sample(RECORD, 'coconut', stage, cfg, tok)
-  replaced = min(stage, 2)
-  head, tail = _expected(tok, replaced * c, tok.vocab.latent, RECORD['steps'][replaced:])
+  thoughts = min(stage, 6) * c
+  head, tail = _expected(tok, thoughts, tok.vocab.latent, RECORD['steps'][stage:] if stage <= 6 else [])
   assert sample.prompt.tolist() == _text(tok, '12 + 34 =\n')
   assert sample.completion.tolist() == head + tail
   assert sample.loss_mask.tolist() == [0] * len(head) + [1] * len(tail)
-  assert sample.latent_mask.tolist() == [0] + [1] * (replaced * c) + [0] * (1 + len(tail))
+  assert sample.latent_mask.tolist() == [0] + [1] * thoughts + [0] * (1 + len(tail))
+  assert coconut.head_tokens('coconut', stage, cfg, tok.vocab) == head  # the forced start of evaluation
 
 
 def test_pause_as_thought_uses_pause_tokens_and_no_latent_inputs(tok):
@@ -64,17 +65,19 @@ def test_baselines_ignore_the_stage(tok, method, head_len, body):
 
 
 def test_curriculum_schedule_and_optimizer_resets():
-  """k = epoch // epochs_per_stage capped at max_stage (ProsQA: c=1, 6 stages of 5 epochs); the optimizer resets
-  where the stage changes; without a curriculum every epoch is at the last stage and nothing resets."""
+  """k = epoch // epochs_per_stage up to max_stage + 1 (ProsQA: c=1, 6 stages of 5 epochs, then every step latent
+  from epoch 35); the optimizer resets where the stage changes; without a curriculum every epoch is at the final
+  stage and nothing resets."""
   cfg = coconut.Curriculum(c_thoughts=1, max_stage=6, epochs_per_stage=5)
-  assert [cfg.stage(e) for e in range(0, 40, 5)] == [0, 1, 2, 3, 4, 5, 6, 6]
-  assert [cfg.stage(e) for e in (4, 5, 9, 10)] == [0, 1, 1, 2]
+  assert [cfg.stage(e) for e in range(0, 45, 5)] == [0, 1, 2, 3, 4, 5, 6, 7, 7]
+  assert [cfg.stage(e) for e in (4, 5, 9, 10, 34, 35)] == [0, 1, 1, 2, 6, 7]
+  assert [cfg.thoughts(k) for k in (0, 3, 6, 7)] == [0, 3, 6, 6]
   assert cfg.stage_at_step(49, steps_per_epoch=10) == 0 and cfg.stage_at_step(50, steps_per_epoch=10) == 1
-  assert cfg.stage_starts(steps_per_epoch=10, total_steps=400) == [50, 100, 150, 200, 250, 300]
+  assert cfg.stage_starts(steps_per_epoch=10, total_steps=500) == [50, 100, 150, 200, 250, 300, 350]
   flat = coconut.Curriculum(max_stage=3, curriculum=False)
-  assert {flat.stage(e) for e in range(20)} == {3} and flat.stage_starts(10, 200) == []
+  assert {flat.stage(e) for e in range(20)} == {4} and flat.stage_starts(10, 200) == []
   gsm8k = coconut.Curriculum(c_thoughts=2, max_stage=3, epochs_per_stage=3)
-  assert [gsm8k.stage(e) for e in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+  assert [gsm8k.stage(e) for e in range(14)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4]
 
 
 def test_bad_values_name_their_key(tok):

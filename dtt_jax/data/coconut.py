@@ -90,6 +90,11 @@ def layout_texts(record: dict) -> tuple[str, list[str], str]:
           ANSWER_PREFIX + record['answer'].strip())
 
 
+def all_layout_texts(records: Sequence[dict]) -> list[str]:
+  """Every text of `layout_texts` of the records (for the compact vocabulary)."""
+  return [t for r in records for question, steps, answer in [layout_texts(r)] for t in (question, *steps, answer)]
+
+
 def check_method(method: str) -> str:
   if method not in METHODS:
     raise ValueError(f'config.method={method!r}: expected one of {", ".join(map(repr, METHODS))}.')

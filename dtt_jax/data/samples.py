@@ -142,11 +142,12 @@ def gpt2_ids(hf_tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
   return [cache[t] for t in texts]
 
 
-def compact_vocab(records: Sequence[dict], tokenizer) -> Vocab:
-  """The compact vocabulary (SPEC §2): every GPT-2 id of the records' prompt, step and answer texts, plus the
-  specials. `tokenizer`: the HF GPT-2 tokenizer (or a `Tokenizer`)."""
+def compact_vocab(records: Sequence[dict], tokenizer, extra_texts: Sequence[str] = ()) -> Vocab:
+  """The compact vocabulary (SPEC §2): every GPT-2 id of the records' prompt, step and answer texts and of
+  `extra_texts` (other layouts, e.g. COCONUT's), plus the specials. `tokenizer`: the HF GPT-2 tokenizer (or a
+  `Tokenizer`)."""
   hf = tokenizer.hf if isinstance(tokenizer, Tokenizer) else tokenizer
-  return Vocab.compact(gpt2_ids(hf, [t for r in records for t in record_texts(r)]))
+  return Vocab.compact(gpt2_ids(hf, [t for r in records for t in record_texts(r)] + list(extra_texts)))
 
 
 def filler_token_ids(vocab: Vocab) -> np.ndarray:

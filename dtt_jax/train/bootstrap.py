@@ -44,9 +44,12 @@ class LossConfig:
     return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
 
 
+COUNTED = ('loss_mask', 'inner_mask', 'outer_mask')
+
+
 def _counts(batch) -> dict[str, jax.Array]:
-  return {name: jnp.maximum(jnp.sum(batch[name]), 1).astype(jnp.float32)
-          for name in ('loss_mask', 'inner_mask', 'outer_mask')}
+  """Whole-batch normalisers of the mask fields present (at least 1)."""
+  return {name: jnp.maximum(jnp.sum(batch[name]), 1).astype(jnp.float32) for name in COUNTED if name in batch}
 
 
 def noisy_span_bias(filler_mask, scale: float) -> jax.Array:
@@ -86,19 +89,28 @@ def _split_microbatches(batch, n: int):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig, mesh, microbatches: int = 1):
-  """-> jitted `train_step(state, batch, tau) -> (state, metrics)` (state donated, batch sharded on 'data')."""
+  """-> jitted `train_step(state, batch, tau) -> (state, metrics)` of the Stage-1 loss (`make_step`)."""
+
+  def loss_fn(model, batch, key, tau, counts):
+    shape = batch['completion'].shape
+    noise = logistic_noise(key, shape) if cfg.gate_noise else jnp.zeros(shape, jnp.float32)
+    return loss_terms(model, batch, noise, tau, cfg, counts)
+
+  return make_step(graphdef, tx, loss_fn, BATCH_FIELDS, mesh, microbatches)
+
+
+def make_step(graphdef, tx: optax.GradientTransformation, loss_fn, fields, mesh, microbatches: int = 1):
+  """-> jitted `train_step(state, batch, tau) -> (state, metrics)` (state donated, batch sharded on 'data').
+
+  `loss_fn(model, batch, key, tau, counts) -> (loss, metrics)` sums its terms over `batch` and divides by the
+  whole-batch `counts` (`_counts`), so microbatch gradients add up to the full-batch gradient; `fields`: the batch
+  entries the step takes."""
 
   def grads_and_metrics(params, batch, key, tau, counts):
-    noise_shape = batch['completion'].shape
-    noise = logistic_noise(key, noise_shape) if cfg.gate_noise else jnp.zeros(noise_shape, jnp.float32)
-
-    def loss_fn(p):
-      return loss_terms(nnx.merge(graphdef, p), batch, noise, tau, cfg, counts)
-
-    return jax.grad(loss_fn, has_aux=True)(params)
+    return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch, key, tau, counts), has_aux=True)(params)
 
   def train_step(state: TrainState, batch, tau):
-    batch = {k: batch[k] for k in BATCH_FIELDS}
+    batch = {k: batch[k] for k in fields}
     counts = _counts(batch)
     key = step_key(state)
     if microbatches == 1:
