@@ -428,7 +428,8 @@ def think_loss(params, graphdef, roll: Rollout, prefix, prefix_mask, advantages,
          'logprob_mismatch': mean(jnp.abs(roll.logprobs - logp))}
   if next_token:
     final = mask * (roll.tokens < vr)  # [N,T] the real action ending each rollout (the data token)
-    ce = -mean(real_logprobs(logits, roll.tokens, vr), final)
+    data_token = jnp.where(roll.tokens < vr, roll.tokens, 0)  # thinking ids are out of range: masked anyway
+    ce = -mean(real_logprobs(logits, data_token, vr), final)
     aux['ce'] = ce
     if cfg.ce_weight:
       loss = loss + cfg.ce_weight * ce
@@ -657,7 +658,7 @@ def evaluate(teacher_graphdef, teacher_params, graphdef, params, policy_cfg: GPT
   frequency, counts = think_stats(fed, fed_mask, vr, k)
   metrics.update(think_frequency=frequency, think_per_token=float(counts.sum() / max(int(scored.sum()), 1)),
                  think_ids_used=float((counts > 0).sum()), num_sequences=float(len(texts)),
-                 num_tokens=float(scored.sum()))
+                 num_scored_tokens=float(scored.sum()))
   rows = [{'text': decode_with_thinking(fed[i][(fed_mask[i] > 0) | (np.arange(fed.shape[1]) == 0)], tokenizer, vr),
            'think_tokens': int(((fed[i] >= vr) & (fed_mask[i] > 0)).sum()), 'real_tokens': int(texts.lengths[i])}
           for i in range(min(num_samples, len(texts)))]
@@ -841,8 +842,8 @@ def run(exp) -> dict[str, float] | None:
   writer.write(t.steps, {f'think_eval/{k}': v for k, v in result.metrics.items()})
   writer.close()
   if jax.process_index() == 0:
-    paths = write_report(result, os.path.join(exp.workdir, 'think_eval'), {'mode': cfg.mode, 'num_tokens':
-                                                                          cfg.num_tokens, 'max_think': cfg.max_think})
+    paths = write_report(result, os.path.join(exp.workdir, 'think_eval'), {'mode': cfg.mode, 'K': cfg.num_tokens,
+                                                                          'max_think': cfg.max_think})
     log.info('think_tokens evaluation (%d texts): %s. Reports: %s', len(valid), result.metrics,
              ', '.join(paths.values()))
   return result.metrics
