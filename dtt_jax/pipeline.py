@@ -238,7 +238,7 @@ def run_coconut(exp: Experiment) -> loop.LoopResult:
   def step_fn(state, batch, tau):
     if reset and batches.stage_changed:
       state = state.replace(opt_state=parallel.replicate(tx.init(state.params), exp.mesh))
-    state, metrics = train_step(state, parallel.shard_batch(batch, exp.mesh), tau)
+    state, metrics = train_step(state, batch, tau)
     return state, dict(metrics, stage=float(batches.stage(batches.step - 1)))
 
   return _run_stage(exp, 'bootstrap', state, step_fn, batches, graphdef,
