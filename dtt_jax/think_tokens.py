@@ -780,9 +780,9 @@ def initial_policy(exp, teacher_graphdef, teacher_params, teacher_cfg: GPT2Confi
   return build_policy(teacher_cfg, teacher_params, t.num_tokens, exp.config.seed + 1, bias)
 
 
-def run_think(exp, cfg: ThinkConfig, teacher, policy, train: Texts, valid: Texts, eval_fn) -> loop.LoopResult:
+def run_think(exp, cfg: ThinkConfig, teacher, policy, train: Texts, eval_fn) -> loop.LoopResult:
   """The GRPO stage in `<workdir>/think/`; teacher, policy: (graphdef, params) of the frozen teacher and of the
-  initial policy (also the KL reference)."""
+  initial policy (also the KL reference); eval_fn(params) -> EvalResult, the periodic validation."""
   c, t = exp.config, exp.config.think
   parallel.check_divisible(t.prompts_per_step, exp.mesh, 'think.prompts_per_step')
   graphdef, start = policy
@@ -834,7 +834,8 @@ def run(exp) -> dict[str, float] | None:
   if stage == 'eval':
     params = _restore_latest(os.path.join(exp.workdir, 'think', 'checkpoints'), start, exp.mesh)
   else:
-    params = run_think(exp, cfg, (teacher_graphdef, teacher_params), (graphdef, start), train, valid, eval_fn).state.params
+    result = run_think(exp, cfg, (teacher_graphdef, teacher_params), (graphdef, start), train, eval_fn)
+    params = result.state.params
   if stage == 'grpo':
     return None
   result = eval_fn(params)
