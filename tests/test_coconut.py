@@ -128,3 +128,58 @@ def test_loss_through_the_engine_equals_coconuts_n_plus_one_passes(tok):
   assert int(b['latent_mask'].sum()) == 4  # 2 records x 1 replaced step x c = 2
   grads = jax.grad(lambda m: coconut_train.coconut_loss(m, b)[0])(model)
   assert float(jnp.abs(grads.gpt2.wte.embedding[...]).max()) > 0
+
+
+def _curriculum_batches(tok, records, **kw):
+  args = dict(method='coconut', cfg=coconut.Curriculum(c_thoughts=1, max_stage=2, epochs_per_stage=1), tokenizer=tok,
+              batch_size=2, max_prompt_len=12, max_completion_len=40, steps_per_epoch=3, seed=5)
+  args.update(kw)
+  return coconut.CurriculumBatches(records, **args)
+
+
+ADDITION = [{'question': f'{a} + {b} =', 'steps': [f'step {a}', f'step {b}'], 'answer': str(a + b)}
+            for a, b in [(12, 34), (5, 7), (40, 2), (9, 9), (13, 8), (21, 21)]]
+
+
+def test_curriculum_batches_follow_the_schedule_and_resume_exactly(tok):
+  """Batch s is laid out at stage s // 3 (1 epoch of 3 steps per stage, then stage 3 = K + 1 for good);
+  `stage_changed` is set exactly on the first batch of a stage; state()/restore() continues with identical
+  batches."""
+  batches = _curriculum_batches(tok, ADDITION)
+  seen = [next(batches) for _ in range(12)]
+  latents = [int(b['latent_mask'][0].sum()) for b in seen]
+  assert latents == [0] * 3 + [1] * 3 + [2] * 3 + [2] * 3  # thoughts(stage): 0, 1, 2, then K c = 2
+  changed = []
+  fresh = _curriculum_batches(tok, ADDITION)
+  for _ in range(12):
+    next(fresh)
+    changed.append(fresh.stage_changed)
+  assert [i for i, c in enumerate(changed) if c] == [3, 6, 9]
+  resumed = _curriculum_batches(tok, ADDITION)
+  partial = _curriculum_batches(tok, ADDITION)
+  for _ in range(7):
+    next(partial)
+  resumed.restore(partial.state())
+  for expected in seen[7:]:
+    got = next(resumed)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_records_that_do_not_fit_every_stage_are_dropped_or_named(tok):
+  """Stage 0 (all steps as text) is the longest layout here: a completion limit below it drops the record;
+  when nothing fits, the error names the shortest lengths needed (`5 + 7 =\n`: 5 tokens; stage 0 of it:
+  <|bot|> <|eot|>, 2 x `step n\n` (3 each), `### 12`, eos = 11)."""
+  long = {'question': '1 + 1 =', 'steps': ['one plus one is two, ' * 4], 'answer': '2'}
+  batches = _curriculum_batches(tok, ADDITION + [long], max_completion_len=20)
+  assert len(batches.records) == len(ADDITION)
+  with pytest.raises(ValueError, match=r'need data.max_prompt_len >= 5 and data.max_completion_len >= 11 '
+                                       r'\(configured 4, 20\)'):
+    _curriculum_batches(tok, ADDITION, max_prompt_len=4, max_completion_len=20)
+
+
+def test_head_length_and_answer_extraction():
+  from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
+  assert coconut_train.head_length(np.array([[0, 1, 1, 0, 0], [0, 1, 1, 0, 0]])) == 3
+  assert coconut_train.head_length(np.zeros((2, 5))) == 0
+  assert coconut_train.answer_of('<|bot|><|latent|><|eot|>a\n### 1,046<|endoftext|>### 9') == '1046'
+  assert coconut_train.answer_of('Tom is a wumpus.\n### Tom is a rempus.') == 'Tom is a rempus.'
