@@ -6,7 +6,8 @@ import pytest
 
 from dtt_jax import pipeline
 
-CONFIGS = ('base', 'quickstart', 'addition', 'addition_cot', 'gsm8k', 'prosqa', 'prontoqa', 'hrpo', 'lora')
+CONFIGS = ('base', 'quickstart', 'addition', 'addition_cot', 'gsm8k', 'prosqa', 'prontoqa', 'hrpo', 'lora',
+           'think_tokens')  # configs/coconut.py: tests/test_coconut_pipeline.py
 
 
 @pytest.mark.parametrize('name', CONFIGS)
