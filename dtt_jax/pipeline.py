@@ -250,7 +250,8 @@ def make_coconut_validate(exp: Experiment, graphdef, stage_at):
   the held-out prompts, teacher-forced CE / token / sequence accuracy on the held-out samples."""
   c = exp.config
   prompts = _validation_prompts(exp)
-  held_out = coconut_batches(exp, exp.valid[:c.dataset.valid_size], 1).records
+  held_out = coconut_data.fitting_records(exp.valid[:c.dataset.valid_size], c.method, curriculum(c), exp.tokenizer,
+                                          c.data.max_prompt_len, c.data.max_completion_len)
 
   def validate(state, step, tau):
     del tau
