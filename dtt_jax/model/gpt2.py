@@ -190,10 +190,21 @@ class GPT2(nnx.Module):
       x, cache = block(x, bias, layer, cache, cache_index)
     return self.ln_f(x), cache
 
-  def logits(self, hidden: jax.Array) -> jax.Array:
+  def output_kernel(self) -> jax.Array:
+    """The tied output layer as a [D, vocab_rows] array (a transposed copy of `wte`, in the compute dtype) for
+    `logits(..., kernel=)`. XLA CPU runs the small-batch [B,D] x [D,V] dot ~1.6x faster than the same product
+    against the [V,D] table (contracting both last dims), so a loop that computes logits every step (generation)
+    makes this copy once, before the loop."""
+    return self.wte.embedding[...].astype(self.cfg.dtype).T
+
+  def logits(self, hidden: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
     """hidden [..., D] -> float32 logits [..., vocab_rows + K]; padded rows are NEG_INF (never sampled). The last
-    K columns (thinking tokens) are `hidden @ think_out.T + think_bias`."""
-    logits = self.wte.attend(hidden).astype(jnp.float32)
+    K columns (thinking tokens) are `hidden @ think_out.T + think_bias`. kernel: `output_kernel()`, made once by a
+    caller that computes logits many times (same products, a faster dot layout on CPU)."""
+    if kernel is None:
+      logits = self.wte.attend(hidden).astype(jnp.float32)
+    else:
+      logits = jnp.dot(hidden.astype(kernel.dtype), kernel).astype(jnp.float32)
     if self.cfg.extra_tokens:
       dtype = self.cfg.dtype
       think = jnp.dot(hidden.astype(dtype), self.think_out[...].astype(dtype).T, preferred_element_type=jnp.float32)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import flax
 import jax
@@ -50,6 +51,10 @@ class GenerateConfig:
   forced_prefix: tuple[int, ...] = ()  # tokens forced at the first steps (COCONUT: <|bot|>, latents, <|eot|>)
   latent_id: int = -1  # >= 0: no gate head; the gate is 1 at this token (the input is exactly the previous hidden
   # state, COCONUT's continuous thought) and 0 at every other token (plain GPT-2 decoding)
+  transposed_output: bool | None = None  # logits against a [D,V] copy of wte (`GPT2.output_kernel`: a faster dot on
+  # XLA CPU, one more copy of wte in memory). None: `generate` on the CPU backend uses one kept between calls for
+  # the same wte array (made once per distinct weights); `generate_traced` makes none. True: always (in the traced
+  # computation when not given). False: never.
 
 
 @flax.struct.dataclass
@@ -73,10 +78,11 @@ def _step_bias(key_bias: jax.Array, index, cache_len: int) -> jax.Array:
 
 
 def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noise, index, position, tau, *,
-         hard: bool = False, with_logits: bool = True, token_embedding=None, forced_gate=None):
+         hard: bool = False, with_logits: bool = True, token_embedding=None, forced_gate=None, output_kernel=None):
   """One position. prev_hidden [B,D], token [B], gate_noise [B], position [B]; index: cache slot (scalar).
   token_embedding [B,D]: the token's embedding when the caller looked it up already (else `token` is looked up).
   forced_gate [B]: a fixed gate instead of the model's (COCONUT: 1 = the input is exactly prev_hidden).
+  output_kernel [D,V]: `model.gpt2.output_kernel()`, made once by a caller that steps many times.
 
   Attends over the whole cache (slots after `index` masked). Returns logits [B,V] float32 (None unless
   with_logits), hidden [B,D] (after ln_f), gate [B], cache.
@@ -89,7 +95,7 @@ def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noi
     x, gate = blend(forced_gate, prev_hidden, token_embedding), forced_gate
   h, cache = model.gpt2(x[:, None], position[:, None], _step_bias(key_bias, index, cache.length), cache, index)
   h = h[:, 0]
-  return (model.gpt2.logits(h) if with_logits else None), h, gate, cache
+  return (model.gpt2.logits(h, output_kernel) if with_logits else None), h, gate, cache
 
 
 @flax.struct.dataclass
@@ -126,14 +132,18 @@ def _segments(n_steps: int, prompt_len: int, segment: int, max_len: int):
           for s in range(0, n_steps, segment)]
 
 
-def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfig, return_logits: bool):
+def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfig, return_logits: bool,
+              output_kernel=None):
   b, p = prompt.shape
   n = cfg.max_new_tokens
   max_len = p + n
   segments = _segments(n, p, cfg.segment, max_len)
   pre = prefill(model, prompt, prompt_mask, max_len, cache_len=segments[0][2])
   d = pre.last_hidden.shape[-1]
-  first_logits = model.gpt2.logits(pre.last_hidden)
+  kernel = output_kernel
+  if kernel is None and cfg.transposed_output:
+    kernel = model.gpt2.output_kernel()
+  first_logits = model.gpt2.logits(pre.last_hidden, kernel)
   carry = dict(
       cache=pre.cache, hidden=pre.last_hidden, logits=first_logits,
       done=jnp.zeros((b,), bool), phase=jnp.zeros((b,), jnp.int32), n_think=jnp.zeros((b,), jnp.int32),
@@ -159,7 +169,8 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
              else jnp.zeros((b,), jnp.float32))
     forced_gate = (token == cfg.latent_id).astype(jnp.float32) if cfg.latent_id >= 0 else None
     logits, hidden, gate, cache = step(model, c['cache'], pre.key_bias, c['hidden'], token, noise, p + t,
-                                       pre.num_real + t, tau, hard=cfg.hard_gate, forced_gate=forced_gate)
+                                       pre.num_real + t, tau, hard=cfg.hard_gate, forced_gate=forced_gate,
+                                       output_kernel=kernel)
     is_eot = token == cfg.eot_id
     inner = live & (c['phase'] == 1) & ~is_eot
     phase = jnp.where((c['phase'] == 0) & (token == cfg.bot_id), 1,
@@ -191,17 +202,51 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'return_logits'))
-def _generate_jit(graphdef, state, prompt, prompt_mask, key, tau, cfg, return_logits):
-  return _generate(nnx.merge(graphdef, state), prompt, prompt_mask, key, tau, cfg, return_logits)
+def _generate_jit(graphdef, state, prompt, prompt_mask, key, tau, cfg, return_logits, output_kernel):
+  return _generate(nnx.merge(graphdef, state), prompt, prompt_mask, key, tau, cfg, return_logits, output_kernel)
+
+
+_KERNEL_CACHE = {}  # 'entry': (weakref to the wte array, dtype, [D,V] kernel); dropped when that array is freed
+
+
+def _cached_output_kernel(gpt2) -> jax.Array | None:
+  """gpt2.output_kernel() for the current wte array, made once and kept until the array is freed (one entry).
+  None for a traced wte (nothing to keep)."""
+  table = gpt2.wte.embedding[...]
+  if isinstance(table, jax.core.Tracer):
+    return None
+  entry = _KERNEL_CACHE.get('entry')
+  if entry is not None and entry[0]() is table and entry[1] == gpt2.cfg.dtype:
+    return entry[2]
+  kernel = _transpose_kernel(table, gpt2.cfg.dtype)
+  try:
+    ref = weakref.ref(table, _drop_kernel)
+  except TypeError:  # not weak-referenceable: no reuse
+    return kernel
+  _KERNEL_CACHE['entry'] = (ref, gpt2.cfg.dtype, kernel)
+  return kernel
+
+
+def _drop_kernel(ref):
+  if _KERNEL_CACHE.get('entry', (None,))[0] is ref:
+    del _KERNEL_CACHE['entry']
+
+
+@functools.partial(jax.jit, static_argnames=('dtype',))
+def _transpose_kernel(table, dtype):
+  return table.astype(dtype).T
 
 
 def generate(model: DTTModel, prompt, prompt_mask, key, tau=1.0, cfg: GenerateConfig = GenerateConfig(),
              return_logits: bool = False) -> Rollout:
   """prompt, prompt_mask [B,P] (left-padded) -> Rollout of cfg.max_new_tokens positions. Jitted; compiled once
   per (config, shapes). Inside another jitted function, call `generate_traced` instead."""
+  kernel = None
+  if cfg.transposed_output or (cfg.transposed_output is None and jax.default_backend() == 'cpu'):
+    kernel = _cached_output_kernel(model.gpt2)
   graphdef, state = nnx.split(model)
   return _generate_jit(graphdef, state, prompt, prompt_mask, key, jnp.asarray(tau, jnp.float32), cfg,
-                       return_logits)
+                       return_logits, kernel)
 
 
 generate_traced = _generate
