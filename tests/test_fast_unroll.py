@@ -91,3 +91,65 @@ def test_hrpo_gate_falls_back_to_engine():
   g_fast = jax.grad(lambda p: _loss(fast_unroll.unroll, graphdef, p, inputs, True, False)[0])(params)
   g_ref = jax.grad(lambda p: _loss(engine.unroll, graphdef, p, inputs, True, False)[0])(params)
   _assert_tree_close(g_fast, g_ref)
+
+
+def _batch(seed=0):
+  """A Stage-1 batch: left-padded prompts, completions with fillers (inner), loss positions, padding."""
+  prompt, mask, completion, _, _, _ = _inputs(seed)
+  rng = np.random.RandomState(seed + 1)
+  completion_mask = np.ones((B, T), np.int32)
+  completion_mask[1, 6:] = 0
+  inner = np.zeros((B, T), np.int32)
+  inner[::2, 1:4] = 1
+  batch = dict(prompt=prompt, prompt_mask=mask, completion=completion, completion_mask=jnp.asarray(completion_mask),
+               inner_mask=jnp.asarray(inner), filler_mask=jnp.asarray(inner * (rng.rand(B, T) < 0.7)),
+               outer_mask=jnp.asarray(completion_mask - inner), loss_mask=jnp.asarray(completion_mask - inner))
+  return batch
+
+
+@pytest.mark.parametrize('fast_unroll_on,fused', [(True, True), (False, True), (True, False)])
+def test_stage1_loss_and_gradients_equal_the_plain_path(fast_unroll_on, fused):
+  """loss_terms with the fast recurrence and/or the fused output layer equals the autodiff, unfused one: loss,
+  metrics (token_accuracy included) and gradients of every parameter."""
+  graphdef, params = nnx.split(_model())
+  batch = _batch()
+  noise = jnp.asarray(np.random.RandomState(3).logistic(size=(B, T)).astype(np.float32))
+  # Targets at position 0 of rows 0-2 = the model's prediction there (from h_{-1}, which only the prompt decides),
+  # so token_accuracy is neither 0 nor 1.
+  model = nnx.merge(graphdef, params)
+  out = engine.unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'], noise, 0.7)
+  first = jnp.argmax(model.gpt2.logits(out.target_hidden[:, 0]), -1)
+  batch['completion'] = batch['completion'].at[:3, 0].set(first[:3])
+  counts = bootstrap._counts(batch)  # pylint: disable=protected-access
+
+  def run(cfg):
+    f = lambda p: bootstrap.loss_terms(nnx.merge(graphdef, p), batch, noise, 0.7, cfg, counts)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+  (loss, metrics), grads = run(bootstrap.LossConfig(hinge_lambda=0.5, fast_unroll=fast_unroll_on, fused_output=fused))
+  (loss_ref, metrics_ref), grads_ref = run(bootstrap.LossConfig(hinge_lambda=0.5, fast_unroll=False,
+                                                                fused_output=False))
+  np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-5)
+  for name in metrics_ref:
+    np.testing.assert_allclose(float(metrics[name]), float(metrics_ref[name]), rtol=1e-5, err_msg=name)
+  assert 0 < float(metrics_ref['token_accuracy']) < 1
+  _assert_tree_close(grads, grads_ref)
+
+
+def test_fused_cross_entropy_argmax_and_masked_rows():
+  """fused_cross_entropy's log-probs and argmax equal those of model.gpt2.logits (padded rows >= num_tokens masked),
+  with more rows than a vocabulary tile and ties resolved to the first maximum like jnp.argmax."""
+  cfg = GPT2Config(vocab_rows=2304, num_tokens=2250, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+  model = DTTModel(DTTConfig(cfg), rngs=nnx.Rngs(0))
+  table = model.gpt2.wte.embedding.value
+  table = table.at[2260].set(50.0).at[1500].set(table[1400])  # a padded row that would win; a tied pair
+  model.gpt2.wte.embedding.value = table
+  hidden = jax.random.normal(jax.random.key(0), (40, 16))
+  hidden = hidden.at[0].set(table[1400] * 30.0)  # row 0's maximum: the tie 1400 / 1500
+  targets = jax.random.randint(jax.random.key(1), (40,), 0, 2250)
+  logp, argmax = bootstrap.fused_cross_entropy(hidden, table, targets, 2250)
+  logits = model.gpt2.logits(hidden)
+  ref = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], -1)[:, 0]
+  np.testing.assert_allclose(np.asarray(logp), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(argmax), np.asarray(jnp.argmax(logits, -1)))
+  assert int(argmax[0]) == 1400

@@ -6,6 +6,10 @@ The completion is teacher-forced through the generation engine's step (`engine.u
 previous hidden state into every completion input exactly as at generation time. Attention to injected filler
 keys is scaled by `noisy_span_scale` (log of it added to their attention logits).
 
+Two exact speed-ups, both on by default (`LossConfig`): `fast_unroll` (the recurrence's hand-written backward pass,
+`train/fast_unroll.py`; same values and gradients as autodiff through `engine.unroll`) and `fused_output` (the output
+layer, log-softmax and argmax in vocabulary tiles, `fused_cross_entropy`: no [B,T,V] logits).
+
 The step is one pure jitted function `(state, batch, tau) -> (state, metrics)`: the state is donated, the batch is
 sharded over the ('data',) mesh, parameters are replicated. Gradient accumulation over `microbatches` keeps the
 effective batch constant on any device count: every microbatch's loss is normalised by the whole batch's counts,
@@ -15,6 +19,7 @@ so the summed gradient equals the full-batch gradient.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import chex
@@ -26,7 +31,9 @@ from flax import nnx
 from dtt_jax import parallel
 from dtt_jax.model.dtt import DTTModel, logistic_noise
 from dtt_jax.data.samples import BATCH_FIELDS
+from dtt_jax.rl import grpo
 from dtt_jax.sampling import engine
+from dtt_jax.train import fast_unroll
 from dtt_jax.train.state import TrainState, step_key
 
 
@@ -38,10 +45,13 @@ class LossConfig:
   noisy_span_scale: float = 0.3
   gate_noise: bool = True
   hard_gate: bool = False
+  fast_unroll: bool = True  # the recurrence's hand-written backward (`fast_unroll.unroll`); False: autodiff of it
+  fused_output: bool = True  # output layer + cross-entropy in vocabulary tiles (`fused_cross_entropy`)
 
   @classmethod
   def from_config(cls, c) -> LossConfig:
-    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+    """The fields `c` holds (the others keep their defaults)."""
+    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c})
 
 
 COUNTED = ('loss_mask', 'inner_mask', 'outer_mask')
@@ -57,23 +67,76 @@ def noisy_span_bias(filler_mask, scale: float) -> jax.Array:
   return jnp.where(filler_mask > 0, math.log(scale), 0.0)
 
 
+def _fused_ce_forward(hidden, table, targets, num_tokens: int):
+  """One pass over vocabulary tiles (`grpo._fused_forward` without the entropy, with a running argmax)."""
+  m = hidden.shape[0]
+  tiles, valid = grpo._vocab_tiles(table, num_tokens)  # pylint: disable=protected-access
+  width = tiles.shape[1]
+
+  def tile_step(carry, xs):
+    top, arg, sum_e = carry  # [M] running max, its column, sum exp(x - top)
+    tile, tile_valid, j = xs
+    x = grpo._scaled_logits(hidden, tile, 1.0, tile_valid)  # pylint: disable=protected-access
+    tile_top = jnp.max(x, axis=-1)
+    new_top = jnp.maximum(top, tile_top)
+    arg = jnp.where(tile_top > top, j * width + jnp.argmax(x, axis=-1).astype(jnp.int32), arg)  # first maximum
+    e = jnp.exp(x - new_top[:, None])
+    return (new_top, arg, sum_e * jnp.exp(top - new_top) + jnp.sum(e, -1)), None
+
+  init = (jnp.full((m,), -jnp.inf, jnp.float32), jnp.zeros((m,), jnp.int32), jnp.zeros((m,), jnp.float32))
+  (top, arg, sum_e), _ = jax.lax.scan(tile_step, init, (tiles, valid, jnp.arange(tiles.shape[0], dtype=jnp.int32)))
+  lse = top + jnp.log(sum_e)
+  target_logits = jnp.sum(hidden.astype(jnp.float32) * table[targets].astype(jnp.float32), -1)
+  return (target_logits - lse, arg), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fused_cross_entropy(hidden, table, targets, num_tokens: int):
+  """The tied output layer fused with its log-softmax, as `grpo.fused_token_logprobs` at temperature 1 (same
+  backward), plus the argmax: hidden [M,D], table [V,D], targets [M] -> (log p(targets) [M], argmax [M] int32) of
+  softmax(hidden @ table.T) over the first `num_tokens` columns (`model.gpt2.logits` masks the others to NEG_INF)."""
+  return _fused_ce_forward(hidden, table, targets, num_tokens)[0]
+
+
+def _fused_ce_fwd(hidden, table, targets, num_tokens):
+  out, lse = _fused_ce_forward(hidden, table, targets, num_tokens)
+  return out, (hidden, table, targets, lse)
+
+
+def _fused_ce_bwd(num_tokens, residuals, cotangents):
+  return grpo._fused_bwd(1.0, num_tokens, residuals, cotangents)  # pylint: disable=protected-access
+
+
+fused_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def _nll_and_prediction(model: DTTModel, target_hidden, targets, fused: bool):
+  """target_hidden [B,T,D], targets [B,T] -> (-log p(targets) [B,T], argmax of the logits [B,T])."""
+  if fused and not model.gpt2.cfg.extra_tokens:
+    b, t, d = target_hidden.shape
+    logp, prediction = fused_cross_entropy(target_hidden.reshape(b * t, d), model.gpt2.wte.embedding[...],
+                                           targets.reshape(b * t), model.gpt2.cfg.num_tokens)
+    return -logp.reshape(b, t), prediction.reshape(b, t)
+  logits = model.gpt2.logits(target_hidden)  # [B,T,V]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets), jnp.argmax(logits, -1)
+
+
 def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts):
   """Sums of the loss terms over `batch` divided by the (whole-batch) `counts` -> (loss, metrics).
 
   batch fields [B,P] / [B,T] as in `BATCH_FIELDS`; noise [B,T] logistic gate noise.
   """
   chex.assert_equal_shape([batch['completion'], batch['loss_mask'], noise])
-  out = engine.unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'], noise, tau,
-                      hard=cfg.hard_gate, completion_key_bias=noisy_span_bias(batch['filler_mask'],
-                                                                              cfg.noisy_span_scale))
-  logits = model.gpt2.logits(out.target_hidden)  # [B,T,V]
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['completion'])  # [B,T]
+  unroll = fast_unroll.unroll if cfg.fast_unroll else engine.unroll
+  out = unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'], noise, tau,
+               hard=cfg.hard_gate, completion_key_bias=noisy_span_bias(batch['filler_mask'], cfg.noisy_span_scale))
+  nll, prediction = _nll_and_prediction(model, out.target_hidden, batch['completion'], cfg.fused_output)  # [B,T]
   ce = jnp.sum(nll * batch['loss_mask']) / counts['loss_mask']
   gates = out.gates
   hinge_in = jnp.sum(jax.nn.relu(cfg.m_in - gates) * batch['inner_mask']) / counts['inner_mask']
   hinge_out = jnp.sum(jax.nn.relu(gates - cfg.m_out) * batch['outer_mask']) / counts['outer_mask']
   loss = ce + cfg.hinge_lambda * (hinge_in + hinge_out)
-  correct = (jnp.argmax(logits, -1) == batch['completion']) * batch['loss_mask']
+  correct = (prediction == batch['completion']) * batch['loss_mask']
   metrics = {
       'loss': loss, 'ce': ce, 'hinge': hinge_in + hinge_out,
       'gate_inner': jnp.sum(gates * batch['inner_mask']) / counts['inner_mask'],
