@@ -3,6 +3,9 @@
 Both sides: same weights (the JAX model is exported and loaded by HF), same batch, prompt of 32 tokens, 128 new
 tokens, temperature sampling over the full padded GPT-2 vocabulary (50304 rows), the Gumbel-sigmoid gate with noise
 blending the previous hidden state into every next input, a KV cache, fixed length (no early stop), CPU, fp32.
+dtt_jax's output layer multiplies by a [D, V] copy of the tied wte that `engine.generate` makes on CPU once per
+weights array and keeps between calls (`GenerateConfig.transposed_output`; made in the untimed first call here);
+PyTorch's lm_head multiplies by the [V, D] table itself.
 
     python benchmarks/generate.py            # tiny (4 layers, d=256) and GPT-2 small, batches 8 and 64
     python benchmarks/generate.py --quick    # tiny only, fewer tokens
