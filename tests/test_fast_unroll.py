@@ -136,9 +136,9 @@ def test_stage1_loss_and_gradients_equal_the_plain_path(fast_unroll_on, fused):
   _assert_tree_close(grads, grads_ref)
 
 
-def test_fused_cross_entropy_argmax_and_masked_rows():
-  """fused_cross_entropy's log-probs and argmax equal those of model.gpt2.logits (padded rows >= num_tokens masked),
-  with more rows than a vocabulary tile and ties resolved to the first maximum like jnp.argmax."""
+def test_fused_cross_entropy_equals_logits():
+  """fused_cross_entropy's weighted loss, gradients and argmax equal those of model.gpt2.logits (padded rows >=
+  num_tokens masked), with several vocabulary tiles and ties resolved to the first maximum like jnp.argmax."""
   cfg = GPT2Config(vocab_rows=2304, num_tokens=2250, n_positions=8, n_embd=16, n_layer=1, n_head=2)
   model = DTTModel(DTTConfig(cfg), rngs=nnx.Rngs(0))
   table = model.gpt2.wte.embedding.value
@@ -147,9 +147,21 @@ def test_fused_cross_entropy_argmax_and_masked_rows():
   hidden = jax.random.normal(jax.random.key(0), (40, 16))
   hidden = hidden.at[0].set(table[1400] * 30.0)  # row 0's maximum: the tie 1400 / 1500
   targets = jax.random.randint(jax.random.key(1), (40,), 0, 2250)
-  logp, argmax = bootstrap.fused_cross_entropy(hidden, table, targets, 2250)
-  logits = model.gpt2.logits(hidden)
-  ref = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], -1)[:, 0]
-  np.testing.assert_allclose(np.asarray(logp), np.asarray(ref), rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(argmax), np.asarray(jnp.argmax(logits, -1)))
+  weights = jax.random.uniform(jax.random.key(2), (40,)) * (jnp.arange(40) % 3 > 0)
+
+  def fused(h, t):
+    return bootstrap.fused_cross_entropy(h, t, targets, weights, 2250)
+
+  def plain(h, t):
+    logits = model.gpt2.logits(h) if t is None else jnp.where(jnp.arange(2304) < 2250, h @ t.T, -1e9)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], -1)[:, 0]
+    return jnp.sum(weights * nll), jnp.argmax(logits, -1)
+
+  (total, argmax), grads = jax.value_and_grad(fused, (0, 1), has_aux=True)(hidden, table)
+  (total_ref, argmax_ref), grads_ref = jax.value_and_grad(plain, (0, 1), has_aux=True)(hidden, table)
+  np.testing.assert_allclose(float(total), float(total_ref), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(argmax), np.asarray(jnp.argmax(model.gpt2.logits(hidden), -1)))
+  np.testing.assert_array_equal(np.asarray(argmax), np.asarray(argmax_ref))
   assert int(argmax[0]) == 1400
+  _assert_tree_close(grads, grads_ref)
+  np.testing.assert_allclose(float(jax.jit(fused)(hidden, table)[0]), float(total_ref), rtol=1e-5)

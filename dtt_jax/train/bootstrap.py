@@ -8,7 +8,7 @@ keys is scaled by `noisy_span_scale` (log of it added to their attention logits)
 
 Two exact speed-ups, both on by default (`LossConfig`): `fast_unroll` (the recurrence's hand-written backward pass,
 `train/fast_unroll.py`; same values and gradients as autodiff through `engine.unroll`) and `fused_output` (the output
-layer, log-softmax and argmax in vocabulary tiles, `fused_cross_entropy`: no [B,T,V] logits).
+layer, cross-entropy and argmax in vocabulary tiles, `fused_cross_entropy`: no [B,T,V] logits).
 
 The step is one pure jitted function `(state, batch, tau) -> (state, metrics)`: the state is donated, the batch is
 sharded over the ('data',) mesh, parameters are replicated. Gradient accumulation over `microbatches` keeps the
@@ -67,8 +67,9 @@ def noisy_span_bias(filler_mask, scale: float) -> jax.Array:
   return jnp.where(filler_mask > 0, math.log(scale), 0.0)
 
 
-def _fused_ce_forward(hidden, table, targets, num_tokens: int):
-  """One pass over vocabulary tiles (`grpo._fused_forward` without the entropy, with a running argmax)."""
+def _ce_logits(hidden, table, num_tokens: int):
+  """Vocabulary tiles of the logits -> (logits [n, M, C] float32, NEG_INF at columns >= num_tokens; tiles [n, C, D]);
+  running max, its first column and sum exp over the tiles -> log-normaliser [M], argmax [M]."""
   m = hidden.shape[0]
   tiles, valid = grpo._vocab_tiles(table, num_tokens)  # pylint: disable=protected-access
   width = tiles.shape[1]
@@ -79,46 +80,76 @@ def _fused_ce_forward(hidden, table, targets, num_tokens: int):
     x = grpo._scaled_logits(hidden, tile, 1.0, tile_valid)  # pylint: disable=protected-access
     tile_top = jnp.max(x, axis=-1)
     new_top = jnp.maximum(top, tile_top)
-    arg = jnp.where(tile_top > top, j * width + jnp.argmax(x, axis=-1).astype(jnp.int32), arg)  # first maximum
-    e = jnp.exp(x - new_top[:, None])
-    return (new_top, arg, sum_e * jnp.exp(top - new_top) + jnp.sum(e, -1)), None
+    first = jnp.min(jnp.where(x == tile_top[:, None], jnp.arange(width, dtype=jnp.int32), width), axis=-1)
+    arg = jnp.where(tile_top > top, j * width + first, arg)  # the first maximum, as jnp.argmax
+    sum_e = sum_e * jnp.exp(top - new_top) + jnp.sum(jnp.exp(x - new_top[:, None]), -1)
+    return (new_top, arg, sum_e), x
 
   init = (jnp.full((m,), -jnp.inf, jnp.float32), jnp.zeros((m,), jnp.int32), jnp.zeros((m,), jnp.float32))
-  (top, arg, sum_e), _ = jax.lax.scan(tile_step, init, (tiles, valid, jnp.arange(tiles.shape[0], dtype=jnp.int32)))
-  lse = top + jnp.log(sum_e)
+  (top, arg, sum_e), logits = jax.lax.scan(tile_step, init,
+                                           (tiles, valid, jnp.arange(tiles.shape[0], dtype=jnp.int32)))
+  return logits, tiles, top + jnp.log(sum_e), arg
+
+
+def _ce_forward(hidden, table, targets, weights, num_tokens):
+  _, _, lse, arg = _ce_logits(hidden, table, num_tokens)
   target_logits = jnp.sum(hidden.astype(jnp.float32) * table[targets].astype(jnp.float32), -1)
-  return (target_logits - lse, arg), lse
+  return jnp.sum(weights * (lse - target_logits)), arg
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def fused_cross_entropy(hidden, table, targets, num_tokens: int):
-  """The tied output layer fused with its log-softmax, as `grpo.fused_token_logprobs` at temperature 1 (same
-  backward), plus the argmax: hidden [M,D], table [V,D], targets [M] -> (log p(targets) [M], argmax [M] int32) of
-  softmax(hidden @ table.T) over the first `num_tokens` columns (`model.gpt2.logits` masks the others to NEG_INF)."""
-  return _fused_ce_forward(hidden, table, targets, num_tokens)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_cross_entropy(hidden, table, targets, weights, num_tokens: int):
+  """The tied output layer, cross-entropy and argmax in vocabulary tiles, never materialising the [M,V] logits:
+  hidden [M,D], table [V,D], targets [M], weights [M] -> (sum_m weights_m * -log p(targets_m), argmax [M] int32) of
+  softmax(hidden @ table.T) over the first `num_tokens` columns (`model.gpt2.logits` masks the others to NEG_INF).
+
+  The loss is linear in the per-row terms, so the differentiated call computes the gradient in the same pass (from
+  the stored logit tiles: three matmuls in all, every elementwise op on one cache-sized tile; `weights` and
+  `targets` get no gradient)."""
+  return _ce_forward(hidden, table, targets, weights, num_tokens)
 
 
-def _fused_ce_fwd(hidden, table, targets, num_tokens):
-  out, lse = _fused_ce_forward(hidden, table, targets, num_tokens)
-  return out, (hidden, table, targets, lse)
+def _fused_ce_fwd(hidden, table, targets, weights, num_tokens):
+  logits, tiles, lse, arg = _ce_logits(hidden, table, num_tokens)
+  h = hidden.astype(jnp.float32)
+  target_logits = jnp.sum(h * table[targets].astype(jnp.float32), -1)
+  width = tiles.shape[1]
+
+  def tile_step(d_hidden, xs):
+    x, tile, j = xs
+    onehot = targets[:, None] == j * width + jnp.arange(width)[None]
+    d_logits = weights[:, None] * (jnp.exp(x - lse[:, None]) - onehot)  # [M,C]
+    d_tile = jnp.dot(d_logits.T, h)  # [C,D]
+    return d_hidden + jnp.dot(d_logits, tile.astype(jnp.float32)), d_tile
+
+  d_hidden, d_tiles = jax.lax.scan(tile_step, jnp.zeros(h.shape, jnp.float32),
+                                   (logits, tiles, jnp.arange(tiles.shape[0], dtype=jnp.int32)))
+  d_table = d_tiles.reshape(-1, h.shape[1])[:table.shape[0]]
+  return (jnp.sum(weights * (lse - target_logits)), arg), (d_hidden.astype(hidden.dtype), d_table.astype(table.dtype))
 
 
 def _fused_ce_bwd(num_tokens, residuals, cotangents):
-  return grpo._fused_bwd(1.0, num_tokens, residuals, cotangents)  # pylint: disable=protected-access
+  del num_tokens
+  d_hidden, d_table = residuals
+  g = cotangents[0]
+  return g.astype(d_hidden.dtype) * d_hidden, g.astype(d_table.dtype) * d_table, None, None
 
 
 fused_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def _nll_and_prediction(model: DTTModel, target_hidden, targets, fused: bool):
-  """target_hidden [B,T,D], targets [B,T] -> (-log p(targets) [B,T], argmax of the logits [B,T])."""
+def _weighted_nll_and_prediction(model: DTTModel, target_hidden, targets, weights, fused: bool):
+  """target_hidden [B,T,D], targets, weights [B,T] -> (sum of weights * -log p(targets), argmax of the logits
+  [B,T])."""
   if fused and not model.gpt2.cfg.extra_tokens:
     b, t, d = target_hidden.shape
-    logp, prediction = fused_cross_entropy(target_hidden.reshape(b * t, d), model.gpt2.wte.embedding[...],
-                                           targets.reshape(b * t), model.gpt2.cfg.num_tokens)
-    return -logp.reshape(b, t), prediction.reshape(b, t)
+    total, prediction = fused_cross_entropy(target_hidden.reshape(b * t, d), model.gpt2.wte.embedding[...],
+                                            targets.reshape(b * t), weights.reshape(b * t).astype(jnp.float32),
+                                            model.gpt2.cfg.num_tokens)
+    return total, prediction.reshape(b, t)
   logits = model.gpt2.logits(target_hidden)  # [B,T,V]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets), jnp.argmax(logits, -1)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(nll * weights), jnp.argmax(logits, -1)
 
 
 def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts):
@@ -130,8 +161,8 @@ def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts):
   unroll = fast_unroll.unroll if cfg.fast_unroll else engine.unroll
   out = unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'], noise, tau,
                hard=cfg.hard_gate, completion_key_bias=noisy_span_bias(batch['filler_mask'], cfg.noisy_span_scale))
-  nll, prediction = _nll_and_prediction(model, out.target_hidden, batch['completion'], cfg.fused_output)  # [B,T]
-  ce = jnp.sum(nll * batch['loss_mask']) / counts['loss_mask']
+  ce, prediction = _weighted_nll_and_prediction(model, out.target_hidden, batch['completion'],
+                                                batch['loss_mask'] / counts['loss_mask'], cfg.fused_output)
   gates = out.gates
   hinge_in = jnp.sum(jax.nn.relu(cfg.m_in - gates) * batch['inner_mask']) / counts['inner_mask']
   hinge_out = jnp.sum(jax.nn.relu(gates - cfg.m_out) * batch['outer_mask']) / counts['outer_mask']
