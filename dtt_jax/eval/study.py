@@ -60,7 +60,7 @@ def render(root: str, command: str) -> str:
       cells += ([f'{100 * run["accuracy"]:.1f}', f'{run["tokens"]:.1f}'] if run else ['not run', ''])
       cells.append(f'{paper[0]:.1f} / {paper[1]:.1f}' if paper else '—')
     lines.append(f'| {LABELS[method]} | ' + ' | '.join(cells) + ' |')
-  out = [f'Command: `{command}`', '', *lines]
+  out = [f'Command: `{command.strip()}`', '', *lines]
   curve = stage_curve(os.path.join(root, 'addition_coconut'))
   if curve:
     out += ['', 'Addition curriculum (COCONUT, 2-digit, stage 0 = text CoT, then 1-3 steps latent; validation at '
