@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dtt_jax.data.samples import BatchIterator, gpt2_ids
+from dtt_jax.data.samples import BatchIterator, model_ids
 from dtt_jax.tokens import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,6 @@ class Sample:
   latent_mask: np.ndarray
 
 
-def _encode(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-  return [tokenizer.vocab.to_model(ids) for ids in gpt2_ids(tokenizer.hf, texts)]  # memoised GPT-2 encoding
-
-
 def layout_texts(record: dict) -> tuple[str, list[str], str]:
   """(`question\\n`, [`step\\n`, ...], `### answer`): the texts every layout encodes, each separately (as COCONUT
   does; the compact vocabulary is built from them)."""
@@ -123,7 +119,7 @@ def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokeniz
   vocab = tokenizer.vocab
   question, steps, answer = layout_texts(record)
   head = np.array(head_tokens(method, stage, cfg, vocab), np.int32)
-  prompt, *tail = _encode(tokenizer, [question] + kept_steps(method, stage, cfg, steps) + [answer])
+  prompt, *tail = model_ids(tokenizer, [question] + kept_steps(method, stage, cfg, steps) + [answer])
   tail = np.concatenate(tail + [[vocab.eos]]).astype(np.int32)
   completion = np.concatenate([head, tail]).astype(np.int32)
   loss_mask = np.concatenate([np.zeros(len(head), np.int32), np.ones(len(tail), np.int32)])
@@ -162,7 +158,7 @@ def fitting_records(records: Sequence[dict], method: str, cfg: Curriculum, token
   need_p, need_t, kept = [], [], []
   for r in records:
     question, steps, answer = layout_texts(r)
-    lengths = [len(x) for x in _encode(tokenizer, [question] + steps + [answer])]
+    lengths = [len(x) for x in model_ids(tokenizer, [question] + steps + [answer])]
     p, step_lens, a = lengths[0], lengths[1:-1], lengths[-1]
     t = max(len(head_tokens(method, k, cfg, tokenizer.vocab)) + sum(kept_steps(method, k, cfg, step_lens)) + a + 1
             for k in stages)
@@ -197,17 +193,21 @@ class CurriculumBatches:
     self.rows = BatchIterator(len(self.records), batch_size, lambda rows, epoch: rows, seed, process_index,
                               process_count)
     self.steps_per_epoch = steps_per_epoch or self.rows.batches_per_epoch
-    self.step, self.stage_changed = 0, False
+    self.step = 0
 
   def stage(self, step: int) -> int:
     return self.cfg.stage_at_step(step, self.steps_per_epoch)
+
+  @property
+  def stage_changed(self) -> bool:
+    """Whether the batch last returned (step - 1) is the first of a new stage."""
+    return self.step > 1 and self.stage(self.step - 1) != self.stage(self.step - 2)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     stage = self.stage(self.step)
-    self.stage_changed = self.step > 0 and stage != self.stage(self.step - 1)
     rows = next(self.rows)
     self.step += 1
     return build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths)

@@ -160,7 +160,8 @@ def filler_token_ids(vocab: Vocab) -> np.ndarray:
   return ids
 
 
-def _model_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+def model_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+  """Model ids [n_i] of each text (the memoised GPT-2 encoding mapped into the vocabulary)."""
   return [tokenizer.vocab.to_model(ids) for ids in gpt2_ids(tokenizer.hf, texts)]
 
 
@@ -185,10 +186,10 @@ def encode_stage1(records: Sequence[dict], tokenizer: Tokenizer, cfg) -> Encoded
   """Encodes the records and drops those that do not fit `cfg` (logged; ValueError when none fits)."""
   cfg = SampleConfig.from_config(cfg)
   texts = [record_texts(r) for r in records]
-  prompts = _model_ids(tokenizer, [t[0] for t in texts])
-  answers = _model_ids(tokenizer, [t[2] for t in texts])
+  prompts = model_ids(tokenizer, [t[0] for t in texts])
+  answers = model_ids(tokenizer, [t[2] for t in texts])
   empty = np.zeros(0, np.int32)
-  spans = _model_ids(tokenizer, [t[1] for t in texts]) if cfg.span == 'cot' else [empty] * len(texts)
+  spans = model_ids(tokenizer, [t[1] for t in texts]) if cfg.span == 'cot' else [empty] * len(texts)
   completion_lens = [3 + len(s) + cfg.longest_filler + len(a) for s, a in zip(spans, answers)]
   keep = [i for i in range(len(texts))
           if len(prompts[i]) <= cfg.max_prompt_len and completion_lens[i] <= cfg.max_completion_len]
@@ -347,7 +348,7 @@ def stage1_batch(records: Sequence[dict], tokenizer: Tokenizer, cfg, seed: int =
 
 def build_prompts(records: Sequence[dict], tokenizer: Tokenizer, max_prompt_len: int) -> Prompts:
   """Prompt-only batch of every record whose `question\\n` fits in max_prompt_len tokens (others dropped, logged)."""
-  ids = _model_ids(tokenizer, [record_texts(r)[0] for r in records])
+  ids = model_ids(tokenizer, [record_texts(r)[0] for r in records])
   keep = [i for i, x in enumerate(ids) if len(x) <= max_prompt_len]
   _report_dropped(len(ids), len(keep), [len(x) for x in ids], None, SampleConfig(max_prompt_len=max_prompt_len))
   eos = tokenizer.vocab.eos
