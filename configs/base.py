@@ -153,6 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.clip_eps = 0.2
   c.grpo.mu = 1  # inner iterations (optimizer updates) per rollout batch, inside the jitted step
   c.grpo.loss_agg = 'grpo'  # 'grpo' (per-sequence token mean) | 'dapo' (token mean) | 'dr_grpo' (sum / (N * T))
+  c.grpo.scale_rewards = 'group'  # advantage divisor: 'group' std (SPEC §7) | 'batch' std | 'none' (Dr. GRPO)
   c.grpo.drop_zero_std_groups = False  # exclude groups whose rewards are all equal from the loss (always counted)
   c.grpo.gate_as_action = False  # the gate sample's binary-concrete log-density joins the PPO ratio
   c.grpo.temperature = 1.0  # sampling temperature of rollouts (re-scoring uses the same)

@@ -190,12 +190,42 @@ def test_group_advantages_are_group_normalised_and_zero_spread_groups_give_zero(
   assert np.all(np.asarray(advantages)[4:8] == 0.0)  # exactly zero, not rounding noise / 1e-4
 
 
-@pytest.mark.parametrize('vocab_tile,row_tile', [(48, 8), (1024, 512)])
-def test_fused_output_layer_equals_log_softmax(monkeypatch, vocab_tile, row_tile):
-  """The tiled output layer (several vocabulary tiles, the last padded; row tiles that do not divide the rows) gives
-  the log-softmax log-probs and entropy of the plain logits, and the same gradients (hidden states and the tied
-  embedding), with padded vocabulary rows excluded."""
-  monkeypatch.setattr(grpo, 'VOCAB_TILE', vocab_tile)
+@pytest.mark.parametrize('scale', ['batch', 'none'])
+def test_group_advantages_batch_and_no_scaling(scale):
+  """'batch' divides the group-centred rewards by the std of all rewards, 'none' leaves them centred; a zero-spread
+  group still gives exactly 0, and small spreads stay small (no group-wise blow-up)."""
+  rewards = np.array([1.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.3, 0.3, -0.01, -0.02, -0.01, -0.03], np.float32)
+  advantages, zero_std = grpo.group_advantages(jnp.asarray(rewards), 4, scale)
+  r = rewards.reshape(3, 4).astype(np.float64)
+  expected = r - r.mean(1, keepdims=True)
+  if scale == 'batch':
+    expected /= rewards.astype(np.float64).std(ddof=1) + 1e-4
+  expected[1] = 0.0
+  np.testing.assert_array_equal(zero_std, [False, True, False])
+  np.testing.assert_allclose(advantages, expected.reshape(-1), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(advantages)[8:]).max() < 0.05  # the last group's 0.01 spreads are not scaled to ~1
+  with pytest.raises(ValueError, match='grpo.scale_rewards'):
+    grpo.GRPOConfig(scale_rewards='std')
+
+
+def test_vocabulary_tiles_divide_the_table_when_they_can():
+  assert grpo._tile_width(50304) == 1048  # GPT-2's padded table: 48 tiles, no padded copy
+  assert grpo._tile_width(512) == 512  # a compact vocabulary: one tile
+  assert grpo._tile_width(50261) == grpo.VOCAB_TILE  # a prime: tiles of VOCAB_TILE, the last one padded
+  table = jnp.arange(50261 * 2, dtype=jnp.float32).reshape(50261, 2)
+  tiles, valid = grpo._vocab_tiles(table, 50000)
+  assert tiles.shape == (50, 1024, 2) and valid.shape == (50, 1024)
+  np.testing.assert_array_equal(tiles.reshape(-1, 2)[:50261], table)
+  assert float(jnp.abs(tiles.reshape(-1, 2)[50261:]).max()) == 0.0
+  assert int(valid.sum()) == 50000 and bool(valid.reshape(-1)[49999]) and not bool(valid.reshape(-1)[50000])
+
+
+@pytest.mark.parametrize('tile_width,row_tile', [(32, 8), (48, 8), (1024, 512)])
+def test_fused_output_layer_equals_log_softmax(monkeypatch, tile_width, row_tile):
+  """The tiled output layer (several vocabulary tiles that divide the 128 rows, or whose last one is padded; row
+  tiles that do not divide the rows) gives the log-softmax log-probs and entropy of the plain logits, and the same
+  gradients (hidden states and the tied embedding), with padded vocabulary rows excluded."""
+  monkeypatch.setattr(grpo, '_tile_width', lambda v: min(tile_width, v))
   monkeypatch.setattr(grpo, 'ROW_TILE', row_tile)
   graphdef, params, _ = _policy_and_reference()
   hidden = jax.random.normal(jax.random.key(0), (3, 7, TINY.n_embd))

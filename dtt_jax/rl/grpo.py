@@ -4,6 +4,10 @@ For a rollout of N = B*G completions (G per prompt, each group contiguous in the
 
     A_i     = (r_i - mean_group(r)) / (std_group(r) + 1e-4)        (std with Bessel's correction, as TRL; A = 0 in a
                                                                     group whose rewards are all equal)
+
+(`scale_rewards`, as TRL's option of that name: 'group' divides by the group's std as above (SPEC §7), 'batch' by
+the std of all N rewards, 'none' not at all (Dr. GRPO). Group scaling blows a group's small reward differences up to
+unit advantages: in a group with no correct answer, a few reasoning tokens or a gate mean decide the ranking.)
     ratio   = exp(logp_theta(y_t) - logp_old(y_t))                   (per completion token t)
     loss_t  = -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) + beta * KL_t
     KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1             (k3 estimator, ref_t frozen, stored at rollout)
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
 
 RESCORE_MODES = ('parallel', 'recurrent')
 LOSS_AGGREGATIONS = ('grpo', 'dapo', 'dr_grpo')
+REWARD_SCALINGS = ('group', 'batch', 'none')
 STD_EPS = 1e-4
 
 
@@ -67,6 +72,7 @@ class GRPOConfig:
   clip_eps: float = 0.2
   mu: int = 1  # inner iterations (optimizer steps) per rollout batch
   loss_agg: str = 'grpo'  # 'grpo' | 'dapo' | 'dr_grpo'
+  scale_rewards: str = 'group'  # advantage divisor: the group's reward std | the batch's | none (module doc)
   drop_zero_std_groups: bool = False  # exclude groups whose rewards are all equal from the loss
   gate_as_action: bool = False
   # Sampling: shared by the rollout and the re-scoring, so both see the same policy.
@@ -86,6 +92,8 @@ class GRPOConfig:
   def __post_init__(self):
     if self.loss_agg not in LOSS_AGGREGATIONS:
       raise ValueError(f'grpo.loss_agg={self.loss_agg!r}: expected one of {", ".join(LOSS_AGGREGATIONS)}.')
+    if self.scale_rewards not in REWARD_SCALINGS:
+      raise ValueError(f'grpo.scale_rewards={self.scale_rewards!r}: expected one of {", ".join(REWARD_SCALINGS)}.')
     if self.num_generations < 2:
       raise ValueError(f'grpo.num_generations={self.num_generations}: a group needs at least 2 completions.')
     if self.mu < 1:
@@ -111,16 +119,25 @@ def make_grpo_optimizer(g, train_modules: tuple[str, ...]) -> optax.GradientTran
 # ------------------------------------------------------------------------------------------------- advantages
 
 
-def group_advantages(rewards: jax.Array, num_generations: int) -> tuple[jax.Array, jax.Array]:
+def group_advantages(rewards: jax.Array, num_generations: int,
+                     scale: str = 'group') -> tuple[jax.Array, jax.Array]:
   """rewards [N] (N = B*G, groups contiguous) -> (advantages [N], zero_std [B] bool).
 
-  A = (r - mean_group) / (std_group + 1e-4); exactly 0 in a group whose rewards are all equal (`zero_std`).
+  A = (r - mean_group) / (std + 1e-4), std that of the group, of all N rewards or 1 (no division) by `scale`
+  ('group' | 'batch' | 'none'); exactly 0 in a group whose rewards are all equal (`zero_std`).
   """
   grouped = rewards.astype(jnp.float32).reshape(-1, num_generations)  # [B,G]
   mean = grouped.mean(axis=1, keepdims=True)
-  std = jnp.std(grouped, axis=1, keepdims=True, ddof=1)
   zero_std = grouped.max(axis=1) == grouped.min(axis=1)  # [B]
-  advantages = jnp.where(zero_std[:, None], 0.0, (grouped - mean) / (std + STD_EPS))
+  if scale == 'group':
+    divisor = jnp.std(grouped, axis=1, keepdims=True, ddof=1) + STD_EPS
+  elif scale == 'batch':
+    divisor = jnp.std(grouped, ddof=1) + STD_EPS
+  elif scale == 'none':
+    divisor = 1.0
+  else:
+    raise ValueError(f'Unknown reward scaling {scale!r}; expected one of {", ".join(REWARD_SCALINGS)}.')
+  advantages = jnp.where(zero_std[:, None], 0.0, (grouped - mean) / divisor)
   return advantages.reshape(-1), zero_std
 
 
@@ -133,13 +150,22 @@ VOCAB_TILE = 1024
 ROW_TILE = 512
 
 
+def _tile_width(v: int) -> int:
+  """Columns per vocabulary tile: the divisor of v nearest VOCAB_TILE within a factor 2 of it (the table reshapes
+  into tiles without a padded copy: 1048 for GPT-2's 50304 rows), else VOCAB_TILE (the last tile padded)."""
+  if v <= VOCAB_TILE:
+    return v
+  divisors = [c for c in range(VOCAB_TILE // 2, 2 * VOCAB_TILE + 1) if v % c == 0]
+  return min(divisors, key=lambda c: abs(c - VOCAB_TILE)) if divisors else VOCAB_TILE
+
+
 def _vocab_tiles(table: jax.Array, num_tokens: int):
-  """table [V,D] -> tiles [n, C, D] (zero-padded), valid [n, C] (column < num_tokens)."""
+  """table [V,D] -> tiles [n, C, D] (zero-padded when C does not divide V), valid [n, C] (column < num_tokens)."""
   v, d = table.shape
-  tile = min(VOCAB_TILE, v)
+  tile = _tile_width(v)
   n = -(-v // tile)
-  tiles = jnp.pad(table, ((0, n * tile - v), (0, 0))).reshape(n, tile, d)
-  return tiles, (jnp.arange(n * tile) < num_tokens).reshape(n, tile)
+  tiles = table if n * tile == v else jnp.pad(table, ((0, n * tile - v), (0, 0)))
+  return tiles.reshape(n, tile, d), (jnp.arange(n * tile) < num_tokens).reshape(n, tile)
 
 
 def _scaled_logits(hidden, table, temperature, valid):
@@ -367,7 +393,7 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, 
 
   def grpo_step(state: TrainState, batch: RolloutBatch):
     n, t = batch.completion.shape
-    advantages, zero_std = group_advantages(batch.rewards, cfg.num_generations)
+    advantages, zero_std = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_rewards)
     mask = loss_mask(batch, zero_std, cfg)
     grad_fn = jax.grad(grpo_loss, has_aux=True)
 
