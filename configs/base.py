@@ -154,6 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.mu = 1  # inner iterations (optimizer updates) per rollout batch, inside the jitted step
   c.grpo.loss_agg = 'grpo'  # 'grpo' (per-sequence token mean) | 'dapo' (token mean) | 'dr_grpo' (sum / (N * T))
   c.grpo.scale_rewards = 'group'  # advantage divisor: 'group' std (SPEC §7) | 'batch' std | 'none' (Dr. GRPO)
+  c.grpo.score_blended_tokens = True  # False: no policy-gradient term at inner tokens with gate >= 0.5
   c.grpo.drop_zero_std_groups = False  # exclude groups whose rewards are all equal from the loss (always counted)
   c.grpo.gate_as_action = False  # the gate sample's binary-concrete log-density joins the PPO ratio
   c.grpo.temperature = 1.0  # sampling temperature of rollouts (re-scoring uses the same)

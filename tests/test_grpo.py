@@ -142,6 +142,8 @@ def numpy_grpo_loss(logp, old_logp, gate_logit, old_gate_logit, batch, cfg) -> f
     act, old_act = logp + log_pdf(gate_logit), old_logp + log_pdf(old_gate_logit)
   ratio = np.exp(act - old_act)
   surrogate = np.minimum(ratio * adv, np.clip(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+  if not cfg.score_blended_tokens:
+    surrogate[(np.asarray(batch.inner_mask) > 0) & (np.asarray(batch.gates) >= 0.5)] = 0.0
   ref = np.asarray(batch.ref_logprobs, np.float64)
   kl = np.exp(ref - logp) - (ref - logp) - 1
   per_token = (-surrogate + cfg.beta * kl) * mask
@@ -153,15 +155,24 @@ def numpy_grpo_loss(logp, old_logp, gate_logit, old_gate_logit, batch, cfg) -> f
   return float(per_token.sum() / (mask.shape[0] * mask.shape[1]))
 
 
-@pytest.mark.parametrize('loss_agg,gate_as_action,drop', [
-    ('grpo', False, False), ('dapo', False, False), ('dr_grpo', False, False), ('grpo', True, False),
-    ('dapo', True, True), ('grpo', False, True)])
-def test_loss_equals_numpy_reference(loss_agg, gate_as_action, drop):
+@pytest.mark.parametrize('loss_agg,gate_as_action,drop,blended', [
+    ('grpo', False, False, True), ('dapo', False, False, True), ('dr_grpo', False, False, True),
+    ('grpo', True, False, True), ('dapo', True, True, True), ('grpo', False, True, True), ('grpo', False, False, False),
+    ('dapo', True, False, False)])
+def test_loss_equals_numpy_reference(loss_agg, gate_as_action, drop, blended):
   """On a fixed rollout with old log-probs away from the current ones (ratios inside and outside the clip range),
-  the loss is the NumPy GRPO objective for every aggregation, with/without the gate action and dropped groups."""
-  cfg = dataclasses.replace(CFG, loss_agg=loss_agg, gate_as_action=gate_as_action, drop_zero_std_groups=drop)
+  the loss is the NumPy GRPO objective for every aggregation, with/without the gate action, dropped groups and the
+  policy-gradient term at blended inner tokens."""
+  cfg = dataclasses.replace(CFG, loss_agg=loss_agg, gate_as_action=gate_as_action, drop_zero_std_groups=drop,
+                            score_blended_tokens=blended)
   graphdef, params, ref_params = _policy_and_reference()
   batch = make_batch(cfg)
+  if not blended:  # half the positions inner, gates on both sides of 0.5 (only the loss mask reads these two)
+    rng = np.random.RandomState(2)
+    batch = batch.replace(inner_mask=(rng.rand(*batch.gates.shape) < 0.5).astype(np.float32),
+                          gates=rng.rand(*batch.gates.shape).astype(np.float32))
+    blended_real = (batch.inner_mask > 0) & (batch.gates >= 0.5) & (np.asarray(batch.completion_mask) > 0)
+    assert 0 < blended_real.sum() < np.asarray(batch.completion_mask).sum()
   logp, gate_logit = _model_scores(graphdef, params, batch)
   rng = np.random.RandomState(1)
   old_logp = np.asarray(logp) + 0.3 * rng.randn(*logp.shape).astype(np.float32)
@@ -177,6 +188,10 @@ def test_loss_equals_numpy_reference(loss_agg, gate_as_action, drop):
     kept = numpy_grpo_loss(logp, old_logp, gate_logit, old_gate_logit, batch,
                            dataclasses.replace(cfg, drop_zero_std_groups=False))
     assert abs(kept - expected) > 1e-6
+  if not blended:  # and so does leaving out the blended tokens' policy-gradient terms
+    every = numpy_grpo_loss(logp, old_logp, gate_logit, old_gate_logit, batch,
+                            dataclasses.replace(cfg, score_blended_tokens=True))
+    assert abs(every - expected) > 1e-6
 
 
 def test_group_advantages_are_group_normalised_and_zero_spread_groups_give_zero():

@@ -23,6 +23,12 @@ head and projection get gradient through the blend. Token log-probs are those of
 (logits / temperature, before top-k/p truncation), like the rollout's. Loss tokens are the real completion tokens
 except those the reasoning budget forced (`<|eot|>` after `max_think`): they were not sampled from the policy.
 
+`score_blended_tokens=False`: a token sampled at a position whose gate is >= 0.5 is emitted but mostly not fed
+back (the next input is g * h + (1 - g) * wte(token)). Inside the reasoning span the value of such a token changes
+neither the later tokens nor the answer (unless it is a special token that ends the sequence or breaks the
+structure), so its policy-gradient term has (nearly) zero expectation and only adds variance. The option drops that
+term at inner positions with gate >= 0.5; the KL term stays, and <|bot|>, <|eot|> and the answer are outer positions.
+
 `gate_as_action`: the gate sample is an action too. Its binary-concrete log-density (in logit space: the logit
 z = (l_old + n) / tau of the stored sample, under the current gate logit l and tau; the Jacobian to the gate value
 does not depend on the parameters and cancels in the ratio) is added to the token log-prob in the ratio. The KL
@@ -74,6 +80,8 @@ class GRPOConfig:
   loss_agg: str = 'grpo'  # 'grpo' | 'dapo' | 'dr_grpo'
   scale_rewards: str = 'group'  # advantage divisor: the group's reward std | the batch's | none (module doc)
   drop_zero_std_groups: bool = False  # exclude groups whose rewards are all equal from the loss
+  # False: no policy-gradient term at inner tokens whose gate is >= 0.5 (module doc); the KL term keeps them.
+  score_blended_tokens: bool = True
   gate_as_action: bool = False
   # Sampling: shared by the rollout and the re-scoring, so both see the same policy.
   temperature: float = 1.0
@@ -345,6 +353,8 @@ def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask
   adv = advantages[:, None]
   clipped_ratio = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
   per_token = -jnp.minimum(ratio * adv, clipped_ratio * adv)
+  if not cfg.score_blended_tokens:
+    per_token = jnp.where((batch.inner_mask > 0) & (batch.gates >= 0.5), 0.0, per_token)
   kl = k3_kl(logp, batch.ref_logprobs)
   if cfg.beta:
     per_token = per_token + cfg.beta * kl
