@@ -4,10 +4,6 @@ For a rollout of N = B*G completions (G per prompt, each group contiguous in the
 
     A_i     = (r_i - mean_group(r)) / (std_group(r) + 1e-4)        (std with Bessel's correction, as TRL; A = 0 in a
                                                                     group whose rewards are all equal)
-
-(`scale_rewards`, as TRL's option of that name: 'group' divides by the group's std as above (SPEC §7), 'batch' by
-the std of all N rewards, 'none' not at all (Dr. GRPO). Group scaling blows a group's small reward differences up to
-unit advantages: in a group with no correct answer, a few reasoning tokens or a gate mean decide the ranking.)
     ratio   = exp(logp_theta(y_t) - logp_old(y_t))                   (per completion token t)
     loss_t  = -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) + beta * KL_t
     KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1             (k3 estimator, ref_t frozen, stored at rollout)
@@ -16,6 +12,10 @@ aggregated over the loss tokens by `loss_agg`:
     'grpo'    mean over each sequence's tokens, then mean over sequences
     'dapo'    sum over all tokens / number of tokens
     'dr_grpo' sum over all tokens / (number of sequences * max_new_tokens)
+
+`scale_rewards`, as TRL's option of that name: 'group' divides by the group's std as above (SPEC §7), 'batch' by the
+std of all N rewards, 'none' not at all (Dr. GRPO). Group scaling blows a group's small reward differences up to unit
+advantages: in a group with no correct answer, a few reasoning tokens or a gate mean decide the ranking.
 
 Log-probabilities are re-scored in one parallel forward pass (`engine.rescore`): the inputs are rebuilt from the
 stored hidden states (no gradient through them) and the stored gate noise with the current gate head, so the gate
