@@ -7,6 +7,12 @@ parallel pass: tokens, the rollout's log-probs, gates, gate noise, the hidden st
 temperature it was generated with, and (beta > 0) the frozen reference model's log-probs of the same completions,
 re-scored from the same stored hidden states and noise with the reference's own gate head.
 
+Stored log-probs are those of the untruncated policy (softmax(logits / temperature), `sampler.sample`), which the
+update's re-scoring reproduces. With `top_k` or `top_p` on, tokens are drawn from the truncated distribution, whose
+log-probs are larger by -log(kept mass): the PPO ratio is then a ratio of untruncated policies, not the one against
+the behaviour policy (at mu > 1 they differ by the ratio of the kept masses), and the gradient is that of the
+untruncated log-prob.
+
 `collect` takes the global batch of prompts (the same on every process); rewards are computed on the host from
 the decoded completions (`dtt_jax.reward`), and the large arrays (hidden states) never leave the devices.
 """
@@ -43,7 +49,7 @@ class RolloutBatch:
   completion: jax.Array  # [N,T] int32 model ids (eos after the end)
   completion_mask: jax.Array  # [N,T] int32: real tokens through the first eos inclusive
   forced: jax.Array  # [N,T] int32: <|eot|> forced by the reasoning budget (not sampled: no loss)
-  logprobs: jax.Array  # [N,T] float32 rollout log-probs under logits / temperature (0 at padding)
+  logprobs: jax.Array  # [N,T] float32 rollout log-probs under logits / temperature, untruncated (0 at padding)
   ref_logprobs: jax.Array  # [N,T] float32 reference log-probs (0 when beta == 0)
   gates: jax.Array  # [N,T] float32 gate that blended each position's input
   gate_noise: jax.Array  # [N,T] float32 logistic noise of each gate

@@ -75,11 +75,14 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.
     kth = jax.lax.top_k(scaled, cfg.top_k)[0][:, -1:]
     probs = jnp.where(scaled < kth, 0.0, probs)
   if cfg.top_p < 1.0:
-    sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1] / jnp.sum(probs, axis=-1, keepdims=True)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    # keep the smallest prefix of the sorted tokens whose mass reaches top_p (at least one token)
-    n_keep = jnp.maximum(jnp.sum(mass_before < cfg.top_p, axis=-1), 1)
-    threshold = jnp.take_along_axis(sorted_probs, (n_keep - 1)[:, None], -1) * jnp.sum(probs, -1, keepdims=True)
+    sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]  # [B,V] unnormalised, descending
+    cumulative = jnp.cumsum(sorted_probs, axis=-1)
+    mass_before = cumulative - sorted_probs
+    # keep the smallest prefix of the sorted tokens whose mass reaches top_p (at least one token), and every token
+    # tied with the last one kept. The threshold is an entry of `probs` itself: one recomputed from normalised
+    # probabilities (p / sum * sum) can land a float32 step above the crossing token and drop it.
+    n_keep = jnp.maximum(jnp.sum(mass_before < cfg.top_p * cumulative[:, -1:], axis=-1), 1)
+    threshold = jnp.take_along_axis(sorted_probs, (n_keep - 1)[:, None], -1)  # [B,1]
     probs = jnp.where(probs < threshold, 0.0, probs)
   u = jax.random.uniform(key, logits.shape[:1])
   return inverse_cdf_sample(probs, u), lognorm
