@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.method = 'dtt'
   c.num_devices = 0  # 0: every device of every process
   c.init_from = ''  # GRPO: a workdir whose bootstrap result gives the initial policy and the reference ('' = this one)
+  # A rerun whose config differs from the checkpoints in the workdir beyond steps / intervals / logging:
+  # 'stop' (an error listing the differences) | 'move_aside' (old stages to <workdir>/moved-<time>/, start anew)
+  c.on_config_change = 'stop'
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.enabled = False  # also log to Weights & Biases

@@ -13,6 +13,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dtt_jax import pipeline
+from dtt_jax.checkpoint import CheckpointError
+from dtt_jax.workdir import WorkdirError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path of an ml_collections config file (configs/*.py[:stage]).',
@@ -31,7 +33,11 @@ def main(argv):
                       stream=sys.stderr, force=True)
   logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax logs every file operation at INFO
   pipeline.init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  pipeline.run(FLAGS.config, FLAGS.workdir)
+  try:
+    pipeline.run(FLAGS.config, FLAGS.workdir)
+  except (WorkdirError, CheckpointError) as e:  # the message says what to do; no traceback
+    logging.error('%s', e)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

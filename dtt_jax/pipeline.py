@@ -3,6 +3,8 @@
 Workdir layout:
     vocab.json                      model-id <-> GPT-2-id map (compact vocabulary) — fixed at the first run
     config.json                     the resolved config of the last run
+    lock.json                       the run holding the workdir (dtt_jax/workdir.py)
+    bootstrap/config.json           the config the stage started with (checked before it resumes)
     bootstrap/checkpoints/<step>/   Stage-1 Orbax checkpoints (latest k + best by validation)
     grpo/checkpoints/<step>/        Stage-2 checkpoints
     eval/                           metrics.json, completions.jsonl/.csv, histograms (PNG), artifacts.npz
@@ -25,6 +27,7 @@ from flax import nnx
 
 from dtt_jax import data as data_lib
 from dtt_jax import parallel, tokens
+from dtt_jax import workdir as workdir_lib
 from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.eval import evaluate as eval_lib
 from dtt_jax.eval import report
@@ -130,6 +133,7 @@ def setup(config, workdir: str) -> Experiment:
   """Data, tokenizer and vocabulary (the compact map is fixed at the first run and reused on resume)."""
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_resume(config, workdir)  # before anything in the workdir changes
   hf = tokens.load_tokenizer(_tokenizer_source(config))
   train, valid = data_lib.load_splits(config.dataset, seed=config.seed)
   vocab_path = os.path.join(workdir, 'vocab.json')
@@ -274,6 +278,7 @@ def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef, vali
   writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
   temperature = Temperature(s.tau0, s.tau_min, s.steps, s.patience)
   loop_cfg = loop.LoopConfig(stage, s.steps, s.log_every, s.eval_every, s.checkpoint_every, s.best_metric)
+  workdir_lib.record_stage_config(exp.workdir, stage, c)
   try:
     return loop.run(loop_cfg, state, step_fn, data, temperature, ckpt, writer,
                     validate or make_validate(exp, graphdef),
@@ -406,6 +411,11 @@ def run_coconut_eval(exp: Experiment) -> dict[str, float]:
 
 
 def run(config, workdir: str) -> None:
+  with workdir_lib.hold(workdir):
+    _run(config, workdir)
+
+
+def _run(config, workdir: str) -> None:
   exp = setup(config, workdir)
   if config.method == 'think_tokens':
     from dtt_jax import think_tokens  # pylint: disable=g-import-not-at-top

@@ -55,6 +55,7 @@ from flax import nnx
 from dtt_jax import data as data_lib
 from dtt_jax import parallel
 from dtt_jax import tokens as tokens_lib
+from dtt_jax import workdir as workdir_lib
 from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.data import samples as samples_lib
 from dtt_jax.metrics import MetricWriter
@@ -713,6 +714,7 @@ def _run_loop(exp, name: str, state, step_fn, data, validate, steps: int) -> loo
   ckpt = Checkpointer(os.path.join(exp.workdir, name, 'checkpoints'), keep=t.keep_checkpoints)
   writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
   loop_cfg = loop.LoopConfig(name, steps, t.log_every, t.eval_every, t.checkpoint_every)
+  workdir_lib.record_stage_config(exp.workdir, name, c)
   try:
     return loop.run(loop_cfg, state, step_fn, data, Temperature(1.0, 1.0, steps), ckpt, writer, validate,
                     meta={'vocab': json.loads(exp.vocab.to_json())})

@@ -1,12 +1,15 @@
-"""Checkpoints: state + metadata round-trip, latest-k and best retention, and fallback past a corrupt one."""
+"""Checkpoints: state + metadata round-trip, latest-k and best retention, fallback past a corrupt one (moved aside),
+no fallback past an incompatible one, and a clear error when a write fails."""
 
+import errno
 import logging
 import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from dtt_jax.checkpoint import Checkpointer
+from dtt_jax.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, IncompatibleCheckpointError
 
 
 def _state(v):
@@ -26,21 +29,79 @@ def test_round_trip_and_retention(tmp_path):
   ckpt.close()
 
 
-def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog):
-  ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
-  for step in (1, 2):
-    ckpt.save(step, _state(step), {'data': {'epoch': step}})
-  ckpt.wait()
-  for root, _, files in os.walk(tmp_path / '2' / 'state'):
+def _corrupt(step_dir):
+  for root, _, files in os.walk(step_dir / 'state'):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
+
+
+def test_corrupt_latest_falls_back_and_is_moved_aside(tmp_path, caplog):
+  ckpt = Checkpointer(str(tmp_path / 'checkpoints'), keep=2, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, _state(step), {'data': {'epoch': step}})
+  ckpt.wait()
+  _corrupt(tmp_path / 'checkpoints' / '2')
   with caplog.at_level(logging.WARNING):
     step, state, meta = ckpt.restore_latest(_state(0))
   assert step == 1 and meta['data'] == {'epoch': 1}
   np.testing.assert_array_equal(state['params']['w'], np.full((3, 2), 1.0))
-  assert any('could not be restored' in r.message and '/2' in r.message for r in caplog.records)
+  assert any('could not be read' in r.message and '/2' in r.message for r in caplog.records)
+  # Out of the manager's directory: the keep-2 policy now keeps 1 and 3, and a new step 2 does not collide.
+  moved = os.listdir(tmp_path / 'checkpoints.corrupt')
+  assert len(moved) == 1 and moved[0].startswith('2-')
+  ckpt.save(2, _state(2), {})
+  ckpt.save(3, _state(3), {})
   ckpt.close()
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
+
+
+def test_none_readable_is_an_error_listing_them_and_moves_nothing(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, _state(step), {})
+  ckpt.wait()
+  for step in (1, 2):
+    _corrupt(tmp_path / str(step))
+  with pytest.raises(CheckpointError, match=r'(?s)No checkpoint in .* can be read; none was changed:\n  2: .*\n  1: '):
+    ckpt.restore_latest(_state(0))
+  assert sorted(os.listdir(tmp_path)) == ['1', '2']
+  ckpt.close()
+
+
+def test_other_shapes_are_incompatible_not_corrupt(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, _state(step), {})
+  ckpt.wait()
+  wanted = {'params': {'w': jnp.zeros((4, 2))}, 'step': jnp.int32(0)}
+  with pytest.raises(IncompatibleCheckpointError, match=r'/2 holds arrays of other shapes .*\n  params/w: '
+                     r'\(3, 2\) saved, \(4, 2\) now'):
+    ckpt.restore_latest(wanted)
+  assert ckpt.steps() == [1, 2] and not os.path.exists(str(tmp_path) + '.corrupt')
+  ckpt.close()
+
+
+def test_failed_async_write_is_reported_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def full_disk(self, *args, **kwargs):
+    if str(self._final_path).endswith('/2'):  # pylint: disable=protected-access
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return await finalize(self, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', full_disk)
+  ckpt = Checkpointer(str(tmp_path), keep=1)
+  ckpt.save(1, _state(1), {})
+  ckpt.save(2, _state(2), {})
+  with pytest.raises(CheckpointWriteError, match=r'Writing checkpoint .*/2 failed \(OSError: \[Errno 28\] No '
+                     r'space left on device\)\. Finished checkpoints, intact: 1\. .*rerun the same command'):
+    ckpt.wait()
+  monkeypatch.undo()
+  step, state, _ = Checkpointer(str(tmp_path), async_save=False).restore_latest(_state(0))
+  assert step == 1
+  np.testing.assert_array_equal(state['params']['w'], np.full((3, 2), 1.0))
 
 
 def test_no_checkpoint_gives_none(tmp_path):

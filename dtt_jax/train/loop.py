@@ -102,9 +102,10 @@ def run(cfg: LoopConfig, state, step_fn: Callable, data, temperature: Temperatur
     if not all(math.isfinite(v) for v in values.values()):
       checkpointer.wait()
       last = checkpointer.steps()
-      raise NonFiniteLossError(
-          f'{cfg.name}: non-finite metrics at step {s} ({ {k: v for k, v in values.items() if not math.isfinite(v)} });'
-          f' stopping. Last good checkpoint: {checkpointer.directory}/{last[-1] if last else "none"}.')
+      bad = ', '.join(f'{k}={v}' for k, v in values.items() if not math.isfinite(v))
+      where = (f'the last good checkpoint is {checkpointer.directory}/{last[-1]}' if last else
+               f'no checkpoint yet in {checkpointer.directory}')
+      raise NonFiniteLossError(f'{cfg.name}: non-finite metrics at step {s} ({bad}); stopping: {where}.')
     return values
 
   pending = None  # (step, device metrics) fetched one step late
