@@ -1,13 +1,20 @@
-"""Export a trained DTT model as a Hugging Face GPT-2 directory.
+"""Export a trained DTT model as a Hugging Face GPT-2 directory that transformers loads as is.
 
-    python -m dtt_jax.export --workdir=runs/gsm8k --out=exported/gsm8k [--stage=grpo|bootstrap] [--step=N]
+    python -m dtt_jax.export --workdir=runs/gsm8k --out=exported/gsm8k [--stage=grpo|bootstrap]
 
-Writes `config.json` + `model.safetensors` (loads with `transformers.GPT2LMHeadModel.from_pretrained(out)`),
-`dtt_head.safetensors` (gate head `gate.weight` [1,D] / `gate.bias` [1], and `proj.weight`/`proj.bias` when the
-projection is used, in PyTorch Linear layout; the HRPO gate's `hrpo.*` tensors with `config.model.gate='hrpo'`),
-`dtt_config.json` (gate kind and formula, evaluation temperature) and `dtt_vocab.json`. LoRA adapters are merged
-into the exported GPT-2 weights. With the full vocabulary the HF token ids are GPT-2's (plus the 4 DTT specials).
-With the compact vocabulary the exported rows are the model ids; `dtt_vocab.json` lists the GPT-2 id of each row.
+Writes `config.json` + `model.safetensors` (loads with `transformers.AutoModelForCausalLM.from_pretrained(out)`;
+bos/eos/pad ids are the model's <|endoftext|> row), the tokenizer (`tokenizer.json` + `tokenizer_config.json`:
+`AutoTokenizer.from_pretrained(out)`, ids = the model's ids, the 4 DTT specials as special tokens; see
+`tokens.hf_tokenizer_for_vocab`), `dtt_head.safetensors` (gate head `gate.weight` [1,D] / `gate.bias` [1], and
+`proj.weight`/`proj.bias` when the projection is used, in PyTorch Linear layout; the HRPO gate's `hrpo.*` tensors
+with `config.model.gate='hrpo'`), `dtt_config.json` (gate kind and formula, evaluation temperature) and
+`dtt_vocab.json`. LoRA adapters are merged into the exported GPT-2 weights. With the full vocabulary the token ids
+are GPT-2's (plus the 4 DTT specials at 50257..50260). With the compact vocabulary the exported rows and the
+tokenizer's ids are the model ids (`dtt_vocab.json` lists the GPT-2 id of each row): the dataset's text tokenizes
+to exactly the ids dtt_jax gives it; text with tokens outside the compact vocabulary gets ids >= vocab_size, which
+the model cannot embed (dtt_jax's tokenizer refuses such text too).
+
+The exported GPT-2 alone decodes as dtt_jax does with the gate off (plain GPT-2); the gate needs `dtt_head`.
 """
 
 from __future__ import annotations
@@ -60,6 +67,25 @@ def gate_tensors(model) -> dict[str, np.ndarray]:
   return out
 
 
+def write_export(model, tokenizer: tokens.Tokenizer, out_dir: str, stage: str, eval_tau: float) -> None:
+  """Writes the HF directory of `model` (a `DTTModel` whose rows are `tokenizer.vocab`'s model ids)."""
+  vocab = tokenizer.vocab
+  hf_io.export_pretrained(model.gpt2, out_dir, eos_id=vocab.eos)  # LoRA adapters merged into the base
+  tokens.hf_tokenizer_for_vocab(tokenizer.hf, vocab, model.gpt2.cfg.n_positions).save_pretrained(out_dir)
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in gate_tensors(model).items()},
+            os.path.join(out_dir, 'dtt_head.safetensors'))
+  gate = {'gate': model.cfg.gate, 'use_projection': model.proj is not None, 'blend': BLENDS[model.cfg.gate]}
+  if model.hrpo is not None:
+    gate['hrpo_c'] = model.hrpo.c
+  with open(os.path.join(out_dir, 'dtt_config.json'), 'w') as f:
+    json.dump({'stage': stage, 'eval_tau': eval_tau, **gate,
+               'special_tokens': {name: vocab.model_id(gid) for name, gid in zip(
+                   ('<|endoftext|>',) + tokens.SPECIAL_TOKENS, tokens.SPECIAL_IDS)}}, f, indent=2)
+  with open(os.path.join(out_dir, 'dtt_vocab.json'), 'w') as f:
+    f.write(vocab.to_json())
+
+
 def export(workdir: str, out_dir: str, stage: str = '') -> str:
   """Writes the HF directory for `stage`'s best checkpoint; returns the stage exported."""
   config = load_run_config(workdir)
@@ -69,21 +95,7 @@ def export(workdir: str, out_dir: str, stage: str = '') -> str:
     stage = 'grpo' if os.path.isdir(os.path.join(workdir, 'grpo', 'checkpoints')) else 'bootstrap'
   graphdef, params = pipeline.stage_params(exp, stage)
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  model = nnx.merge(graphdef, params)
-  hf_io.export_pretrained(model.gpt2, out_dir)  # LoRA adapters merged into the base
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in gate_tensors(model).items()},
-            os.path.join(out_dir, 'dtt_head.safetensors'))
-  tau = config[stage].tau_min
-  gate = {'gate': model.cfg.gate, 'use_projection': model.proj is not None, 'blend': BLENDS[model.cfg.gate]}
-  if model.hrpo is not None:
-    gate['hrpo_c'] = model.hrpo.c
-  with open(os.path.join(out_dir, 'dtt_config.json'), 'w') as f:
-    json.dump({'stage': stage, 'eval_tau': tau, **gate,
-               'special_tokens': {name: exp.vocab.model_id(gid) for name, gid in zip(
-                   ('<|endoftext|>',) + tokens.SPECIAL_TOKENS, tokens.SPECIAL_IDS)}}, f, indent=2)
-  with open(os.path.join(out_dir, 'dtt_vocab.json'), 'w') as f:
-    f.write(exp.vocab.to_json())
+  write_export(nnx.merge(graphdef, params), exp.tokenizer, out_dir, stage, config[stage].tau_min)
   return stage
 
 

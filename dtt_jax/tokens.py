@@ -196,3 +196,42 @@ class Tokenizer:
     if skip_eos:
       ids = [i for i in ids if i != EOS_ID]
     return self.hf.decode(ids)
+
+
+def hf_tokenizer_for_vocab(hf_tokenizer, vocab: Vocab, model_max_length: int | None = None):
+  """A transformers tokenizer (GPT2TokenizerFast) whose ids are `vocab`'s model ids: what an exported model's rows are.
+
+  The byte-level BPE of `hf_tokenizer` (from `load_tokenizer`) with its token strings and merges unchanged and the
+  ids relabelled: the GPT-2 token `vocab.gpt2_ids[m]` gets id m, the GPT-2 tokens outside the compact vocabulary
+  follow at ids num_tokens.. in GPT-2 order. So every text splits into exactly GPT-2's tokens: text the compact
+  vocabulary covers (the dataset's) gets exactly `Tokenizer.encode`'s ids; other text gets some ids >= num_tokens,
+  which the model has no rows for (where `Tokenizer.encode` raises KeyError). Dropping those tokens instead would
+  change the split of in-vocabulary text too: BPE reaches a token through merges whose intermediate tokens are
+  mostly outside the compact vocabulary. Full vocabulary: the ids stay GPT-2's (plus the 4 specials at 50257..).
+  <|endoftext|> is bos, eos, unk and pad; the DTT specials are additional special tokens.
+  """
+  from tokenizers import Tokenizer as BackendTokenizer  # pylint: disable=g-import-not-at-top
+  from transformers import GPT2TokenizerFast  # pylint: disable=g-import-not-at-top
+
+  relabel = np.arange(GPT2_VOCAB)
+  if not vocab.is_full:
+    relabel[np.asarray(vocab.gpt2_ids)] = np.arange(vocab.num_tokens)
+    rest = np.setdiff1d(np.arange(GPT2_VOCAB), np.asarray(vocab.gpt2_ids))
+    relabel[rest] = vocab.num_tokens + np.arange(rest.size)
+  spec = json.loads(hf_tokenizer.backend_tokenizer.to_str())
+  if len(spec['model']['vocab']) != GPT2_BASE_VOCAB or len(spec['added_tokens']) != len(SPECIAL_IDS):
+    raise ValueError(f'Expected the GPT-2 tokenizer of `load_tokenizer` ({GPT2_BASE_VOCAB} tokens + the '
+                     f'{len(SPECIAL_IDS)} specials), got {len(spec["model"]["vocab"])} + {len(spec["added_tokens"])}.')
+  spec['model']['vocab'] = {s: int(relabel[i]) for s, i in spec['model']['vocab'].items()}
+  for added in spec['added_tokens']:
+    added['id'] = int(relabel[added['id']])
+    # An added token keeps a given id only when the BPE vocabulary has it; otherwise it goes after the last id.
+    spec['model']['vocab'][added['content']] = added['id']
+  tok = GPT2TokenizerFast(tokenizer_object=BackendTokenizer.from_str(json.dumps(spec)), bos_token=EOS,
+                          eos_token=EOS, unk_token=EOS, pad_token=EOS, additional_special_tokens=list(SPECIAL_TOKENS),
+                          model_max_length=model_max_length or hf_tokenizer.model_max_length)
+  got = tok.convert_tokens_to_ids([EOS, *SPECIAL_TOKENS])
+  want = [vocab.model_id(i) for i in SPECIAL_IDS]
+  if got != want:
+    raise ValueError(f'The relabelled tokenizer gives the specials ids {got}, expected {want}.')
+  return tok

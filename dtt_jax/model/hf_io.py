@@ -145,11 +145,13 @@ def assign_hf_tensors(model: GPT2, tensors: dict[str, np.ndarray], source: str =
     var.value = np.asarray(value, var.value.dtype)
 
 
-def export_pretrained(model: GPT2, out_dir: str, num_tokens: int | None = None) -> None:
+def export_pretrained(model: GPT2, out_dir: str, num_tokens: int | None = None,
+                      eos_id: int = tokens.EOS_ID) -> None:
   """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads.
 
   The first `num_tokens` embedding rows are exported (default: the model's real rows, without padding). LoRA
-  adapters are merged into their base kernels first (`lora.merged`).
+  adapters are merged into their base kernels first (`lora.merged`). `eos_id`: the row of <|endoftext|> (a compact
+  vocabulary's `Vocab.eos`), written as the config's bos, eos and pad token id.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   model = lora.merged(model)
@@ -166,7 +168,7 @@ def export_pretrained(model: GPT2, out_dir: str, num_tokens: int | None = None) 
       'n_head': cfg.n_head, 'n_inner': None, 'activation_function': 'gelu_new',
       'layer_norm_epsilon': cfg.layer_norm_epsilon, 'initializer_range': cfg.initializer_range,
       'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0, 'scale_attn_weights': True,
-      'tie_word_embeddings': True, 'bos_token_id': tokens.EOS_ID, 'eos_token_id': tokens.EOS_ID,
+      'tie_word_embeddings': True, 'bos_token_id': eos_id, 'eos_token_id': eos_id, 'pad_token_id': eos_id,
   }
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2)
