@@ -97,6 +97,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.bootstrap.batch_size % c.bootstrap.microbatches:
     raise ValueError(f'config.bootstrap.batch_size={c.bootstrap.batch_size} must be divisible by '
                      f'config.bootstrap.microbatches={c.bootstrap.microbatches}.')
+  grpo.check_config(c.grpo)  # raises on bad GRPO values (loss_agg, gate_as_action without gate_noise, ...)
 
 
 def is_coconut(c) -> bool:

@@ -3,6 +3,7 @@ frozen, rollouts keep groups on one device and re-score to their own log-probs."
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dtt_jax import parallel, tokens
+from dtt_jax import parallel, pipeline, tokens
 from dtt_jax.model.dtt import DTTConfig, DTTModel
 from dtt_jax.model.gpt2 import GPT2Config
 from dtt_jax.rl import grpo, rollout
@@ -62,7 +63,8 @@ def _policy_and_reference():
 
 def _rollout_settings(cfg: grpo.GRPOConfig) -> grpo.GRPOConfig:
   """The fields a rollout depends on (loss-only fields reset), so rollouts are shared between loss settings."""
-  return dataclasses.replace(cfg, mu=1, loss_agg='grpo', gate_as_action=False, drop_zero_std_groups=False)
+  return dataclasses.replace(cfg, mu=1, loss_agg='grpo', gate_as_action=False, drop_zero_std_groups=False,
+                             score_blended_tokens=True, rescore='parallel')
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,6 +105,17 @@ def _assert_trees_close(a, b, atol, rtol=0.0):
     np.testing.assert_allclose(x, y, atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path))
 
 
+def _blended_positions(batch: rollout.RolloutBatch) -> rollout.RolloutBatch:
+  """Half the positions inner, gates on both sides of 0.5 (only the loss reads these two, to find blended tokens)."""
+  rng = np.random.RandomState(2)
+  batch = batch.replace(inner_mask=(rng.rand(*batch.gates.shape) < 0.5).astype(np.float32),
+                        gates=rng.rand(*batch.gates.shape).astype(np.float32))
+  blended_real = (batch.inner_mask > 0) & (batch.gates >= 0.5) & (np.asarray(batch.completion_mask) > 0)
+  assert 0 < blended_real.sum() < np.asarray(batch.completion_mask).sum()
+  return batch
+
+
+
 # ------------------------------------------------------------------------------------------- NumPy reference
 
 
@@ -126,11 +139,15 @@ def numpy_grpo_loss(logp, old_logp, gate_logit, old_gate_logit, batch, cfg) -> f
   adv = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
   adv[zero] = 0.0
   adv = adv.reshape(-1, 1)
-  mask = (np.asarray(batch.completion_mask) > 0) & (np.asarray(batch.forced) == 0)
-  if cfg.drop_zero_std_groups:
+  sampled = (np.asarray(batch.completion_mask) > 0) & (np.asarray(batch.forced) == 0)
+  mask = sampled.copy()
+  if cfg.drop_zero_std_groups:  # out of the sum, not out of the normalisers
     mask &= ~np.repeat(zero, cfg.num_generations)[:, None]
-  mask = mask.astype(np.float64)
-  act, old_act = logp, old_logp
+  mask, sampled = mask.astype(np.float64), sampled.astype(np.float64)
+  scored = np.ones(logp.shape, bool)
+  if not cfg.score_blended_tokens:  # the token leaves the action at blended inner positions
+    scored = ~((np.asarray(batch.inner_mask) > 0) & (np.asarray(batch.gates) >= 0.5))
+  act, old_act = np.where(scored, logp, 0.0), np.where(scored, old_logp, 0.0)
   if cfg.gate_as_action:
     tau = np.asarray(batch.tau, np.float64)[:, None]
     z = (old_gate_logit + np.asarray(batch.gate_noise, np.float64)) / tau  # logit of the stored gate sample
@@ -139,19 +156,19 @@ def numpy_grpo_loss(logp, old_logp, gate_logit, old_gate_logit, batch, cfg) -> f
       x = tau * z - l
       return np.log(tau * np.exp(-x) / (1 + np.exp(-x)) ** 2)
 
-    act, old_act = logp + log_pdf(gate_logit), old_logp + log_pdf(old_gate_logit)
+    act, old_act = act + log_pdf(gate_logit), old_act + log_pdf(old_gate_logit)
   ratio = np.exp(act - old_act)
   surrogate = np.minimum(ratio * adv, np.clip(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-  if not cfg.score_blended_tokens:
-    surrogate[(np.asarray(batch.inner_mask) > 0) & (np.asarray(batch.gates) >= 0.5)] = 0.0
+  if not cfg.gate_as_action:  # no action left at the positions whose token is not scored
+    surrogate[~scored] = 0.0
   ref = np.asarray(batch.ref_logprobs, np.float64)
   kl = np.exp(ref - logp) - (ref - logp) - 1
   per_token = (-surrogate + cfg.beta * kl) * mask
   if cfg.loss_agg == 'grpo':
-    rows = mask.sum(1) > 0
-    return float((per_token.sum(1)[rows] / mask.sum(1)[rows]).mean())
+    rows = sampled.sum(1) > 0
+    return float((per_token.sum(1)[rows] / sampled.sum(1)[rows]).mean())
   if cfg.loss_agg == 'dapo':
-    return float(per_token.sum() / mask.sum())
+    return float(per_token.sum() / sampled.sum())
   return float(per_token.sum() / (mask.shape[0] * mask.shape[1]))
 
 
@@ -167,12 +184,8 @@ def test_loss_equals_numpy_reference(loss_agg, gate_as_action, drop, blended):
                             score_blended_tokens=blended)
   graphdef, params, ref_params = _policy_and_reference()
   batch = make_batch(cfg)
-  if not blended:  # half the positions inner, gates on both sides of 0.5 (only the loss mask reads these two)
-    rng = np.random.RandomState(2)
-    batch = batch.replace(inner_mask=(rng.rand(*batch.gates.shape) < 0.5).astype(np.float32),
-                          gates=rng.rand(*batch.gates.shape).astype(np.float32))
-    blended_real = (batch.inner_mask > 0) & (batch.gates >= 0.5) & (np.asarray(batch.completion_mask) > 0)
-    assert 0 < blended_real.sum() < np.asarray(batch.completion_mask).sum()
+  if not blended:
+    batch = _blended_positions(batch)
   logp, gate_logit = _model_scores(graphdef, params, batch)
   rng = np.random.RandomState(1)
   old_logp = np.asarray(logp) + 0.3 * rng.randn(*logp.shape).astype(np.float32)
@@ -192,6 +205,44 @@ def test_loss_equals_numpy_reference(loss_agg, gate_as_action, drop, blended):
     every = numpy_grpo_loss(logp, old_logp, gate_logit, old_gate_logit, batch,
                             dataclasses.replace(cfg, score_blended_tokens=True))
     assert abs(every - expected) > 1e-6
+
+
+@pytest.mark.parametrize('loss_agg', grpo.LOSS_AGGREGATIONS)
+def test_dropping_zero_spread_groups_does_not_rescale_the_step(loss_agg):
+  """drop_zero_std_groups takes the all-equal groups' terms out of the sum, not out of the normalisers (TRL divides
+  by all sequences): with beta = 0 (their PPO term is 0 already) the loss and gradient are those without dropping,
+  not scaled by N / kept; with beta > 0 the loss falls by exactly their KL terms over the full normaliser (N
+  sequences for 'grpo', all loss tokens for 'dapo', N * T for 'dr_grpo')."""
+  graphdef, params, _ = _policy_and_reference()
+  host = make_batch()
+  batch = jax.tree.map(jnp.asarray, host)
+  advantages, zero_std = grpo.group_advantages(batch.rewards, G)
+  np.testing.assert_array_equal(zero_std, [False, True, False, False])  # 4 of the 16 rows are dropped
+  value_and_grad = jax.value_and_grad(grpo.grpo_loss, has_aux=True)
+  logp, _ = _model_scores(graphdef, params, host)
+  old_logp = logp + 0.3 * jax.random.normal(jax.random.key(5), logp.shape)  # ratios away from 1: a loss value
+  unused = jnp.zeros(batch.completion.shape)  # old gate logits (the gate is not an action)
+
+  def run(beta, drop):
+    cfg = dataclasses.replace(CFG, loss_agg=loss_agg, beta=beta, drop_zero_std_groups=drop)
+    (loss, _), grads = value_and_grad(params, graphdef, batch, advantages, grpo.loss_mask(batch, zero_std, cfg),
+                                      old_logp, unused, False, cfg)
+    return float(loss), grads
+
+  kept, kept_grads = run(0.0, False)
+  dropped, dropped_grads = run(0.0, True)
+  assert abs(kept) > 1e-3
+  np.testing.assert_allclose(dropped, kept, rtol=1e-6)
+  _assert_trees_close(dropped_grads, kept_grads, atol=1e-7)
+
+  d = np.asarray(host.ref_logprobs, np.float64) - np.asarray(logp, np.float64)
+  kl = (np.exp(d) - d - 1) * ((host.completion_mask > 0) & (host.forced == 0))  # [N,T] over the loss tokens
+  rows = np.repeat(np.asarray(zero_std), G)  # [N] dropped
+  n_tokens = ((host.completion_mask > 0) & (host.forced == 0)).sum(1)  # [N]
+  gap = {'grpo': (kl[rows].sum(1) / n_tokens[rows]).sum() / (B * G), 'dapo': kl[rows].sum() / n_tokens.sum(),
+         'dr_grpo': kl[rows].sum() / (B * G * T)}[loss_agg] * CFG.beta
+  assert gap > 1e-5
+  np.testing.assert_allclose(run(CFG.beta, False)[0] - run(CFG.beta, True)[0], gap, rtol=1e-3)
 
 
 def test_group_advantages_are_group_normalised_and_zero_spread_groups_give_zero():
@@ -221,6 +272,26 @@ def test_group_advantages_batch_and_no_scaling(scale):
   assert np.abs(np.asarray(advantages)[8:]).max() < 0.05  # the last group's 0.01 spreads are not scaled to ~1
   with pytest.raises(ValueError, match='grpo.scale_rewards'):
     grpo.GRPOConfig(scale_rewards='std')
+
+
+def test_gate_as_action_without_gate_noise_is_rejected():
+  """A noise-free gate sits at the mode of its binary-concrete density, so the gate term's gradient is exactly 0
+  at the first iteration (gate_as_action is silently a no-op at mu = 1): GRPOConfig and the pipeline's config
+  check reject the combination, and the shipped noise-free config (configs/addition_cot.py) does not set it."""
+  gate_logit = jnp.linspace(-3.0, 3.0, 7)
+  density_grad = lambda noise: jax.grad(lambda l: jnp.sum(grpo.gate_log_density(
+      l, jax.lax.stop_gradient(l + noise) / TAU, TAU)))(gate_logit)
+  assert float(jnp.abs(density_grad(0.0)).max()) < 1e-6
+  assert float(jnp.abs(density_grad(1.0)).min()) > 0.1  # with noise the gate term has a gradient
+  message = 'grpo.gate_as_action=True needs grpo.gate_noise=True'
+  with pytest.raises(ValueError, match=message):
+    grpo.GRPOConfig(gate_as_action=True, gate_noise=False)
+  config = importlib.import_module('configs.addition_cot').get_config('grpo')
+  assert not config.grpo.gate_noise and not config.grpo.gate_as_action
+  pipeline.check_config(config)
+  config.grpo.gate_as_action = True
+  with pytest.raises(ValueError, match=message):
+    pipeline.check_config(config)
 
 
 def test_vocabulary_tiles_divide_the_table_when_they_can():
@@ -266,14 +337,20 @@ def test_fused_output_layer_equals_log_softmax(monkeypatch, tile_width, row_tile
 # ------------------------------------------------------------------------------------ mu = 1: policy gradient
 
 
-@pytest.mark.parametrize('loss_agg,gate_as_action', [('grpo', False), ('dapo', False), ('dr_grpo', False),
-                                                     ('grpo', True)])
-def test_first_iteration_has_ratio_one_and_the_policy_gradient(loss_agg, gate_as_action):
+@pytest.mark.parametrize('loss_agg,gate_as_action,blended', [
+    ('grpo', False, True), ('dapo', False, True), ('dr_grpo', False, True), ('grpo', True, True),
+    ('grpo', False, False), ('grpo', True, False), ('dapo', True, False)])
+def test_first_iteration_has_ratio_one_and_the_policy_gradient(loss_agg, gate_as_action, blended):
   """With mu=1 the ratio is exactly 1 and the gradient equals that of the policy-gradient form
-  aggregate(-A * logp + beta * k3(logp, ref)) (logp including the gate's log-density when the gate is an action)."""
-  cfg = dataclasses.replace(CFG, loss_agg=loss_agg, gate_as_action=gate_as_action)
+  aggregate(-A * logp + beta * k3(logp, ref)) (logp including the gate's log-density when the gate is an action).
+  With score_blended_tokens=False the token's log-prob leaves logp at blended inner positions but the gate's
+  log-density stays: the gate keeps its credit exactly where it chose the latent (issue #20)."""
+  cfg = dataclasses.replace(CFG, loss_agg=loss_agg, gate_as_action=gate_as_action, score_blended_tokens=blended)
   graphdef, params, ref_params = _policy_and_reference()
   host = make_batch(cfg)
+  if not blended:
+    host = _blended_positions(host)
+  scored = blended or ~((host.inner_mask > 0) & (host.gates >= 0.5))
   batch = jax.tree.map(jnp.asarray, host)
   advantages, zero_std = grpo.group_advantages(batch.rewards, G)
   mask = grpo.loss_mask(batch, zero_std, cfg)
@@ -287,11 +364,11 @@ def test_first_iteration_has_ratio_one_and_the_policy_gradient(loss_agg, gate_as
 
   def policy_gradient_form(p):
     logp, gate_logit = _model_scores(graphdef, p, host)
-    action = logp
+    action = jnp.where(scored, logp, 0.0)
     if gate_as_action:
       z = jax.lax.stop_gradient(gate_logit + batch.gate_noise) / TAU
       x = TAU * z - gate_logit
-      action = logp + jax.scipy.stats.logistic.logpdf(x)
+      action = action + jax.scipy.stats.logistic.logpdf(x)
     d = batch.ref_logprobs - logp
     per_token = -advantages[:, None] * action + cfg.beta * (jnp.exp(d) - d - 1)
     return grpo.aggregate(per_token, mask, loss_agg)
@@ -466,3 +543,24 @@ def test_recurrent_rescore_is_exact_and_differentiates_through_the_fed_back_hidd
   along = lambda g: sum(float(jnp.vdot(a, d)) for a, d in zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
   np.testing.assert_allclose(along(grads), finite_difference, rtol=2e-2)
   assert abs(along(parallel_grads) - finite_difference) > 0.1 * abs(finite_difference)
+
+
+def test_recurrent_rescore_takes_the_gate_logits_from_the_unroll():
+  """With rescore='recurrent' the gate's log-density uses the unroll's hidden states h_{t-1}, the ones the token
+  term uses: the loss (with the gate as an action and ratios away from 1) does not read the stored hidden states,
+  and the gate logits handed to later iterations are the unroll's (equal to the stored ones' up to rounding, also
+  when the stored hidden states are zeroed)."""
+  cfg = dataclasses.replace(CFG, rescore='recurrent', gate_as_action=True)
+  graphdef, params, _ = _policy_and_reference()
+  batch = jax.tree.map(jnp.asarray, make_batch(cfg))
+  advantages, zero_std = grpo.group_advantages(batch.rewards, G)
+  mask = grpo.loss_mask(batch, zero_std, cfg)
+  stored_gate_logits = nnx.merge(graphdef, params).gate_logit(batch.hidden_inputs)  # [N,T]
+  old_gate_logits = stored_gate_logits + 0.5 * jax.random.normal(jax.random.key(4), stored_gate_logits.shape)
+  loss = jax.jit(grpo.grpo_loss, static_argnums=(1, 8))
+  run = lambda b: loss(params, graphdef, b, advantages, mask, batch.logprobs, old_gate_logits, False, cfg)
+  value, (aux, _) = run(batch)
+  zeroed_value, (_, new_old) = run(batch.replace(hidden_inputs=jnp.zeros_like(batch.hidden_inputs)))
+  assert abs(float(aux['ratio']) - 1.0) > 1e-3  # the gate's density enters the loss
+  np.testing.assert_allclose(float(zeroed_value), float(value), rtol=1e-6)
+  np.testing.assert_allclose(new_old['gate_logits'], stored_gate_logits, atol=1e-5)

@@ -13,6 +13,11 @@ aggregated over the loss tokens by `loss_agg`:
     'dapo'    sum over all tokens / number of tokens
     'dr_grpo' sum over all tokens / (number of sequences * max_new_tokens)
 
+`drop_zero_std_groups` takes the groups whose rewards are all equal out of the sum (their PPO term is 0 already:
+A = 0; what leaves is their KL term) but not out of the normalisers: 'grpo' still divides by all N sequences and
+'dapo' by all loss tokens, as TRL's losses do (it keeps such groups, with A = 0). Dividing by the kept sequences
+instead would scale the step by N / kept, a different learning rate for every batch.
+
 `scale_rewards`, as TRL's option of that name: 'group' divides by the group's std as above (SPEC §7), 'batch' by the
 std of all N rewards, 'none' not at all (Dr. GRPO). Group scaling blows a group's small reward differences up to unit
 advantages: in a group with no correct answer, a few reasoning tokens or a gate mean decide the ranking.
@@ -26,13 +31,19 @@ except those the reasoning budget forced (`<|eot|>` after `max_think`): they wer
 `score_blended_tokens=False`: a token sampled at a position whose gate is >= 0.5 is emitted but mostly not fed
 back (the next input is g * h + (1 - g) * wte(token)). Inside the reasoning span the value of such a token changes
 neither the later tokens nor the answer (unless it is a special token that ends the sequence or breaks the
-structure), so its policy-gradient term has (nearly) zero expectation and only adds variance. The option drops that
-term at inner positions with gate >= 0.5; the KL term stays, and <|bot|>, <|eot|> and the answer are outer positions.
+structure), so its policy-gradient term has (nearly) zero expectation and only adds variance. The option drops the
+token's log-prob from the action at inner positions with gate >= 0.5: without `gate_as_action` no PPO term is left
+there; with it, the gate's log-density keeps its PPO term (it is exactly where the gate chose the latent). The KL
+term stays, and <|bot|>, <|eot|> and the answer are outer positions.
 
 `gate_as_action`: the gate sample is an action too. Its binary-concrete log-density (in logit space: the logit
 z = (l_old + n) / tau of the stored sample, under the current gate logit l and tau; the Jacobian to the gate value
 does not depend on the parameters and cancels in the ratio) is added to the token log-prob in the ratio. The KL
-term stays over tokens only.
+term stays over tokens only. The gate logit is taken from the same hidden states h_{t-1} as the token's logits: the
+stored ones with `rescore='parallel'`, the unroll's with 'recurrent' (so its gradient flows through the recurrence
+too). It needs `gate_noise`: a noise-free gate sits at the mode of its density (z = l_old / tau), where the gradient
+of the log-density is exactly 0 at the first iteration and later ones only pull l back to l_old, so the config is
+rejected (`check_config`).
 
 `mu` inner iterations run inside the one jitted step (a `lax.scan`): each re-scores the same rollout with the
 current parameters and takes one optimizer step. The "old" log-probs are those of the first iteration, whose
@@ -79,10 +90,12 @@ class GRPOConfig:
   mu: int = 1  # inner iterations (optimizer steps) per rollout batch
   loss_agg: str = 'grpo'  # 'grpo' | 'dapo' | 'dr_grpo'
   scale_rewards: str = 'group'  # advantage divisor: the group's reward std | the batch's | none (module doc)
-  drop_zero_std_groups: bool = False  # exclude groups whose rewards are all equal from the loss
-  # False: no policy-gradient term at inner tokens whose gate is >= 0.5 (module doc); the KL term keeps them.
+  # Take groups whose rewards are all equal out of the loss's sum, not its normalisers (module doc).
+  drop_zero_std_groups: bool = False
+  # False: the token leaves the action at inner positions whose gate is >= 0.5 (module doc); the gate's
+  # log-density (gate_as_action) and the KL term keep them.
   score_blended_tokens: bool = True
-  gate_as_action: bool = False
+  gate_as_action: bool = False  # needs gate_noise (module doc)
   # Sampling: shared by the rollout and the re-scoring, so both see the same policy.
   temperature: float = 1.0
   top_k: int = 0
@@ -110,11 +123,21 @@ class GRPOConfig:
       raise ValueError(f'grpo.temperature={self.temperature} must be > 0 (GRPO samples; greedy is for evaluation).')
     if self.rescore not in RESCORE_MODES:
       raise ValueError(f'grpo.rescore={self.rescore!r}: expected one of {", ".join(RESCORE_MODES)}.')
+    if self.gate_as_action and not self.gate_noise:
+      raise ValueError('grpo.gate_as_action=True needs grpo.gate_noise=True: a noise-free gate is the mode of its '
+                       'binary-concrete density, so the gate term has exactly zero gradient at the first iteration '
+                       '(mu = 1: the option does nothing) and later iterations only pull the gate logit back to the '
+                       "rollout's. Set grpo.gate_noise=True or grpo.gate_as_action=False.")
 
   @classmethod
   def from_config(cls, g) -> GRPOConfig:
     """From `config.grpo`; keys added after a run was configured keep their defaults."""
     return cls(**{f.name: g[f.name] for f in dataclasses.fields(cls) if f.name in g})
+
+
+def check_config(g) -> None:
+  """Raises ValueError, naming the key, on bad values in `config.grpo` (those `GRPOConfig` checks)."""
+  GRPOConfig.from_config(g)
 
 
 def make_grpo_optimizer(g, train_modules: tuple[str, ...]) -> optax.GradientTransformation:
@@ -286,16 +309,21 @@ def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
   return jnp.exp(d) - d - 1.0
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
-  """per_token, mask [N,T] -> scalar by `mode` ('grpo' | 'dapo' | 'dr_grpo'; module doc)."""
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, norm_mask: jax.Array | None = None) -> jax.Array:
+  """per_token, mask [N,T] -> scalar by `mode` ('grpo' | 'dapo' | 'dr_grpo'; module doc).
+
+  norm_mask [N,T] (default `mask`), a superset of `mask`: the tokens and sequences the normalisers count. Terms
+  outside `mask` leave the sum only (dropped groups: the step is not rescaled).
+  """
   mask = mask.astype(per_token.dtype)
+  norm = mask if norm_mask is None else norm_mask.astype(per_token.dtype)
   total = per_token * mask
   if mode == 'grpo':
-    per_seq = total.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
-    has_tokens = (mask.sum(-1) > 0).astype(per_token.dtype)
+    per_seq = total.sum(-1) / jnp.maximum(norm.sum(-1), 1.0)  # [N]
+    has_tokens = (norm.sum(-1) > 0).astype(per_token.dtype)
     return jnp.sum(per_seq * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
   if mode == 'dapo':
-    return total.sum() / jnp.maximum(mask.sum(), 1.0)
+    return total.sum() / jnp.maximum(norm.sum(), 1.0)
   if mode == 'dr_grpo':
     return total.sum() / (per_token.shape[0] * per_token.shape[1])
   raise ValueError(f'Unknown loss aggregation {mode!r}; expected one of {", ".join(LOSS_AGGREGATIONS)}.')
@@ -309,9 +337,14 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 # -------------------------------------------------------------------------------------------------------- loss
 
 
+def sampled_mask(batch: RolloutBatch) -> jax.Array:
+  """[N,T] bool: real completion tokens not forced by the budget (the loss normalisers count these)."""
+  return (batch.completion_mask > 0) & (batch.forced == 0)
+
+
 def loss_mask(batch: RolloutBatch, zero_std: jax.Array, cfg: GRPOConfig) -> jax.Array:
   """[N,T] float: real completion tokens, not forced by the budget, not in a dropped zero-std group."""
-  mask = (batch.completion_mask > 0) & (batch.forced == 0)
+  mask = sampled_mask(batch)
   if cfg.drop_zero_std_groups:
     keep_rows = ~jnp.repeat(zero_std, cfg.num_generations)  # [N]
     mask = mask & keep_rows[:, None]
@@ -322,8 +355,9 @@ def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask
               old_logprobs: jax.Array, old_gate_logits: jax.Array, first, cfg: GRPOConfig):
   """The GRPO objective of one rollout batch -> (loss, aux).
 
-  advantages [N]; mask [N,T] loss tokens; old_logprobs, old_gate_logits [N,T]: the first iteration's (ignored when
-  `first` is true: then this pass's own values, stop-gradient, are the old ones and the ratio is 1).
+  advantages [N]; mask [N,T] loss tokens (`loss_mask`; the normalisers count all of `sampled_mask`);
+  old_logprobs, old_gate_logits [N,T]: the first iteration's (ignored when `first` is true: then this pass's own
+  values, stop-gradient, are the old ones and the ratio is 1).
   aux: scalar metrics, and `logprobs`, `gate_logits` [N,T] of this pass (stop-gradient) for later iterations.
   """
   n, t = batch.completion.shape
@@ -336,29 +370,36 @@ def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask
     out = engine.unroll(model, batch.prompt, batch.prompt_mask, batch.completion, batch.gate_noise, batch.tau,
                         hard=cfg.hard_gate)
     target_hidden, gates = out.target_hidden, out.gates
+    gate_hidden = target_hidden  # h_{t-1} of the unroll: the gate and the token see the same hidden states
   else:
     target_hidden, gates = engine.rescore(model, batch.prompt, batch.prompt_mask, batch.completion, hidden_inputs,
                                           batch.gate_noise, tau, hard=cfg.hard_gate)
+    gate_hidden = hidden_inputs  # the stored h_{t-1}, as the rebuilt inputs
   logp, entropy = token_logprobs(model, target_hidden, batch.completion, cfg.temperature, cfg.fused_logprobs)
-  gate_logits = model.gate_logit(hidden_inputs)  # [N,T]
+  gate_logits = model.gate_logit(gate_hidden)  # [N,T]
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), old_logprobs)
   old_gl = jnp.where(first, jax.lax.stop_gradient(gate_logits), old_gate_logits)
 
-  action_logp, old_action_logp = logp, old_logp
+  # The action's log-prob [N,T]: the token's, except at blended inner positions when they are not scored (module
+  # doc), plus the gate's log-density when the gate is an action.
+  scored = jnp.ones(logp.shape, bool)
+  if not cfg.score_blended_tokens:
+    scored = ~((batch.inner_mask > 0) & (batch.gates >= 0.5))
+  action_logp, old_action_logp = jnp.where(scored, logp, 0.0), jnp.where(scored, old_logp, 0.0)
   if cfg.gate_as_action:
     sample_logit = (old_gl + batch.gate_noise) / tau
-    action_logp = logp + gate_log_density(gate_logits, sample_logit, tau)
-    old_action_logp = old_logp + gate_log_density(old_gl, sample_logit, tau)
+    action_logp = action_logp + gate_log_density(gate_logits, sample_logit, tau)
+    old_action_logp = old_action_logp + gate_log_density(old_gl, sample_logit, tau)
   ratio = jnp.exp(action_logp - old_action_logp)
   adv = advantages[:, None]
   clipped_ratio = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
   per_token = -jnp.minimum(ratio * adv, clipped_ratio * adv)
-  if not cfg.score_blended_tokens:
-    per_token = jnp.where((batch.inner_mask > 0) & (batch.gates >= 0.5), 0.0, per_token)
+  if not cfg.gate_as_action:
+    per_token = jnp.where(scored, per_token, 0.0)  # no action left to score
   kl = k3_kl(logp, batch.ref_logprobs)
   if cfg.beta:
     per_token = per_token + cfg.beta * kl
-  loss = aggregate(per_token, mask, cfg.loss_agg)
+  loss = aggregate(per_token, mask, cfg.loss_agg, sampled_mask(batch))
 
   real = batch.completion_mask
   clipped = ((ratio < 1.0 - cfg.clip_eps) & (adv < 0)) | ((ratio > 1.0 + cfg.clip_eps) & (adv > 0))
