@@ -7,6 +7,7 @@ checkpoints in the workdir, so rerunning the same command after an interruption 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from absl import app, flags
@@ -32,6 +33,9 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s',
                       stream=sys.stderr, force=True)
   logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax logs every file operation at INFO
+  # Outside a training loop (which finishes its step and checkpoints first), SIGTERM exits through the cleanup
+  # code: the workdir lock is released and pending checkpoint writes finish.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   pipeline.init_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir)
