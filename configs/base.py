@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.gate = 'dtt'  # 'dtt' (Gumbel-sigmoid gate head) | 'hrpo' (HRPO's thinking-residual gate; model/dtt.py)
   c.model.hrpo_c = 8.0  # HRPO gate: a = sigmoid(lam)^(c * r)
   c.model.hrpo_a_init = (0.99, 0.999)  # HRPO gate: initial a over the D dimensions (input starts as the token)
+  c.model.dropout = 0.0  # GPT-2's training-mode dropout (embedding, attention, residual); COCONUT methods only
 
   # LoRA adapters (dtt_jax/model/lora.py). Enabled: adapters, gate and train_modules train, the rest is frozen. For
   # --config.stage=grpo --config.init_from=<full bootstrap>, fresh adapters go on the bootstrap's weights.
@@ -94,15 +95,29 @@ def get_config() -> ml_collections.ConfigDict:
   c.bootstrap.log_every = 20
   c.bootstrap.best_metric = 'structure_rate'  # validation metric that picks the best checkpoint
 
-  # COCONUT and its baselines (config.method in data/coconut.py METHODS), trained by the bootstrap stage's loop
-  # with the config.bootstrap optimizer settings; the stage counts epochs of `steps_per_epoch` steps.
+  # COCONUT and its baselines (config.method in data/coconut.py METHODS; dtt_jax/train/coconut.py), trained by the
+  # bootstrap stage's loop with config.bootstrap's lr, weight_decay and batch; an epoch is `steps_per_epoch` steps.
+  # Budget: config.bootstrap.steps when > 0, else the epochs below (the COCONUT configs set bootstrap.steps = 0); a
+  # curriculum run whose budget ends before the final stage is a config error. config.init_from: a workdir whose
+  # bootstrap result (best by validation, e.g. a CoT run) gives the initial weights (COCONUT's load_model_path).
   c.coconut = ml_collections.ConfigDict()
   c.coconut.c_thoughts = 1  # continuous thoughts per replaced step (paper: 1 on ProsQA/ProntoQA, 2 on GSM8K)
   c.coconut.max_stage = 6  # K: stages 0..K replace the first k steps, then one stage with every step latent
   c.coconut.epochs_per_stage = 5
   c.coconut.curriculum = True  # False: COCONUT "w/o curriculum", every step at the final stage
   c.coconut.steps_per_epoch = 0  # 0: one pass over the training records
-  c.coconut.reset_optimizer = True  # fresh optimizer state at each stage change (as COCONUT)
+  c.coconut.num_epochs = 0  # epochs of the schedule (COCONUT's num_epochs); 0: (max_stage + 2) * epochs_per_stage
+  c.coconut.start_epoch = 0  # the run starts at this epoch (COCONUT's resume: GSM8K 3, from a CoT run's weights)
+  # 'coconut' (official run.py): AdamW at a constant bootstrap.lr, weight decay on every parameter, no clipping |
+  # 'warmup_cosine': the bootstrap's AdamW (bootstrap.warmup_steps + cosine, grad_clip, decay on matrices only)
+  c.coconut.optimizer = 'coconut'
+  # Fresh optimizer state every epoch ('coconut', as run.py) or every stage ('warmup_cosine', whose schedule then
+  # spans one stage), at the same steps for every method of the comparison
+  c.coconut.reset_optimizer = True
+  # Answer after the last '#': 'exact' string equality, commas removed (COCONUT's) | 'lenient' (data/answers.py)
+  c.coconut.answer_match = 'exact'
+  c.coconut.eval_split = 'valid'  # the final evaluation's records: 'valid' | 'test' (needs model.vocab='full')
+  c.coconut.eval_every_epochs = 0  # > 0: validate + checkpoint every this many epochs (COCONUT: 1); 0: bootstrap's
 
   # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/think_tokens.py)
   c.think = ml_collections.ConfigDict()

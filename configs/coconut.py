@@ -1,44 +1,100 @@
-"""COCONUT and its baselines (issue #9) at tiny scale from scratch on CPU: `--config=configs/coconut.py:<dataset>,<method>`.
+"""COCONUT and its baselines (issue #9): `--config=configs/coconut.py:<dataset>,<method>[,paper]`.
 
-dataset: 'prontoqa' | 'prosqa' | 'addition' (2-digit with carries, seed 002's curriculum: 3 stages);
 method: 'coconut' | 'coconut_no_curriculum' | 'pause_as_thought' | 'cot' | 'no_cot' | 'pause' | 'dtt'
-('dtt': this project's bootstrap on the CoT span, then GRPO, with the same model and data).
+('dtt': this project's bootstrap on the CoT span, then GRPO, with the same model and data; tiny scale only).
 
-python -m dtt_jax.main --config=configs/coconut.py:prontoqa,coconut --workdir=runs/prontoqa_coconut
+Tiny scale (default; dataset 'prontoqa' | 'prosqa' | 'addition', the study of docs/study.md): GPT-2 with 2 layers
+from scratch on CPU, "epochs" of `coconut.steps_per_epoch` = 25 steps (100 for addition), one per stage, lr 1e-3.
 
-Every method gets the same model, data, batch and number of supervised steps (`bootstrap.steps`); DTT adds
-`grpo.steps` of GRPO. COCONUT's curriculum counts epochs of `coconut.steps_per_epoch` steps (a fraction of a pass
-over the data at this budget). `launch/reproduce.sh` runs them all and writes the table (docs/study.md). At GPT-2
-size (a GPU): `--config.model.init=gpt2 --config.model.vocab=full`, COCONUT's lr 1e-4 and real epochs
-(`--config.coconut.steps_per_epoch=0`).
+    python -m dtt_jax.main --config=configs/coconut.py:prontoqa,coconut --workdir=runs/prontoqa_coconut
+
+Paper scale (`,paper`; dataset 'prontoqa' | 'prosqa' | 'gsm8k'): the official args/<dataset>_coconut.yaml on
+pretrained GPT-2: real epochs, COCONUT's optimizer (AdamW, constant lr 1e-4, weight decay 0.01 on every parameter,
+no clipping, reset every epoch), dropout 0.1, global batch 128 (32 per GPU on the 4 GPUs of the official runs),
+validation and a checkpoint every epoch, the test split scored exactly at the checkpoint best on validation.
+ProntoQA / ProsQA: c = 1, K = 6, 5 epochs per stage, 50 epochs, 128 new tokens. GSM8K: c = 2, K = 3, 3 epochs per
+stage, 25 epochs, 64 new tokens; COCONUT starts at epoch 3 (stage 1) from a CoT run (official `resume: 3`):
+
+    python -m dtt_jax.main --config=configs/coconut.py:gsm8k,cot,paper --workdir=runs/gsm8k_cot
+    python -m dtt_jax.main --config=configs/coconut.py:gsm8k,coconut,paper --workdir=runs/gsm8k_coconut \\
+        --config.init_from=runs/gsm8k_cot
+
+Every method of one scale gets the same model, data, batch, optimizer schedule (the same reset steps) and number
+of epochs; COCONUT methods set `bootstrap.steps = 0`, so the budget follows from the schedule. DTT adds
+`grpo.steps` of GRPO. `launch/reproduce.sh` runs the tiny study and writes the table (docs/study.md).
 """
+
+import importlib
 
 from configs import base
 
 DATASETS = ('prontoqa', 'prosqa', 'addition')
+PAPER_DATASETS = ('prontoqa', 'prosqa', 'gsm8k')
 METHODS = ('coconut', 'coconut_no_curriculum', 'pause_as_thought', 'cot', 'no_cot', 'pause', 'dtt')
+# Official args/<dataset>_coconut.yaml (and run.py's max_new_tokens); prompt / completion lengths cover the data.
+PAPER = {
+    'prontoqa': dict(c_thoughts=1, max_stage=6, epochs_per_stage=5, num_epochs=50, start_epoch=0,
+                     max_new_tokens=128, lengths=(224, 128)),
+    'prosqa': dict(c_thoughts=1, max_stage=6, epochs_per_stage=5, num_epochs=50, start_epoch=0,
+                   max_new_tokens=128, lengths=(528, 96)),
+    'gsm8k': dict(c_thoughts=2, max_stage=3, epochs_per_stage=3, num_epochs=25, start_epoch=3,
+                  max_new_tokens=64, lengths=(256, 128)),
+}
 
 
 def get_config(arg: str = 'prontoqa,coconut'):
-  dataset, _, method = arg.partition(',')
+  dataset, method, scale = (arg.split(',') + ['', ''])[:3]
   method = method or 'coconut'
-  if dataset not in DATASETS or method not in METHODS:
-    raise ValueError(f'configs/coconut.py:{arg!r}: expected "<dataset>,<method>" with dataset one of '
-                     f'{", ".join(DATASETS)} and method one of {", ".join(METHODS)}.')
-  c = base.get_config()
+  paper = scale == 'paper'
+  datasets = PAPER_DATASETS if paper else DATASETS
+  methods = METHODS[:-1] if paper else METHODS
+  if dataset not in datasets or method not in methods or scale not in ('', 'paper'):
+    raise ValueError(f'configs/coconut.py:{arg!r}: expected "<dataset>,<method>[,paper]" with dataset one of '
+                     f'{", ".join(DATASETS)} ({", ".join(PAPER_DATASETS)} with "paper") and method one of '
+                     f'{", ".join(METHODS)} ("dtt" at the tiny scale only).')
+  c = _paper(dataset, method) if paper else _tiny(dataset, method)
   c.method = 'coconut' if method == 'coconut_no_curriculum' else method
   c.coconut.curriculum = method != 'coconut_no_curriculum'
+  c.bootstrap.best_metric = 'accuracy'
+  c.bootstrap.best_checkpoint = 'accuracy'  # the checkpoint scored: best generated accuracy on validation
+  c.generate.max_think = 0 if method != 'dtt' else 128
+  c.model.dropout = 0.1 if method != 'dtt' else 0.0  # GPT-2's (COCONUT trains in train mode)
+  c.bootstrap.steps = 0 if method != 'dtt' else c.coconut.steps_per_epoch * (c.coconut.max_stage + 2)
+  return c
+
+
+def _paper(dataset: str, method: str):
+  c = importlib.import_module(f'configs.{dataset}').get_config()  # pretrained GPT-2, full vocabulary
+  p = PAPER[dataset]
+  c.dataset.name = dataset
+  c.dataset.valid_size = 100_000  # every record
+  c.data.max_prompt_len, c.data.max_completion_len = p['lengths']
+  for key in ('c_thoughts', 'max_stage', 'epochs_per_stage', 'num_epochs'):
+    c.coconut[key] = p[key]
+  c.coconut.start_epoch = p['start_epoch'] if method in ('coconut', 'pause_as_thought') else 0
+  c.coconut.steps_per_epoch = 0  # real epochs
+  c.coconut.optimizer, c.coconut.reset_optimizer = 'coconut', True
+  c.coconut.answer_match, c.coconut.eval_split, c.coconut.eval_every_epochs = 'exact', 'test', 1
+  c.bootstrap.batch_size = 128
+  c.bootstrap.lr, c.bootstrap.weight_decay = 1e-4, 0.01
+  c.bootstrap.keep_checkpoints = 1  # and the best by validation
+  c.bootstrap.log_every = 50
+  c.generate.max_new_tokens = p['max_new_tokens']  # after the forced head
+  c.generate.batch_size = 64
+  return c
+
+
+def _tiny(dataset: str, method: str):
+  c = base.get_config()
   c.dataset.name = dataset
   c.model.n_layer, c.model.n_embd, c.model.n_head = 2, 128, 4
   c.data.span = 'cot'  # DTT: the steps inside <|bot|> ... <|eot|>
   c.dataset.valid_size = 256  # ProntoQA's shipped valid set has 200, ProsQA's 300
   c.bootstrap.batch_size = 32
-  c.bootstrap.lr = 1e-3
-  c.bootstrap.warmup_steps = 20
+  c.bootstrap.lr = 1e-3  # COCONUT's recipe at a from-scratch learning rate
+  c.bootstrap.warmup_steps = 20  # coconut.optimizer='warmup_cosine' and DTT
   c.bootstrap.hinge_lambda = 1.0  # tiny from-scratch DTT models (configs/quickstart.py)
-  c.bootstrap.best_metric = 'accuracy'
   c.generate.batch_size = 64
-  c.generate.max_think = 0 if method != 'dtt' else 128
   c.grpo.best_metric = 'reward'
   if dataset == 'prontoqa':  # 6 steps of ~15 tokens, True/False answers; paper: c = 1, 6 stages of 5 epochs
     c.dataset.train_size = 9000
@@ -56,14 +112,13 @@ def get_config(arg: str = 'prontoqa,coconut'):
     c.model.n_positions = 128
     c.data.max_prompt_len, c.data.max_completion_len = 16, 48
     c.coconut.c_thoughts, c.coconut.max_stage = 1, 3
-  c.generate.max_new_tokens = c.data.max_completion_len
+  c.generate.max_new_tokens = c.data.max_completion_len  # after COCONUT's forced head
   c.grpo.max_new_tokens = c.data.max_completion_len
-  c.grpo.max_think = c.generate.max_think
+  c.grpo.max_think = 0 if method != 'dtt' else 128
   # Budget: "epochs" of 25 steps, one per stage: stages 0-6 then the final one (all latent) for ProntoQA / ProsQA,
   # 200 steps of 32 examples (0.7 passes over 9000 records); addition: stages 0-3 and the final one of 100 steps.
   c.coconut.epochs_per_stage = 1
   c.coconut.steps_per_epoch = 25 if dataset != 'addition' else 100
-  c.bootstrap.steps = c.coconut.steps_per_epoch * (c.coconut.max_stage + 2)
   c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100
   c.grpo.steps = 20
   c.grpo.prompts_per_step = 8

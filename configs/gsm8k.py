@@ -3,6 +3,7 @@
 python -m dtt_jax.main --config=configs/gsm8k.py --workdir=runs/gsm8k
 Offline or from scratch: --config.model.init=/path/to/hf_gpt2_dir, or
 --config.model.init=scratch --config.model.vocab=compact (a tiny model trained from scratch).
+COCONUT and its baselines with the official recipe: configs/coconut.py:gsm8k,<method>,paper.
 """
 
 from configs import base

@@ -2,6 +2,7 @@
 
 python -m dtt_jax.main --config=configs/prontoqa.py --workdir=runs/prontoqa
 Offline: --config.model.init=/path/to/hf_gpt2_dir, or --config.model.init=scratch --config.model.vocab=compact.
+COCONUT and its baselines with the official recipe: configs/coconut.py:prontoqa,<method>,paper.
 """
 
 from configs import base

@@ -3,6 +3,7 @@ Algorithm 1; the official train file is not distributable here) unless dataset.t
 
 python -m dtt_jax.main --config=configs/prosqa.py --workdir=runs/prosqa
 Offline: --config.model.init=/path/to/hf_gpt2_dir, or --config.model.init=scratch --config.model.vocab=compact.
+COCONUT and its baselines with the official recipe: configs/coconut.py:prosqa,<method>,paper.
 """
 
 from configs import base

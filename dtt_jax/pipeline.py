@@ -71,17 +71,21 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   expect('stage', c.stage, STAGES)
   expect('method', c.method, METHODS)
   if is_coconut(c):
-    curriculum(c)  # raises on bad values
+    coconut_train.check_config(c, curriculum(c))  # raises on bad values, and on a budget that ends too early
     if c.stage == 'grpo':
       raise ValueError(f'config.stage="grpo" does not apply to config.method={c.method!r} (supervised only): use '
                        '"bootstrap", "eval" or "pipeline".')
+  elif c.model.get('dropout', 0.0):
+    raise ValueError(f'config.model.dropout={c.model.dropout} applies only to the COCONUT methods '
+                     f'({", ".join(coconut_data.METHODS)}): set it to 0 for config.method={c.method!r}.')
   expect('dataset.name', c.dataset.name, data_lib.DATASETS)
   expect('model.vocab', c.model.vocab, ('compact', 'full'))
   expect('data.span', c.data.span, ('none', 'cot'))
   if c.model.vocab == 'compact' and c.model.init != 'scratch':
     raise ValueError('config.model.vocab="compact" only works with config.model.init="scratch" (a pretrained model '
                      'keeps the full GPT-2 vocabulary).')
-  for key in ('bootstrap.steps', 'bootstrap.batch_size', 'bootstrap.microbatches', 'generate.batch_size'):
+  steps = () if is_coconut(c) else ('bootstrap.steps',)  # COCONUT: 0 = from the schedule (coconut_train)
+  for key in steps + ('bootstrap.batch_size', 'bootstrap.microbatches', 'generate.batch_size'):
     section, name = key.split('.')
     if c[section][name] <= 0:
       raise ValueError(f'config.{key}={c[section][name]} must be positive.')
@@ -107,7 +111,7 @@ def is_coconut(c) -> bool:
 
 def curriculum(c) -> coconut_data.Curriculum:
   k = c.coconut
-  return coconut_data.Curriculum(k.c_thoughts, k.max_stage, k.epochs_per_stage, k.curriculum)
+  return coconut_data.Curriculum(k.c_thoughts, k.max_stage, k.epochs_per_stage, k.curriculum, k.get('start_epoch', 0))
 
 
 @dataclasses.dataclass
@@ -226,33 +230,43 @@ def coconut_batches(exp: Experiment, records, batch_size: int) -> coconut_data.C
 
 
 def run_coconut(exp: Experiment) -> loop.LoopResult:
-  """COCONUT or a baseline (`config.method`) under the curriculum of `config.coconut`, in place of the bootstrap
-  (same stage directory, loop, checkpoints and `config.bootstrap` optimizer settings). With `reset_optimizer`,
-  the optimizer state (moments and the warmup + cosine schedule, which then spans one stage) restarts at every
-  stage change, as COCONUT's."""
+  """COCONUT or a baseline (`config.method`) under the schedule of `config.coconut`, in place of the bootstrap
+  (same stage directory, loop and checkpoints; `train/coconut.py` has the optimizer recipe and the budget). The
+  optimizer state restarts at the same steps for every method (`Curriculum.reset_steps`). `config.init_from`: a
+  workdir whose bootstrap result (e.g. a CoT run, best by validation) gives the initial weights."""
   c, b = exp.config, exp.config.bootstrap
   parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
   batches = coconut_batches(exp, exp.train, b.batch_size)
-  reset = c.coconut.reset_optimizer and c.coconut.curriculum
-  tx = bootstrap_optimizer(c, batches.steps_per_epoch * c.coconut.epochs_per_stage if reset else 0)
-  graphdef, state = initial_state(exp, tx)
-  train_step = coconut_train.make_train_step(graphdef, tx, exp.mesh, b.microbatches)
-  log.info('%s: %d steps per epoch, stages start at steps %s.', c.method, batches.steps_per_epoch,
-           curriculum(c).stage_starts(batches.steps_per_epoch, b.steps))
+  schedule, per_epoch = curriculum(c), batches.steps_per_epoch
+  steps = coconut_train.train_steps(c, schedule, per_epoch)
+  exp = dataclasses.replace(exp, config=coconut_train.resolve_config(c, per_epoch, steps))
+  tx = coconut_train.make_optimizer(c, per_epoch, steps, lora.configured_train_modules(c.get('lora')))
+  resets = set(schedule.reset_steps(per_epoch, steps, coconut_train.reset_every_epochs(c)))
+  if c.get('init_from'):
+    graphdef, params = stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap')
+    state = parallel.replicate(state_lib.init_state(jax.device_get(params), tx, seed=c.seed), exp.mesh)
+  else:
+    graphdef, state = initial_state(exp, tx)
+  train_step = coconut_train.make_train_step(graphdef, tx, exp.mesh, b.microbatches, c.model.get('dropout', 0.0))
+  log.info('%s: %d steps of %d per epoch from epoch %d; stages start at steps %s; optimizer (%s) resets at %d '
+           'steps.', c.method, steps, per_epoch, schedule.start_epoch, schedule.stage_starts(per_epoch, steps),
+           c.coconut.optimizer, len(resets))
 
   def step_fn(state, batch, tau):
-    if reset and batches.stage_changed:
+    step = batches.step - 1  # this batch's step
+    if step in resets:
       state = state.replace(opt_state=parallel.replicate(tx.init(state.params), exp.mesh))
     state, metrics = train_step(state, batch, tau)
-    return state, dict(metrics, stage=float(batches.stage(batches.step - 1)))
+    return state, dict(metrics, stage=float(batches.stage(step)), epoch=float(schedule.epoch_at_step(step, per_epoch)))
 
   return _run_stage(exp, 'bootstrap', state, step_fn, batches, graphdef,
                     make_coconut_validate(exp, graphdef, batches.stage))
 
 
 def make_coconut_validate(exp: Experiment, graphdef, stage_at):
-  """validate(state, step, tau) -> at the stage of the last trained step: greedy accuracy and generated tokens on
-  the held-out prompts, teacher-forced CE / token / sequence accuracy on the held-out samples."""
+  """validate(state, step, tau) -> at the stage of the last trained step: greedy accuracy (`coconut.answer_match`)
+  and generated tokens on the held-out prompts, teacher-forced CE / token / sequence accuracy on the held-out
+  samples."""
   c = exp.config
   prompts = _validation_prompts(exp)
   held_out = coconut_data.fitting_records(exp.valid[:c.dataset.valid_size], c.method, curriculum(c), exp.tokenizer,
@@ -263,7 +277,7 @@ def make_coconut_validate(exp: Experiment, graphdef, stage_at):
     stage = stage_at(max(step - 1, 0))
     gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens)
     metrics, _ = coconut_train.evaluate(nnx.merge(graphdef, state.params), prompts, exp.tokenizer, c.dataset.name,
-                                        gen_cfg, c.generate.batch_size, exp.mesh)
+                                        gen_cfg, c.generate.batch_size, exp.mesh, c.coconut.answer_match)
     batch = coconut_data.build_batch(held_out, c.method, stage, curriculum(c), exp.tokenizer, c.data.max_prompt_len,
                                      c.data.max_completion_len)
     return {'stage': float(stage), **metrics, **coconut_train.teacher_forced_metrics(graphdef, state.params, batch)}
@@ -391,15 +405,30 @@ def run_eval(exp: Experiment) -> dict[str, float]:
 
 
 def run_coconut_eval(exp: Experiment) -> dict[str, float]:
-  """COCONUT / baseline evaluation of the latest checkpoint at its final curriculum stage (the best-by-accuracy
-  one may come from an earlier stage): `<workdir>/eval/metrics.json` and `completions.jsonl`."""
+  """COCONUT / baseline evaluation of the checkpoint best on validation (the latest when none was ranked) at the
+  stage it was trained and validated at, on the first `dataset.valid_size` records of `coconut.eval_split`:
+  `<workdir>/eval/metrics.json` and `completions.jsonl`."""
   c = exp.config
-  graphdef, params = stage_params(exp, 'bootstrap', prefer_best=False)
-  stage = coconut_batches(exp, exp.train, c.bootstrap.batch_size).stage(c.bootstrap.steps - 1)
+  ckpt = Checkpointer(os.path.join(exp.workdir, 'bootstrap', 'checkpoints'), async_save=False,
+                      best_metric=c.bootstrap.get('best_checkpoint', c.bootstrap.best_metric))  # as stage_params
+  step = ckpt.best_step() or (ckpt.steps() or [0])[-1]
+  ckpt.close()
+  graphdef, params = stage_params(exp, 'bootstrap')  # the best: that checkpoint
+  stage = coconut_batches(exp, exp.train, c.bootstrap.batch_size).stage(max(step - 1, 0))
+  records = exp.valid
+  if c.coconut.eval_split == 'test':
+    d = c.dataset
+    try:
+      records = data_lib.get_dataset(d.name, 'test', d.get('test_path') or None, data_dir=d.data_dir or None,
+                                     size=d.valid_size, seed=c.seed, min_digits=d.min_digits, max_digits=d.max_digits)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f'{e} Or score the validation records: --config.coconut.eval_split=valid.') from e
+  prompts = data_lib.build_prompts(records[:c.dataset.valid_size], exp.tokenizer, c.data.max_prompt_len)
   gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens)
-  metrics, rows = coconut_train.evaluate(nnx.merge(graphdef, params), _validation_prompts(exp), exp.tokenizer,
-                                         c.dataset.name, gen_cfg, c.generate.batch_size, exp.mesh)
-  metrics = {'method': c.method, 'stage': stage, 'num_examples': len(rows), **metrics}
+  metrics, rows = coconut_train.evaluate(nnx.merge(graphdef, params), prompts, exp.tokenizer, c.dataset.name,
+                                         gen_cfg, c.generate.batch_size, exp.mesh, c.coconut.answer_match)
+  metrics = {'method': c.method, 'step': step, 'stage': stage, 'split': c.coconut.eval_split,
+             'answer_match': c.coconut.answer_match, 'num_examples': len(rows), **metrics}
   if jax.process_index() == 0:
     out = os.path.join(exp.workdir, 'eval')
     os.makedirs(out, exist_ok=True)
@@ -407,7 +436,8 @@ def run_coconut_eval(exp: Experiment) -> dict[str, float]:
       json.dump(metrics, f, indent=2)
     with open(os.path.join(out, 'completions.jsonl'), 'w') as f:
       f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
-    log.info('Evaluation of %s at stage %d (%d examples): %s. Reports: %s', c.method, stage, len(rows), metrics, out)
+    log.info('Evaluation of %s at step %d, stage %d (%d %s examples): %s. Reports: %s', c.method, step, stage,
+             len(rows), c.coconut.eval_split, metrics, out)
   return metrics
 
 

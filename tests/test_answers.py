@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dtt_jax.data.answers import DATASETS, check_answer, extract_answer, normalize_answer
+from dtt_jax.data.answers import DATASETS, check_answer, extract_answer, match_answer, normalize_answer
 from tests.conftest import require_shared
 
 BOT, EOT, EOS = '<|bot|>', '<|eot|>', '<|endoftext|>'
@@ -120,6 +120,32 @@ def test_dataset_name_is_case_insensitive_and_unknown_raises_listing_names():
     normalize_answer('', '72')
 
 
+# --- exact (COCONUT) vs lenient match -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('dataset,predicted,reference,exact,lenient', [
+    ('prontoqa', 'True, because every cat is a wumpus', 'True', False, True),
+    ('prontoqa', 'true', 'True', False, True),
+    ('prontoqa', ' True ', 'True', True, True),
+    ('gsm8k', '72.00001', '72', False, True),
+    ('gsm8k', '72.0', '72', False, True),
+    ('gsm8k', '1,234', '1234', True, True),
+    ('gsm8k', 'The answer is 72', '72', False, True),
+    ('prosqa', 'Tom is a wumpus', 'Tom is a wumpus.', False, True),
+    ('prosqa', 'Tom is a wumpus.', 'Tom is a wumpus.', True, True),
+    ('addition', '046', '46', False, True),
+    ('addition', None, '46', False, False),
+])
+def test_exact_match_is_coconuts_string_equality(dataset, predicted, reference, exact, lenient):
+  """'exact' is COCONUT's evaluation (`answer_output == answer`, both with commas removed and stripped); 'lenient'
+  is the per-dataset rule above, which accepts a first word, a close number or a missing period."""
+  assert match_answer(dataset, predicted, reference, 'exact') is exact
+  assert match_answer(dataset, predicted, reference, 'lenient') is lenient
+  assert match_answer(dataset, predicted, reference) is lenient  # the default: SPEC §8's rules
+  with pytest.raises(ValueError, match="Unknown answer match 'fuzzy'; expected one of exact, lenient"):
+    match_answer(dataset, predicted, reference, 'fuzzy')
+
+
 # --- never raises -------------------------------------------------------------------------------------------------
 
 
@@ -132,6 +158,7 @@ def test_adversarial_strings_never_raise(dataset):
     normalize_answer(dataset, text)
     for reference in ADVERSARIAL:
       assert isinstance(check_answer(dataset, text, reference), bool)
+      assert isinstance(match_answer(dataset, text, reference, 'exact'), bool)
       assert isinstance(check_answer(dataset, extract_answer(f'{BOT}{reference}{EOT}{text}'), reference), bool)
 
 

@@ -80,6 +80,63 @@ def test_curriculum_schedule_and_optimizer_resets():
   assert [gsm8k.stage(e) for e in range(14)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4]
 
 
+def test_optimizer_resets_follow_the_schedule_the_same_for_every_method():
+  """Every method of one comparison (the baselines and COCONUT w/o curriculum included, whose data never changes)
+  restarts its optimizer at the same steps: every epoch with COCONUT's optimizer, every stage of the schedule with
+  'warmup_cosine' (whose warmup + cosine then spans exactly one stage); `start_epoch` (GSM8K: 3) shifts the
+  epochs, so a run resumed into the schedule keeps its blocks."""
+  from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
+  from dtt_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
+
+  expected = {'coconut': list(range(10, 160, 10)), 'warmup_cosine': list(range(20, 160, 20))}
+  for optimizer, resets in expected.items():
+    for method in coconut_configs.METHODS[:-1]:
+      c = coconut_configs.get_config(f'prontoqa,{method}')
+      c.coconut.optimizer, c.coconut.epochs_per_stage = optimizer, 2
+      schedule = pipeline.curriculum(c)
+      steps = coconut_train.train_steps(c, schedule, steps_per_epoch=10)  # (6 + 2) stages x 2 epochs x 10 steps
+      assert steps == 160
+      assert schedule.reset_steps(10, steps, coconut_train.reset_every_epochs(c)) == resets, (optimizer, method)
+      c.coconut.reset_optimizer = False
+      assert schedule.reset_steps(10, steps, coconut_train.reset_every_epochs(c)) == []
+  gsm8k = coconut.Curriculum(c_thoughts=2, max_stage=3, epochs_per_stage=3, start_epoch=3)
+  assert [gsm8k.stage_at_step(s, 10) for s in (0, 29, 30, 89, 90, 219)] == [1, 1, 2, 3, 4, 4]
+  assert gsm8k.reset_steps(10, 220, every_epochs=3) == list(range(30, 220, 30))  # epochs 6, 9, ..., 24
+  assert gsm8k.reset_steps(10, 45, every_epochs=1) == [10, 20, 30, 40] and gsm8k.last_stage_start(10) == 90
+
+
+def test_coconut_optimizer_is_torch_adamw_at_a_constant_rate():
+  """The COCONUT configs' default optimizer is the official one, `torch.optim.AdamW(model.parameters(), lr,
+  weight_decay)` recreated every epoch: constant lr from the first step, decoupled weight decay on every parameter
+  (vectors too), no gradient clipping. Checked against torch's update written in NumPy over 3 steps with gradients
+  far above any clipping norm."""
+  from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
+  from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
+
+  c = coconut_configs.get_config('prontoqa,coconut')
+  assert (c.coconut.optimizer, c.coconut.reset_optimizer, c.model.dropout) == ('coconut', True, 0.1)
+  lr, wd = c.bootstrap.lr, c.bootstrap.weight_decay
+  tx = coconut_train.make_optimizer(c, steps_per_epoch=10, total_steps=80)
+  rng = np.random.default_rng(0)
+  params = {'kernel': rng.normal(size=(3, 4)).astype(np.float32), 'bias': rng.normal(size=(4,)).astype(np.float32)}
+  state, got = tx.init(params), dict(params)
+  want = {k: v.astype(np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in want.items()}
+  v2 = {k: np.zeros_like(v) for k, v in want.items()}
+  for t in range(1, 4):
+    grads = {k: (100 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()}
+    updates, state = tx.update(grads, state, got)
+    got = {k: np.asarray(got[k] + updates[k]) for k in got}
+    for k in want:  # torch.optim.AdamW: decay, then the Adam step (betas 0.9, 0.999, eps 1e-8)
+      want[k] = want[k] * (1 - lr * wd)
+      m[k] = 0.9 * m[k] + 0.1 * grads[k]
+      v2[k] = 0.999 * v2[k] + 0.001 * grads[k].astype(np.float64) ** 2
+      want[k] -= lr * (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v2[k] / (1 - 0.999 ** t)) + 1e-8)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
 def test_bad_values_name_their_key(tok):
   with pytest.raises(ValueError, match='config.coconut.c_thoughts=0 must be >= 1'):
     coconut.Curriculum(c_thoughts=0)
@@ -87,16 +144,19 @@ def test_bad_values_name_their_key(tok):
     coconut.build_sample(RECORD, 'latent', 0, coconut.Curriculum(), tok)
 
 
-def test_loss_through_the_engine_equals_coconuts_n_plus_one_passes(tok):
-  """The engine's recurrent pass with the gate forced to 1 at <|latent|> gives the same logits as COCONUT's
-  reference algorithm: n + 1 full forward passes, each filling the next latent position's input with the previous
-  position's last hidden state. The loss covers only the text after the latent span."""
+def test_loss_and_gradients_equal_coconuts_n_plus_one_full_passes(tok):
+  """The training pass (one GPT-2 pass per piece between latent columns, over the KV cache of the pieces before)
+  gives the loss AND the gradient of every parameter of COCONUT's reference algorithm: n + 1 full forward passes,
+  each filling the next latent column's input with the previous column's last hidden state. Both run GPT-2's
+  training-mode dropout (rate 0.1) from one key and draw the same masks, since a mask depends on the sequence
+  column, not on the pass; another key gives another loss. The loss covers only the text after the latent span."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dtt_jax.model.dtt import DTTConfig, DTTModel  # pylint: disable=g-import-not-at-top
-  from dtt_jax.model.gpt2 import GPT2Config, causal_bias, positions_from_mask  # pylint: disable=g-import-not-at-top
+  from dtt_jax.model.gpt2 import (Dropout, GPT2Config, causal_bias,  # pylint: disable=g-import-not-at-top
+                                  positions_from_mask)
   from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
 
   records = [RECORD, {'question': '5 + 7 =', 'steps': ['5+7=12 write 2 carry 1', 'carry 1 write 1'], 'answer': '12'}]
@@ -104,30 +164,60 @@ def test_loss_through_the_engine_equals_coconuts_n_plus_one_passes(tok):
                                 for t in (r['question'] + '\n', *[s + '\n' for s in r['steps']], '### ' + r['answer'])])
   compact = tokens.Tokenizer(tok.hf, vocab)
   batch = coconut.build_batch(records, 'coconut', 1, coconut.Curriculum(c_thoughts=2), compact, 12, 24)
-  cfg = GPT2Config(vocab_rows=vocab.num_rows, num_tokens=vocab.num_tokens, n_positions=64, n_embd=32, n_layer=2,
-                   n_head=4)
-  model = DTTModel(DTTConfig(cfg), rngs=nnx.Rngs(0))
+  cfg = GPT2Config(vocab_rows=vocab.num_rows, num_tokens=vocab.num_tokens, n_positions=64, n_embd=16, n_layer=1,
+                   n_head=2)
+  graphdef, params = nnx.split(DTTModel(DTTConfig(cfg), rngs=nnx.Rngs(0)))
   b = {k: jnp.asarray(v) for k, v in batch.items()}
-  loss, _ = coconut_train.coconut_loss(model, b)
+  latent = np.concatenate([np.zeros_like(batch['prompt']), batch['latent_mask']], 1)  # [B,S] on the host
+  rate = 0.1
 
-  # COCONUT's algorithm on prompt + completion (padding masked), one full pass per latent position, then one more.
-  tokens_all = jnp.concatenate([b['prompt'], b['completion']], 1)
-  mask = jnp.concatenate([b['prompt_mask'], jnp.ones_like(b['completion'])], 1)
-  latent = jnp.concatenate([jnp.zeros_like(b['prompt']), b['latent_mask']], 1)
-  x = model.gpt2.embed(tokens_all)
-  p = b['prompt'].shape[1]
-  for j in range(p, tokens_all.shape[1]):
-    if bool(jnp.any(latent[:, j])):
-      h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask))
-      x = x.at[:, j].set(jnp.where(latent[:, j, None] > 0, h[:, j - 1], x[:, j]))
-  h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask))
-  logits = model.gpt2.logits(h[:, p - 1:-1])
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, b['completion'])
-  expected = jnp.sum(nll * b['loss_mask']) / jnp.sum(b['loss_mask'])
-  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
-  assert int(b['latent_mask'].sum()) == 4  # 2 records x 1 replaced step x c = 2
-  grads = jax.grad(lambda m: coconut_train.coconut_loss(m, b)[0])(model)
-  assert float(jnp.abs(grads.gpt2.wte.embedding[...]).max()) > 0
+  def loss(params, key):
+    return coconut_train.coconut_loss(nnx.merge(graphdef, params), b, key, dropout=rate)[0]
+
+  def reference(params, key):  # COCONUT's algorithm on prompt + completion (padding masked)
+    model = nnx.merge(graphdef, params)
+    tokens_all = jnp.concatenate([b['prompt'], b['completion']], 1)
+    mask = jnp.concatenate([b['prompt_mask'], jnp.ones_like(b['completion'])], 1)
+    drop = Dropout(key, rate, tokens_all.shape[1])
+    x = model.gpt2.embed(tokens_all)
+    p = b['prompt'].shape[1]
+    for j in range(p, tokens_all.shape[1]):
+      if latent[:, j].any():
+        h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask), dropout=drop)
+        x = x.at[:, j].set(jnp.where(latent[:, j, None] > 0, h[:, j - 1], x[:, j]))
+    h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask), dropout=drop)
+    nll = optax.softmax_cross_entropy_with_integer_labels(model.gpt2.logits(h[:, p - 1:-1]), b['completion'])
+    return jnp.sum(nll * b['loss_mask']) / jnp.sum(b['loss_mask'])
+
+  key = jax.random.key(3)
+  train_fn = jax.jit(jax.value_and_grad(loss))
+  (got, got_grads), (want, want_grads) = train_fn(params, key), jax.jit(jax.value_and_grad(reference))(params, key)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert int(latent.sum()) == 4  # 2 records x 1 replaced step x c = 2
+  assert float(jnp.abs(got_grads['gpt2']['wte']['embedding']).max()) > 0
+  assert abs(float(got) - float(train_fn(params, jax.random.key(4))[0])) > 1e-4  # the masks are drawn and applied
+
+
+def test_dropout_is_gpt2s_training_mode_and_zero_rate_changes_nothing():
+  """Dropout zeroes about `rate` of the activations and scales the rest by 1 / (1 - rate) (as torch); a column's
+  mask is the same whatever piece of the sequence it is computed in; rate 0 returns its input (the parity tests
+  cover the model without dropout)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dtt_jax.model.gpt2 import Dropout  # pylint: disable=g-import-not-at-top
+
+  drop = Dropout(jax.random.key(0), 0.1, 16)
+  out = np.asarray(drop.hidden(jnp.ones((8, 64, 32)), 0, jnp.arange(64)))
+  np.testing.assert_allclose(np.unique(out), [0.0, 1 / 0.9], rtol=1e-6)
+  assert abs((out == 0).mean() - 0.1) < 0.01
+  np.testing.assert_array_equal(np.asarray(drop.hidden(jnp.ones((8, 10, 32)), 0, jnp.arange(5, 15))), out[:, 5:15])
+  probs = np.asarray(drop.probs(jnp.ones((2, 3, 16, 16)), 1, jnp.arange(16)))  # [B,H,T,Tk]
+  np.testing.assert_array_equal(np.asarray(drop.probs(jnp.ones((2, 3, 4, 9)), 1, jnp.arange(5, 9))),
+                                probs[:, :, 5:9, :9])  # 4 queries over a 9-key cache: the same masks
+  x = jnp.ones((2, 3, 4))
+  assert Dropout(jax.random.key(1), 0.0, 3).hidden(x, 0, jnp.arange(3)) is x
 
 
 def _curriculum_batches(tok, records, **kw):
@@ -180,6 +270,22 @@ def test_records_that_do_not_fit_every_stage_are_dropped_or_named(tok):
 def test_head_length_and_answer_extraction():
   from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
   assert coconut_train.head_length(np.array([[0, 1, 1, 0, 0], [0, 1, 1, 0, 0]])) == 3
-  assert coconut_train.head_length(np.zeros((2, 5))) == 0
+  assert coconut_train.latent_columns(np.array([[0, 1, 1, 0, 0], [0, 1, 1, 0, 0]])) == (1, 2)
+  assert coconut_train.head_length(np.zeros((2, 5))) == 0 and coconut_train.latent_columns(np.zeros((2, 5))) == ()
   assert coconut_train.answer_of('<|bot|><|latent|><|eot|>a\n### 1,046<|endoftext|>### 9') == '1046'
   assert coconut_train.answer_of('Tom is a wumpus.\n### Tom is a rempus.') == 'Tom is a rempus.'
+
+
+def test_scoring_is_exact_by_default_and_lenient_on_request():
+  """COCONUT mode scores like the official evaluation: the text after the last `#` must equal the answer (commas
+  removed), so `True, because ...` and `72.00001` are wrong; the lenient per-dataset rules accept both."""
+  from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
+  from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
+  assert coconut_configs.get_config('prontoqa,coconut').coconut.answer_match == 'exact'
+  head = '<|bot|><|latent|><|latent|><|eot|>'
+  assert coconut_train.score('prontoqa', head + '### True, because<|endoftext|>', 'True') == ('True because', False)
+  assert coconut_train.score('prontoqa', head + '### True, because<|endoftext|>', 'True', 'lenient')[1]
+  assert coconut_train.score('prontoqa', head + '### True<|endoftext|>', 'True') == ('True', True)
+  assert not coconut_train.score('gsm8k', '<<6*12=72>>\n### 72.00001<|endoftext|>', '72')[1]
+  assert coconut_train.score('gsm8k', '<<6*12=72>>\n### 72.00001<|endoftext|>', '72', 'lenient')[1]
+  assert coconut_train.score('gsm8k', '### 1,234<|endoftext|>', '1,234') == ('1234', True)

@@ -1,5 +1,6 @@
-"""COCONUT in the pipeline: generation with the forced head equals the training pass, the optimizer resets at
-stage changes, the configs of the study, and the study table."""
+"""COCONUT in the pipeline: generation with the forced head equals the training pass; a run's budget, optimizer
+resets, evaluation at the best checkpoint and start from another run's weights; the configs (tiny study and the
+paper's settings) and the study table."""
 
 import json
 import os
@@ -12,7 +13,8 @@ import pytest
 from flax import nnx
 
 from configs import coconut as coconut_configs
-from dtt_jax import pipeline
+from dtt_jax import pipeline, tokens
+from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.eval import study
 from dtt_jax.model.dtt import DTTConfig, DTTModel
 from dtt_jax.model.gpt2 import GPT2Config
@@ -40,59 +42,149 @@ def test_generation_with_forced_latents_equals_the_training_pass():
   assert np.asarray(out.gates).tolist() == [[0.0, 1.0, 1.0] + [0.0] * 6] * 2
   batch = {'prompt': prompt, 'prompt_mask': prompt_mask, 'completion': out.tokens,
            'latent_mask': jnp.asarray(tokens == LATENT, jnp.int32), 'loss_mask': out.mask}
-  nll, correct = coconut_train._teacher_forced(model, batch, coconut_train.head_length(batch['latent_mask']))  # pylint: disable=protected-access
+  columns = coconut_train.latent_columns(batch['latent_mask'])
+  nll, correct = coconut_train._teacher_forced(model, batch, columns)  # pylint: disable=protected-access
   expected = optax.softmax_cross_entropy_with_integer_labels(out.logits, out.tokens)
   live = np.asarray(out.mask) > 0
   np.testing.assert_allclose(np.asarray(nll)[live], np.asarray(expected)[live], atol=1e-4)
   assert np.asarray(correct)[:, 4:][live[:, 4:]].all()  # greedy after the head
 
 
-def _tiny_config(tmp_path, **coconut):
+def _tiny_config(**coconut):
   c = coconut_configs.get_config('addition,coconut')
-  c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.n_positions = 1, 32, 2, 64
+  c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.n_positions = 1, 32, 2, 80
   c.dataset.train_size, c.dataset.valid_size = 64, 8
-  c.bootstrap.batch_size, c.generate.batch_size = 8, 8
-  c.coconut.max_stage, c.coconut.steps_per_epoch = 2, 2
+  c.bootstrap.batch_size, c.generate.batch_size, c.generate.max_new_tokens = 8, 8, 16
+  c.coconut.max_stage, c.coconut.steps_per_epoch, c.coconut.epochs_per_stage = 1, 2, 2
   c.coconut.update(coconut)
-  c.bootstrap.steps, c.bootstrap.eval_every, c.bootstrap.checkpoint_every, c.bootstrap.warmup_steps = 8, 4, 4, 1
-  c.bootstrap.log_every = 1
+  c.bootstrap.eval_every, c.bootstrap.checkpoint_every, c.bootstrap.log_every = 4, 4, 1
   c.stage = 'pipeline'
   return c
 
 
-@pytest.mark.parametrize('reset', [True, False])
-def test_optimizer_state_resets_at_stage_changes(tmp_path, reset, hf_tokenizer):
-  """Stages of 2 steps (0, 1, 2, then the final 3 from step 6): with reset_optimizer the optimizer step count
-  restarts there, so after 8 steps it is 2; without, 8."""
+def _logged(workdir, key):
+  with open(workdir / 'metrics.jsonl') as f:
+    return [r[key] for r in map(json.loads, f) if key in r]
+
+
+def test_run_resets_every_epoch_scores_the_best_checkpoint_and_seeds_a_later_run(tmp_path, monkeypatch,
+                                                                                hf_tokenizer):
+  """A COCONUT run with the tiny config (COCONUT's optimizer, dropout 0.1, bootstrap.steps = 0): the budget is
+  (K + 2) x 2 epochs of 2 steps = 12 steps, stages 0, 1, 2 of 4 steps each; the optimizer restarts every epoch,
+  so its step count ends at 2. Validation at steps 4, 8 and 12 with the accuracy forced to 1 at step 8 only: the
+  evaluation scores step 8's checkpoint at its stage (1), exactly. A second run from epoch 4 (stage 2) with
+  `init_from` the first starts from those weights (lr 0: it ends with them)."""
   del hf_tokenizer  # the shared tokenizer must be present
-  c = _tiny_config(tmp_path, reset_optimizer=reset)
-  exp = pipeline.setup(c, str(tmp_path))
+  real = pipeline.make_coconut_validate
+
+  def validate_with_best_at_8(exp, graphdef, stage_at):
+    validate = real(exp, graphdef, stage_at)
+    return lambda state, step, tau: {**validate(state, step, tau), 'accuracy': float(step == 8)}
+
+  monkeypatch.setattr(pipeline, 'make_coconut_validate', validate_with_best_at_8)
+  first = tmp_path / 'first'
+  exp = pipeline.setup(_tiny_config(), str(first))
   result = pipeline.run_coconut(exp)
+  assert result.step == 12 and exp.config.bootstrap.steps == 0  # resolved for the run only
   counts = {int(x) for x in jax.tree.leaves(result.state.opt_state) if jnp.issubdtype(x.dtype, jnp.integer)}
-  assert counts == ({2} if reset else {8})
+  assert counts == {2}
   assert exp.tokenizer.encode('### 46').size == 2  # the compact vocabulary holds COCONUT's layout texts
-  stages = [json.loads(line).get('bootstrap/stage') for line in open(tmp_path / 'metrics.jsonl')]
-  assert [s for s in stages if s is not None] == [0, 0, 1, 1, 2, 2, 3, 3]
+  assert _logged(first, 'bootstrap/stage') == [0] * 4 + [1] * 4 + [2] * 4
+  assert _logged(first, 'bootstrap/epoch') == [e for e in range(6) for _ in range(2)]
   metrics = pipeline.run_eval(exp)
-  with open(tmp_path / 'eval' / 'metrics.json') as f:
+  with open(first / 'eval' / 'metrics.json') as f:
     assert json.load(f) == metrics
-  assert metrics['stage'] == 3 and metrics['num_examples'] == 8 and 0 <= metrics['accuracy'] <= 1
-  assert metrics['generated_tokens'] >= 4  # <|bot|>, K c = 2 latents, <|eot|> at least
+  assert (metrics['step'], metrics['stage'], metrics['answer_match'], metrics['split']) == (8, 1, 'exact', 'valid')
+  assert metrics['num_examples'] == 8 and 0 <= metrics['accuracy'] <= 1
+  assert metrics['generated_tokens'] >= 3  # <|bot|>, c = 1 latent, <|eot|> at least
+
+  c = _tiny_config(start_epoch=4, num_epochs=5)  # one epoch at stage 2
+  c.init_from, c.bootstrap.lr = str(first), 0.0
+  second = tmp_path / 'second'
+  later = pipeline.run_coconut(pipeline.setup(c, str(second)))
+  _, best = pipeline.stage_params(exp, 'bootstrap')
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(later.state.params), jax.device_get(best))
+  assert later.step == 2 and _logged(second, 'bootstrap/stage') == [2, 2]
+  assert Checkpointer(str(second / 'bootstrap' / 'checkpoints'), async_save=False).steps() == [2]
+
+
+def test_budget_follows_the_schedule_and_a_short_one_is_named():
+  """The documented faithful command (real epochs, 5 per stage) trains (K + 2) x 5 = 40 epochs; an explicit
+  `bootstrap.steps` that stops before the final stage, or too few `num_epochs`, is a config error naming the key,
+  the step where the final stage starts and the fix. Methods without stages take any budget."""
+  c = coconut_configs.get_config('prontoqa,coconut')
+  c.coconut.steps_per_epoch, c.coconut.epochs_per_stage = 0, 5
+  pipeline.check_config(c)  # one pass over the data: its length is known once the data is (run_coconut)
+  assert coconut_train.train_steps(c, pipeline.curriculum(c), steps_per_epoch=281) == 40 * 281
+  c.bootstrap.steps = 200
+  with pytest.raises(ValueError, match=r'config.bootstrap.steps=200 ends before the last stage .* starts at step '
+                                       r'9835: set config.bootstrap.steps=0 \(then num_epochs=40: 11240 steps\)'):
+    coconut_train.train_steps(c, pipeline.curriculum(c), steps_per_epoch=281)
+  c.coconut.steps_per_epoch = 25
+  with pytest.raises(ValueError, match=r'config.bootstrap.steps=200 ends .* starts at step 875'):
+    pipeline.check_config(c)
+  c.bootstrap.steps, c.coconut.num_epochs = 0, 35
+  with pytest.raises(ValueError, match=r'config.coconut.num_epochs=35 ends .* set config.coconut.num_epochs above 35'):
+    pipeline.check_config(c)
+  c.coconut.num_epochs = 36
+  pipeline.check_config(c)
+  c.method, c.bootstrap.steps = 'cot', 200
+  pipeline.check_config(c)
+
+
+def test_paper_settings():
+  """`configs/coconut.py:<dataset>,<method>,paper` is the official recipe: GSM8K with c = 2, K = 3, 3 epochs per
+  stage, 25 epochs, COCONUT from epoch 3 (stage 1, official `resume: 3`) on a CoT run's weights (an error names
+  `init_from` until one is given); ProntoQA / ProsQA with c = 1, K = 6, 5 epochs per stage, 50 epochs. AdamW lr
+  1e-4, decay 0.01, reset every epoch, dropout 0.1, global batch 128; at most 64 (GSM8K) / 128 new tokens after
+  the forced head; validation every epoch and the test split scored exactly."""
+  c = coconut_configs.get_config('gsm8k,coconut,paper')
+  with pytest.raises(ValueError, match='config.coconut.start_epoch=3 skips the first stages .* set config.init_from'):
+    pipeline.check_config(c)
+  c.init_from = 'runs/gsm8k_cot'
+  pipeline.check_config(c)
+  schedule = pipeline.curriculum(c)
+  assert (schedule.c_thoughts, schedule.max_stage, schedule.epochs_per_stage, schedule.start_epoch) == (2, 3, 3, 3)
+  assert [schedule.stage_at_step(s, 100) for s in (0, 299, 300, 900, 2199)] == [1, 1, 2, 4, 4]
+  assert coconut_train.train_steps(c, schedule, 100) == 2200  # epochs 3..24
+  assert (c.model.init, c.model.vocab, c.model.dropout, c.coconut.steps_per_epoch) == ('gpt2', 'full', 0.1, 0)
+  assert (c.coconut.optimizer, c.coconut.reset_optimizer, c.bootstrap.lr, c.bootstrap.weight_decay) == (
+      'coconut', True, 1e-4, 0.01)
+  assert (c.bootstrap.batch_size, c.bootstrap.steps, c.bootstrap.best_metric) == (128, 0, 'accuracy')
+  assert (c.coconut.answer_match, c.coconut.eval_split, c.coconut.eval_every_epochs) == ('exact', 'test', 1)
+  gen = coconut_train.generate_config('coconut', 4, schedule, tokens.Vocab.full(), c.generate.max_new_tokens)
+  assert len(gen.forced_prefix) == 8 and gen.max_new_tokens == 8 + 64  # <|bot|>, 3 x 2 latents, <|eot|>
+  assert coconut_configs.get_config('gsm8k,cot,paper').coconut.start_epoch == 0
+  for dataset in ('prontoqa', 'prosqa'):
+    c = coconut_configs.get_config(f'{dataset},coconut,paper')
+    pipeline.check_config(c)
+    k = c.coconut
+    assert (k.c_thoughts, k.max_stage, k.epochs_per_stage, k.num_epochs, k.start_epoch) == (1, 6, 5, 50, 0)
+    assert c.generate.max_new_tokens == 128
 
 
 @pytest.mark.parametrize('dataset', coconut_configs.DATASETS)
 @pytest.mark.parametrize('method', coconut_configs.METHODS)
 def test_study_configs_are_valid(dataset, method):
+  """Every method of the tiny study gets the same budget: one epoch of steps_per_epoch steps per stage, the final
+  one included (DTT: as bootstrap.steps)."""
   c = coconut_configs.get_config(f'{dataset},{method}')
   pipeline.check_config(c)
   assert c.method == ('coconut' if method == 'coconut_no_curriculum' else method)
   assert c.coconut.curriculum == (method != 'coconut_no_curriculum')
-  assert c.bootstrap.steps == c.coconut.steps_per_epoch * (c.coconut.max_stage + 2)  # same budget for all
+  budget = c.coconut.steps_per_epoch * (c.coconut.max_stage + 2)
+  if method == 'dtt':
+    assert c.bootstrap.steps == budget and c.model.dropout == 0
+  else:
+    assert c.bootstrap.steps == 0 and c.model.dropout == 0.1
+    assert coconut_train.train_steps(c, pipeline.curriculum(c), c.coconut.steps_per_epoch) == budget
 
 
 def test_bad_method_and_stage_are_named():
-  with pytest.raises(ValueError, match='configs/coconut.py:\'prontoqa,latent\': expected "<dataset>,<method>"'):
+  with pytest.raises(ValueError, match='configs/coconut.py:\'prontoqa,latent\': expected "<dataset>,<method>'):
     coconut_configs.get_config('prontoqa,latent')
+  with pytest.raises(ValueError, match='"dtt" at the tiny scale only'):
+    coconut_configs.get_config('gsm8k,dtt,paper')
   c = coconut_configs.get_config('prontoqa,cot')
   c.stage = 'grpo'
   with pytest.raises(ValueError, match='config.stage="grpo" does not apply to config.method=\'cot\''):

@@ -23,6 +23,8 @@ def test_config_is_valid(name):
     ('stage', 'train', "config.stage='train': expected one of 'bootstrap', 'grpo', 'eval', 'pipeline'"),
     ('model.vocab', 'small', "config.model.vocab='small'"),
     ('bootstrap.batch_size', 0, 'config.bootstrap.batch_size=0 must be positive'),
+    ('model.dropout', 0.1, "config.model.dropout=0.1 applies only to the COCONUT methods (coconut, pause_as_thought, "
+                           "cot, no_cot, pause): set it to 0 for config.method='dtt'"),
 ])
 def test_bad_values_are_named(key, value, message):
   config = importlib.import_module('configs.quickstart').get_config()

@@ -1,7 +1,7 @@
 """Answer extraction and per-dataset answer checking (SPEC §2, §8), shared by the reward and evaluation.
 
 Pure functions on strings. They never raise on model output: any string (empty, unicode, huge numbers, several
-`<|eot|>`) gives a defined result. The one error is an unknown dataset name, which is a programming error.
+`<|eot|>`) gives a defined result. The errors are an unknown dataset name or match rule (programming errors).
 
 Rules, per dataset (`normalize_answer` gives the canonical value, None when the text has none; None never matches):
 * gsm8k: `$` and `,` are removed, then the **last** number in the text is the answer, so `$1,234.50 dollars`,
@@ -16,6 +16,11 @@ Rules, per dataset (`normalize_answer` gives the canonical value, None when the 
   anything else -> None (`True, because ...` is True; `not true` is None).
 * addition: the whole answer must be an integer literal (`[+-]?[0-9]+`, surrounding whitespace and one trailing
   `.` allowed; no commas, no decimals, no extra words); exact integer match (leading zeros are allowed).
+
+These rules are the 'lenient' match (SPEC §8; DTT's reward and evaluation). `match_answer` also offers 'exact',
+COCONUT's evaluation (its run.py): both strings with `,` removed and surrounding whitespace stripped must be equal,
+for every dataset (`True, because ...` is not `True`; `72.0` is not `72`; `Tom is a wumpus` is not
+`Tom is a wumpus.`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from decimal import Decimal
 from dtt_jax.tokens import EOS, EOT
 
 DATASETS = ('gsm8k', 'prosqa', 'prontoqa', 'addition')
+MATCHES = ('exact', 'lenient')  # `match_answer` rules
 GSM8K_RELATIVE_TOLERANCE = Decimal('1e-4')
 
 # Optional '-' (not after a letter, digit or '.'), then digits with an optional decimal part, or '.digits'.
@@ -117,3 +123,20 @@ def check_answer(dataset: str, predicted: str | None, reference: str) -> bool:
   if name == 'gsm8k':
     return _close(got, want)
   return got == want
+
+
+def exact_text(text: str) -> str:
+  """COCONUT's normal form of an answer string: commas removed, surrounding whitespace stripped."""
+  return text.replace(',', '').strip()
+
+
+def match_answer(dataset: str, predicted: str | None, reference: str, rule: str = 'lenient') -> bool:
+  """`rule='exact'`: `exact_text(predicted) == exact_text(reference)` (COCONUT's run.py); 'lenient':
+  `check_answer` (the per-dataset rules of the module docstring). None never matches. ValueError for an unknown
+  dataset or rule."""
+  name = validate_dataset(dataset)
+  if rule == 'lenient':
+    return check_answer(name, predicted, reference)
+  if rule != 'exact':
+    raise ValueError(f'Unknown answer match {rule!r}; expected one of {", ".join(MATCHES)}.')
+  return isinstance(predicted, str) and exact_text(predicted) == exact_text(reference)

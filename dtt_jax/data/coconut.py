@@ -15,6 +15,10 @@ setting). The loss covers the text after the latent span (`<|eot|>` excluded), o
 the baselines; `latent_mask` marks the positions whose input is the previous position's last hidden state instead
 of a token embedding (COCONUT's continuous thoughts). Without a curriculum (COCONUT's "w/o curriculum" ablation)
 every epoch trains at the final stage K + 1. Evaluation feeds min(k, K) c thoughts after the question.
+
+Step s of a run is in epoch `start_epoch + s // steps_per_epoch` of the schedule (`start_epoch`: COCONUT's
+`resume`, epochs skipped, e.g. GSM8K's stage 0 done by a CoT run). Optimizer resets (`reset_steps`) follow the
+epochs of the schedule only, never the method's layout, so every method of one comparison resets at the same steps.
 """
 
 from __future__ import annotations
@@ -37,19 +41,22 @@ ANSWER_PREFIX = '### '
 
 @dataclasses.dataclass(frozen=True)
 class Curriculum:
-  """`config.coconut`: c thoughts per step, stages 0..max_stage, epochs per stage, curriculum on/off."""
+  """`config.coconut`: c thoughts per step, stages 0..max_stage, epochs per stage, curriculum on/off, the first
+  epoch of the run."""
 
   c_thoughts: int = 1
   max_stage: int = 6
   epochs_per_stage: int = 5
   curriculum: bool = True  # False: COCONUT without curriculum (the last stage from the first epoch)
+  start_epoch: int = 0  # epoch of the schedule the run starts at (COCONUT's `resume`)
 
   def __post_init__(self):
     for name in ('c_thoughts', 'epochs_per_stage'):
       if getattr(self, name) < 1:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 1.')
-    if self.max_stage < 0:
-      raise ValueError(f'config.coconut.max_stage={self.max_stage} must be >= 0.')
+    for name in ('max_stage', 'start_epoch'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 0.')
 
   def stage(self, epoch: int) -> int:
     """k = epoch // epochs_per_stage, counted up to max_stage + 1 (every step latent); without a curriculum
@@ -60,11 +67,28 @@ class Curriculum:
     """Latent (or pause) positions at `stage`: k c, and K c past the last stage."""
     return min(stage, self.max_stage) * self.c_thoughts
 
+  def epoch_at_step(self, step: int, steps_per_epoch: int) -> int:
+    """The schedule's epoch of (0-based) step `step` of the run."""
+    return self.start_epoch + step // steps_per_epoch
+
   def stage_at_step(self, step: int, steps_per_epoch: int) -> int:
-    return self.stage(step // steps_per_epoch)
+    return self.stage(self.epoch_at_step(step, steps_per_epoch))
+
+  def last_stage_start(self, steps_per_epoch: int) -> int:
+    """The first step of the final stage K + 1 (every step latent) with the curriculum (<= 0: the run starts in
+    it)."""
+    return ((self.max_stage + 1) * self.epochs_per_stage - self.start_epoch) * steps_per_epoch
+
+  def reset_steps(self, steps_per_epoch: int, total_steps: int, every_epochs: int) -> list[int]:
+    """Steps (> 0, < total_steps) that begin a block of `every_epochs` epochs of the schedule (counted from its
+    epoch 0): where the optimizer resets, for every method and with or without the curriculum (0: never)."""
+    if every_epochs <= 0:
+      return []
+    return [s for s in range(steps_per_epoch, total_steps, steps_per_epoch)
+            if self.epoch_at_step(s, steps_per_epoch) % every_epochs == 0]
 
   def stage_starts(self, steps_per_epoch: int, total_steps: int) -> list[int]:
-    """Steps (> 0, < total_steps) at which the stage changes: where COCONUT resets the optimizer state."""
+    """Steps (> 0, < total_steps) at which the layout's stage changes."""
     return [s for s in range(1, total_steps)
             if self.stage_at_step(s, steps_per_epoch) != self.stage_at_step(s - 1, steps_per_epoch)]
 
@@ -180,8 +204,7 @@ class CurriculumBatches:
   """Endless, deterministic, resumable `build_batch`es: step s is at stage `cfg.stage_at_step(s, steps_per_epoch)`
   (an "epoch" is `steps_per_epoch` steps; 0 = one pass over the records), rows drawn by `samples.BatchIterator`.
 
-  `stage_changed` is True after `next()` returned the first batch of a new stage (where COCONUT resets the
-  optimizer)."""
+  `stage_changed` is True after `next()` returned the first batch of a new stage."""
 
   def __init__(self, records: Sequence[dict], method: str, cfg: Curriculum, tokenizer: Tokenizer, batch_size: int,
                max_prompt_len: int, max_completion_len: int, steps_per_epoch: int = 0, seed: int = 0,

@@ -12,6 +12,12 @@ ids `vocab_rows + j` (j < K) with their own untied rows, `think_in` [K, D] (inpu
 and `think_bias` [K] (output layer); the original `wte` rows stay tied. `embed` looks thinking ids up in
 `think_in`, `logits` returns [..., vocab_rows + K] whose last K columns are `h @ think_out.T + think_bias`. With
 K = 0 (the default) the model has none of these parameters and computes exactly what it did before they existed.
+
+Dropout (`Dropout`, given to `GPT2.__call__`; none by default, as in evaluation): HF GPT-2's training mode, i.e.
+the same rate after the embedding sum, on the attention probabilities, and on the attention and MLP outputs before
+each residual add. A mask depends only on the key, the site and the sequence column of its query (the cache slot),
+never on which call computes that column, so a sequence computed in pieces over a KV cache (COCONUT's n + 1
+passes) draws exactly the masks of one parallel pass over it.
 """
 
 from __future__ import annotations
@@ -95,6 +101,44 @@ class KVCache:
     return KVCache(replace(self.k, k), replace(self.v, v))
 
 
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+  """Training-mode dropout at `rate` from `key` (module docstring). Attention masks are drawn over `key_len` key
+  columns (the full sequence length) and cut to the keys a call attends to."""
+
+  key: jax.Array
+  rate: float
+  key_len: int
+
+  def _keep(self, site: int, columns, shape) -> jax.Array:
+    """-> bool [T, *shape]: row t is the mask of sequence column columns[t] at `site`."""
+    key = jax.random.fold_in(self.key, site)
+    return jax.vmap(lambda c: jax.random.bernoulli(jax.random.fold_in(key, c), 1.0 - self.rate, shape))(columns)
+
+  def _apply(self, x, keep):
+    return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+  def hidden(self, x, site: int, columns) -> jax.Array:
+    """x [B,T,D] at sequence columns [T] -> x with dropout."""
+    if not self.rate:
+      return x
+    return self._apply(x, self._keep(site, columns, (x.shape[0], x.shape[2])).swapaxes(0, 1))  # [B,T,D]
+
+  def probs(self, p, site: int, columns) -> jax.Array:
+    """Attention probabilities [B,H,T,Tk] (Tk <= key_len) of queries at sequence columns [T] -> with dropout."""
+    if not self.rate:
+      return p
+    b, h, _, tk = p.shape
+    keep = self._keep(site, columns, (b, h, self.key_len))[..., :tk]  # [T,B,H,Tk]
+    return self._apply(p, keep.transpose(1, 2, 0, 3))
+
+
+def _site(layer: int, which: int) -> int:
+  """Dropout site ids: 0 is the embedding; layer l has 1 + 3 l (attention probabilities), 2 + 3 l (attention
+  output), 3 + 3 l (MLP output)."""
+  return 1 + 3 * layer + which
+
+
 def _normal(std: float):
   return nnx.initializers.normal(stddev=std)
 
@@ -108,9 +152,9 @@ class Attention(nnx.Module):
     self.c_proj = nnx.Linear(d, d, dtype=cfg.dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)),
                              rngs=rngs)
 
-  def __call__(self, x, bias, layer, cache, cache_index):
+  def __call__(self, x, bias, layer, cache, cache_index, dropout: Dropout | None = None, columns=None):
     """x [B,T,D], bias [B,T,Tk] -> [B,T,D], cache. Tk = T without a cache (self-attention over x), else the
-    cache length."""
+    cache length. columns [T]: the sequence columns of x (for `dropout`)."""
     b, t, d = x.shape
     q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
     q, k, v = (a.reshape(b, t, self.n_head, self.head_dim) for a in (q, k, v))
@@ -121,8 +165,10 @@ class Attention(nnx.Module):
     scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(self.head_dim) + bias[:, None].astype(jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bhkd->bqhd', probs, v)
-    return self.c_proj(out.reshape(b, t, d)), cache
+    if dropout is not None:
+      probs = dropout.probs(probs, _site(layer, 0), columns)
+    out = self.c_proj(jnp.einsum('bhqk,bhkd->bqhd', probs, v).reshape(b, t, d))
+    return (out if dropout is None else dropout.hidden(out, _site(layer, 1), columns)), cache
 
 
 class MLP(nnx.Module):
@@ -150,10 +196,11 @@ class Block(nnx.Module):
     self.ln_2 = _layer_norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, bias, layer, cache, cache_index):
-    a, cache = self.attn(self.ln_1(x), bias, layer, cache, cache_index)
+  def __call__(self, x, bias, layer, cache, cache_index, dropout: Dropout | None = None, columns=None):
+    a, cache = self.attn(self.ln_1(x), bias, layer, cache, cache_index, dropout, columns)
     x = x + a
-    return x + self.mlp(self.ln_2(x)), cache
+    m = self.mlp(self.ln_2(x))
+    return x + (m if dropout is None else dropout.hidden(m, _site(layer, 2), columns)), cache
 
 
 class GPT2(nnx.Module):
@@ -183,11 +230,16 @@ class GPT2(nnx.Module):
     think = jnp.take(self.think_in[...], rows, axis=0).astype(text.dtype)  # [...,D]
     return jnp.where(is_think[..., None], think, text)
 
-  def __call__(self, inputs_embeds, positions, bias, cache=None, cache_index=0):
-    """inputs_embeds [B,T,D], positions [B,T], bias [B,T,Tk] -> hidden [B,T,D] after ln_f, updated cache."""
+  def __call__(self, inputs_embeds, positions, bias, cache=None, cache_index=0, dropout: Dropout | None = None):
+    """inputs_embeds [B,T,D], positions [B,T], bias [B,T,Tk] -> hidden [B,T,D] after ln_f, updated cache.
+    The inputs are sequence columns [cache_index, cache_index + T) (`dropout`: training mode, else none)."""
     x = inputs_embeds + self.wpe(positions)
+    columns = None
+    if dropout is not None:
+      columns = cache_index + jnp.arange(x.shape[1])
+      x = dropout.hidden(x, 0, columns)
     for layer, block in enumerate(self.h):
-      x, cache = block(x, bias, layer, cache, cache_index)
+      x, cache = block(x, bias, layer, cache, cache_index, dropout, columns)
     return self.ln_f(x), cache
 
   def output_kernel(self) -> jax.Array:

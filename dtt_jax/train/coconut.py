@@ -1,21 +1,34 @@
-"""COCONUT's training loss and evaluation through the generation engine (seed 004; COCONUT arXiv:2412.06769 §3).
+"""COCONUT's training loss, optimizer recipe, step budget and evaluation (seed 004; COCONUT arXiv:2412.06769 §3 and
+its official code, facebookresearch/coconut).
 
-Training: the head of the completion up to its last `<|latent|>` is teacher-forced with the engine's step and KV
-cache (`engine.unroll`), the gate forced to 1 at `<|latent|>` positions (the input is exactly the previous
-position's last hidden state, no token embedding) and to 0 elsewhere; then one parallel pass over prompt +
-completion, with those hidden states as the latent positions' inputs, gives every position's hidden state. This
-is COCONUT's n + 1 passes done as a short recurrence (the <= k c + 1 head positions) plus one full pass, with the
-gradient through the continuous thoughts. Cross-entropy covers `loss_mask` (the text after the latent span). The
-baselines (CoT, No-CoT, Pause, pause-as-thought) have no latent position: the parallel pass alone (plain GPT-2).
+Training: COCONUT's n + 1 passes. The sequence prompt + completion is cut before each latent column; each piece runs
+through GPT-2 over the KV cache of the pieces before it, and a latent column's input is the last hidden state of
+the column before it (no token embedding), so every column is computed once and the gradient flows through the
+continuous thoughts. Cross-entropy covers `loss_mask` (the text after the latent span). The baselines (CoT,
+No-CoT, Pause, pause-as-thought) have no latent column: one pass (plain GPT-2). `dropout` > 0 is GPT-2's training
+mode (`model.gpt2.Dropout`), its masks drawn from the step's key per sequence column, so they do not depend on how
+the sequence is cut into passes and a resumed run draws the same ones.
+
+Optimizer (`config.coconut.optimizer`): 'coconut', the official recipe: AdamW at a constant `bootstrap.lr`, weight
+decay `bootstrap.weight_decay` on every parameter, no clipping, the state reset at every epoch with
+`reset_optimizer`; or 'warmup_cosine': the bootstrap's AdamW (warmup + cosine, clipping, decay on matrices), reset
+at every stage of the schedule with `reset_optimizer` (the schedule then spans one stage). The reset steps depend on
+the schedule only (`Curriculum.reset_steps`): the same for every method of one comparison.
+
+Budget (`train_steps`): `bootstrap.steps` when > 0, else the epochs of `coconut.num_epochs` (0: every stage, the
+final one included, gets `epochs_per_stage` epochs) after `start_epoch`; a curriculum run that would stop before
+its final stage is a config error.
 
 Evaluation: the head of the method at the stage (`<|bot|>`, k c latents, `<|eot|>`; or pauses) is forced after
-the question, the latents fed back as hidden states, then greedy decoding to `<|endoftext|>`; the answer is the
-text after the last `#` (COCONUT's `split('#')[-1]`), checked with the dataset's rule.
+the question, the latents fed back as hidden states, then at most `max_new_tokens` greedy tokens to
+`<|endoftext|>`; the answer is the text after the last `#` (COCONUT's `split('#')[-1]`), matched `exact`ly
+(COCONUT's string equality) or by the dataset's `lenient` rule (`data/answers.py`).
 """
 
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -24,73 +37,100 @@ import optax
 from flax import nnx
 
 from dtt_jax import parallel
+from dtt_jax.data import answers
 from dtt_jax.data import coconut as coconut_data
-from dtt_jax.data.answers import check_answer
 from dtt_jax.eval.evaluate import generate_all
 from dtt_jax.model.dtt import DTTModel
-from dtt_jax.model.gpt2 import causal_bias, positions_from_mask
+from dtt_jax.model.gpt2 import Dropout, KVCache, causal_bias, positions_from_mask
 from dtt_jax.sampling import engine
 from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.tokens import EOS, Tokenizer
 from dtt_jax.train import bootstrap
+from dtt_jax.train import state as state_lib
 
 FIELDS = ('prompt', 'prompt_mask', 'completion', 'loss_mask', 'latent_mask')
+OPTIMIZERS = ('coconut', 'warmup_cosine')
+EVAL_SPLITS = ('valid', 'test')
+
+
+def latent_columns(latent_mask) -> tuple[int, ...]:
+  """Completion columns holding a latent in any row; latent_mask [B,T] on the host. COCONUT's layout puts them at
+  the same columns in every row of a stage."""
+  return tuple(int(c) for c in np.flatnonzero(np.asarray(latent_mask).any(0)))
 
 
 def head_length(latent_mask) -> int:
-  """Completion positions up to and including the last latent of any row (0 without latents); latent_mask [B,T]
-  on the host. COCONUT's layout puts them at the same positions in every row of a stage."""
-  columns = np.flatnonzero(np.asarray(latent_mask).any(0))
-  return int(columns[-1]) + 1 if columns.size else 0
+  """Completion positions up to and including the last latent of any row (0 without latents)."""
+  columns = latent_columns(latent_mask)
+  return columns[-1] + 1 if columns else 0
 
 
-def _teacher_forced(model: DTTModel, batch, head: int):
-  """-> nll [B,T], correct [B,T] (argmax == target) of the completion with latents fed back; `head`:
-  `head_length(batch['latent_mask'])` (static)."""
+def _teacher_forced(model: DTTModel, batch, columns: tuple[int, ...], dropout: Dropout | None = None):
+  """-> nll [B,T], correct [B,T] (argmax == target) of the completion with latents fed back; `columns`:
+  `latent_columns(batch['latent_mask'])` (static). One pass per piece [start, next latent column)."""
   prompt, completion, latent = batch['prompt'], batch['completion'], batch['latent_mask']
-  x = model.gpt2.embed(completion)  # [B,T,D]
-  if head:
-    out = engine.unroll(model, prompt, batch['prompt_mask'], completion[:, :head],
-                        jnp.zeros((completion.shape[0], head), jnp.float32), 1.0, forced_gates=latent[:, :head])
-    # out.target_hidden[:, t] = h_{t-1}: the input of a latent position t
-    x = x.at[:, :head].set(jnp.where(latent[:, :head, None] > 0, out.target_hidden.astype(x.dtype), x[:, :head]))
-  mask = jnp.concatenate([batch['prompt_mask'], jnp.ones_like(completion)], axis=1)
-  h, _ = model.gpt2(jnp.concatenate([model.gpt2.embed(prompt), x], 1), positions_from_mask(mask), causal_bias(mask))
   p = prompt.shape[1]
+  length = p + completion.shape[1]
+  x = model.gpt2.embed(jnp.concatenate([prompt, completion], 1))  # [B,S,D]
+  mask = jnp.concatenate([batch['prompt_mask'], jnp.ones_like(completion)], axis=1)
+  positions, bias = positions_from_mask(mask), causal_bias(mask)  # [B,S], [B,S,S]
+  if not columns:
+    h, _ = model.gpt2(x, positions, bias, dropout=dropout)
+  else:
+    starts = [0] + [p + c for c in columns]
+    ends = starts[1:] + [length]
+    cache = KVCache.zeros(model.gpt2.cfg, x.shape[0], ends[0])
+    pieces = []
+    for start, end in zip(starts, ends):
+      piece = x[:, start:end]
+      if start:  # a latent column: the previous column's last hidden state where the row has a latent there
+        thought = jnp.where(latent[:, start - p, None] > 0, pieces[-1][:, -1], piece[:, 0])
+        piece = piece.at[:, 0].set(thought.astype(piece.dtype))
+      h_piece, cache = model.gpt2(piece, positions[:, start:end], bias[:, start:end, :end], cache.grow(end), start,
+                                  dropout)
+      pieces.append(h_piece)
+    h = jnp.concatenate(pieces, 1)  # [B,S,D]
   logits = model.gpt2.logits(h[:, p - 1:-1])  # [B,T,V]: position p - 1 + t predicts completion token t
   return optax.softmax_cross_entropy_with_integer_labels(logits, completion), jnp.argmax(logits, -1) == completion
 
 
-def coconut_loss(model: DTTModel, batch, key=None, tau=None, counts=None, head: int | None = None):
+def coconut_loss(model: DTTModel, batch, key=None, tau=None, counts=None, columns: tuple[int, ...] | None = None,
+                 dropout: float = 0.0):
   """batch (`data.coconut.build_batch`): prompt, prompt_mask [B,P]; completion, loss_mask, latent_mask [B,T]
-  -> (CE summed over loss_mask / counts['loss_mask'] (default: this batch's count), metrics). `key` and `tau`
-  are unused (no gate noise, no temperature): the signature of `bootstrap.make_step`'s loss. `head`:
-  `head_length` of the latent mask (computed here when not given, which needs concrete arrays)."""
-  del key, tau
+  -> (CE summed over loss_mask / counts['loss_mask'] (default: this batch's count), metrics). `key`: the step's
+  key, drawing the dropout masks at rate `dropout` (0: none); `tau` is unused (the signature of
+  `bootstrap.make_step`'s loss). `columns`: `latent_columns` of the latent mask (computed here when not given,
+  which needs concrete arrays)."""
+  del tau
   count = (counts or bootstrap._counts(batch))['loss_mask']  # pylint: disable=protected-access
-  nll, correct = _teacher_forced(model, batch, head_length(batch['latent_mask']) if head is None else head)
+  columns = latent_columns(batch['latent_mask']) if columns is None else columns
+  drop = None
+  if dropout:
+    drop = Dropout(key, dropout, batch['prompt'].shape[1] + batch['completion'].shape[1])
+  nll, correct = _teacher_forced(model, batch, columns, drop)
   ce = jnp.sum(nll * batch['loss_mask']) / count
   return ce, {'loss': ce, 'ce': ce, 'token_accuracy': jnp.sum(correct * batch['loss_mask']) / count}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, microbatches: int = 1):
+def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, microbatches: int = 1, dropout: float = 0.0):
   """-> `train_step(state, batch, tau) -> (state, metrics)` of `coconut_loss`: host batch in, one jitted
-  `bootstrap.make_step` per head length (one per curriculum stage) dispatched on the batch's latent mask."""
+  `bootstrap.make_step` per set of latent columns (one per curriculum stage) dispatched on the batch's latent
+  mask. The dropout key is the step's (`state_lib.step_key`, folded per microbatch)."""
   steps = {}
 
   def train_step(state, batch, tau):
-    head = head_length(batch['latent_mask'])
-    if head not in steps:
-      steps[head] = bootstrap.make_step(graphdef, tx, functools.partial(coconut_loss, head=head), FIELDS, mesh,
-                                        microbatches)
-    return steps[head](state, parallel.shard_batch({k: batch[k] for k in FIELDS}, mesh), tau)
+    columns = latent_columns(batch['latent_mask'])
+    if columns not in steps:
+      loss = functools.partial(coconut_loss, columns=columns, dropout=dropout)
+      steps[columns] = bootstrap.make_step(graphdef, tx, loss, FIELDS, mesh, microbatches)
+    return steps[columns](state, parallel.shard_batch({k: batch[k] for k in FIELDS}, mesh), tau)
 
   return train_step
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'head'))
-def _teacher_forced_metrics(graphdef, params, batch, head):
-  nll, correct = _teacher_forced(nnx.merge(graphdef, params), batch, head)
+@functools.partial(jax.jit, static_argnames=('graphdef', 'columns'))
+def _teacher_forced_metrics(graphdef, params, batch, columns):
+  nll, correct = _teacher_forced(nnx.merge(graphdef, params), batch, columns)
   mask = batch['loss_mask']
   count = jnp.maximum(jnp.sum(mask), 1)
   row_ok = jnp.all(correct | (mask == 0), axis=1)  # every loss token of the row right
@@ -101,29 +141,140 @@ def _teacher_forced_metrics(graphdef, params, batch, head):
 def teacher_forced_metrics(graphdef, params, batch) -> dict[str, float]:
   """CE, token accuracy and sequence accuracy (all answer-side tokens right) of a `build_batch`, teacher-forced."""
   out = _teacher_forced_metrics(graphdef, params, {k: jnp.asarray(batch[k]) for k in FIELDS},
-                                head_length(batch['latent_mask']))
+                                latent_columns(batch['latent_mask']))
   return {k: float(v) for k, v in jax.device_get(out).items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recipe: optimizer, resets, budget, config checks
+
+
+def num_epochs(c) -> int:
+  """`coconut.num_epochs`, or (max_stage + 2) * epochs_per_stage when 0 (every stage, the final one included)."""
+  k = c.coconut
+  return k.num_epochs or (k.max_stage + 2) * k.epochs_per_stage
+
+
+def follows_curriculum(c) -> bool:
+  """Whether the method's layout changes with the stage (COCONUT and pause-as-thought with the curriculum)."""
+  return c.method in ('coconut', 'pause_as_thought') and c.coconut.curriculum
+
+
+def train_steps(c, cfg: coconut_data.Curriculum, steps_per_epoch: int) -> int:
+  """The run's number of steps: `bootstrap.steps` when > 0, else (num_epochs - start_epoch) epochs. A curriculum
+  run that would stop before its final stage raises, naming the keys."""
+  epochs = num_epochs(c)
+  derived = (epochs - cfg.start_epoch) * steps_per_epoch
+  steps = c.bootstrap.steps or derived
+  last = cfg.last_stage_start(steps_per_epoch)
+  if follows_curriculum(c) and steps <= last:
+    if c.bootstrap.steps:
+      where, fix = (f'config.bootstrap.steps={steps}', f'set config.bootstrap.steps=0 (then num_epochs={epochs}: '
+                    f'{derived} steps) or above {last}')
+    else:
+      where, fix = (f'config.coconut.num_epochs={epochs}',
+                    f'set config.coconut.num_epochs above {(cfg.max_stage + 1) * cfg.epochs_per_stage}')
+    raise ValueError(f'{where} ends before the last stage of config.coconut (max_stage={cfg.max_stage}, '
+                     f'epochs_per_stage={cfg.epochs_per_stage}, start_epoch={cfg.start_epoch}, {steps_per_epoch} '
+                     f'steps per epoch): the final stage, every step latent, starts at step {last}: {fix}.')
+  return steps
+
+
+def reset_every_epochs(c) -> int:
+  """Epochs between optimizer resets: 1 ('coconut'), epochs_per_stage ('warmup_cosine'), 0 without resets."""
+  if not c.coconut.reset_optimizer:
+    return 0
+  return 1 if c.coconut.optimizer == 'coconut' else c.coconut.epochs_per_stage
+
+
+def make_optimizer(c, steps_per_epoch: int, total_steps: int, train_modules=()) -> optax.GradientTransformation:
+  """`config.coconut.optimizer` with the `config.bootstrap` lr / weight decay (module docstring); a warmup + cosine
+  schedule spans the steps between two resets (all steps without resets)."""
+  b = c.bootstrap
+  if c.coconut.optimizer == 'coconut':
+    return state_lib.make_optimizer(b.lr, total_steps, 0, b.weight_decay, 0.0, b.gate_lr_mult,
+                                    train_modules=train_modules, schedule='constant', decay='all')
+  every = reset_every_epochs(c)
+  return state_lib.make_optimizer(b.lr, every * steps_per_epoch if every else total_steps, b.warmup_steps,
+                                  b.weight_decay, b.grad_clip, b.gate_lr_mult, train_modules=train_modules)
+
+
+def resolve_config(c, steps_per_epoch: int, steps: int):
+  """A copy of `c` with the run's `bootstrap.steps`, and with `coconut.eval_every_epochs` > 0 its validation and
+  checkpoint interval in steps."""
+  out = c.copy_and_resolve_references()
+  out.bootstrap.steps = steps
+  if c.coconut.eval_every_epochs > 0:
+    out.bootstrap.eval_every = out.bootstrap.checkpoint_every = c.coconut.eval_every_epochs * steps_per_epoch
+  return out
+
+
+def check_config(c, cfg: coconut_data.Curriculum) -> None:
+  """The `config.coconut` checks that need no data; `train_steps` checks the budget again once the epoch length
+  is known (`steps_per_epoch=0`: one pass over the records)."""
+  def expect(key, value, allowed):
+    if value not in allowed:
+      raise ValueError(f'config.{key}={value!r}: expected one of {", ".join(map(repr, allowed))}.')
+  k = c.coconut
+  expect('coconut.optimizer', k.optimizer, OPTIMIZERS)
+  expect('coconut.answer_match', k.answer_match, answers.MATCHES)
+  expect('coconut.eval_split', k.eval_split, EVAL_SPLITS)
+  for key, value in (('bootstrap.steps', c.bootstrap.steps), ('coconut.num_epochs', k.num_epochs),
+                     ('coconut.steps_per_epoch', k.steps_per_epoch), ('coconut.eval_every_epochs',
+                                                                      k.eval_every_epochs)):
+    if value < 0:
+      raise ValueError(f'config.{key}={value} must be >= 0.')
+  if not 0 <= c.model.get('dropout', 0.0) < 1:
+    raise ValueError(f'config.model.dropout={c.model.dropout} must be in [0, 1).')
+  if cfg.start_epoch >= num_epochs(c):
+    raise ValueError(f'config.coconut.start_epoch={cfg.start_epoch} leaves no epoch of config.coconut.num_epochs='
+                     f'{num_epochs(c)}.')
+  if cfg.start_epoch and not c.get('init_from') and follows_curriculum(c):
+    raise ValueError(f'config.coconut.start_epoch={cfg.start_epoch} skips the first stages (stage 0 is CoT): set '
+                     'config.init_from to the workdir of a run that trained them (e.g. --config.method=cot), or set '
+                     'config.coconut.start_epoch=0.')
+  if k.eval_split == 'test' and c.model.vocab != 'full':
+    raise ValueError('config.coconut.eval_split="test" needs config.model.vocab="full" (the compact vocabulary is '
+                     'built from the train and valid records only).')
+  ids = types.SimpleNamespace(bot=0, eot=0, latent=0, pause=0)  # only the head's length matters here
+  longest_head = len(coconut_data.head_tokens(c.method, cfg.max_stage + 1, cfg, ids))
+  need = c.data.max_prompt_len + max(c.data.max_completion_len, longest_head + c.generate.max_new_tokens)
+  if need > c.model.n_positions:
+    raise ValueError(f'config.data.max_prompt_len={c.data.max_prompt_len} + the {longest_head} forced tokens + '
+                     f'config.generate.max_new_tokens={c.generate.max_new_tokens} (or data.max_completion_len='
+                     f'{c.data.max_completion_len}) need {need} positions; config.model.n_positions='
+                     f'{c.model.n_positions}.')
+  if k.steps_per_epoch:
+    train_steps(c, cfg, k.steps_per_epoch)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation
 
 
 def generate_config(method: str, stage: int, cfg: coconut_data.Curriculum, vocab,
                     max_new_tokens: int) -> engine.GenerateConfig:
-  """Greedy decoding after the forced head of `method` at `stage`; gate 1 exactly at `<|latent|>`."""
+  """Greedy decoding of at most `max_new_tokens` tokens after the forced head of `method` at `stage` (COCONUT
+  counts them after it); gate 1 exactly at `<|latent|>`."""
   head = tuple(coconut_data.head_tokens(method, stage, cfg, vocab))
-  if len(head) >= max_new_tokens:
-    raise ValueError(f'generate.max_new_tokens={max_new_tokens} leaves no room after the {len(head)} forced tokens '
-                     f'of {method} at stage {stage}.')
-  return engine.GenerateConfig(max_new_tokens=max_new_tokens, eos_id=vocab.eos, bot_id=vocab.bot, eot_id=vocab.eot,
-                               sampling=SamplingConfig(greedy=True), max_think=0, gate_noise=False,
+  return engine.GenerateConfig(max_new_tokens=len(head) + max_new_tokens, eos_id=vocab.eos, bot_id=vocab.bot,
+                               eot_id=vocab.eot, sampling=SamplingConfig(greedy=True), max_think=0, gate_noise=False,
                                return_hidden=False, forced_prefix=head, latent_id=vocab.latent)
 
 
 def answer_of(completion: str) -> str:
   """COCONUT's answer: the text before `<|endoftext|>` after its last `#`, commas removed, stripped."""
-  return completion.split(EOS, 1)[0].split('#')[-1].replace(',', '').strip()
+  return answers.exact_text(completion.split(EOS, 1)[0].split('#')[-1])
+
+
+def score(dataset: str, completion: str, reference: str, answer_match: str = 'exact') -> tuple[str, bool]:
+  """-> (answer_of(completion), whether it matches `reference` under `answer_match`)."""
+  answer = answer_of(completion)
+  return answer, answers.match_answer(dataset, answer, reference, answer_match)
 
 
 def evaluate(model, prompts, tokenizer: Tokenizer, dataset: str, gen_cfg: engine.GenerateConfig, batch_size: int,
-             mesh) -> tuple[dict[str, float], list[dict]]:
+             mesh, answer_match: str = 'exact') -> tuple[dict[str, float], list[dict]]:
   """`data.samples.Prompts` -> (metrics {accuracy, generated_tokens}, one row per example). `generated_tokens`:
   every position generated up to and including `<|endoftext|>`, the forced head (latents) included."""
   out = generate_all(model, prompts.prompt, prompts.prompt_mask, gen_cfg, 1.0, batch_size, mesh)
@@ -131,8 +282,8 @@ def evaluate(model, prompts, tokenizer: Tokenizer, dataset: str, gen_cfg: engine
   texts = [tokenizer.decode(row[keep]) for row, keep in zip(np.asarray(out.tokens), mask)]
   rows = []
   for question, reference, text in zip(prompts.questions, prompts.answers, texts):
-    answer = answer_of(text)
+    answer, correct = score(dataset, text, reference, answer_match)
     rows.append({'question': question, 'completion': text, 'answer': answer, 'reference': reference,
-                 'correct': check_answer(dataset, answer, reference)})
+                 'correct': correct})
   lengths = mask.sum(1)
   return {'accuracy': float(np.mean([r['correct'] for r in rows])), 'generated_tokens': float(lengths.mean())}, rows

@@ -55,30 +55,41 @@ def param_labels(params, train_modules: tuple[str, ...] = ()) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+SCHEDULES = ('warmup_cosine', 'constant')
+DECAYS = ('matrices', 'all')
+
+
 def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float, grad_clip: float,
-                   gate_lr_mult: float = 1.0, frozen: tuple[str, ...] = (),
-                   train_modules: tuple[str, ...] = ()) -> optax.GradientTransformation:
+                   gate_lr_mult: float = 1.0, frozen: tuple[str, ...] = (), train_modules: tuple[str, ...] = (),
+                   schedule: str = 'warmup_cosine', decay: str = 'matrices') -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with linear warmup + cosine decay; gate params at lr * gate_lr_mult.
 
-  Weight decay applies to matrices (kernels, embeddings), not to biases or LayerNorm scales. Labels in `frozen`,
-  and the 'base' label when the params hold LoRA adapters (all but adapters, gate and `train_modules`, see
-  `param_labels`), get `set_to_zero`: their gradients are zeroed before clipping (the norm is that of the trained
-  parameters) and they hold no Adam moments. The transformation is picked
-  by the tree it is given, so a model without adapters keeps exactly the state layout (and checkpoints) it had
-  before LoRA existed. The train steps still differentiate the whole tree (their `grad_norm` metric includes the
-  frozen gradients): freezing saves optimizer memory and the update, not the backward pass.
+  `schedule='constant'`: lr throughout (`steps`, `warmup_steps` unused); `grad_clip <= 0`: no clipping;
+  `decay='all'`: weight decay on every parameter (PyTorch's `AdamW(model.parameters())`, COCONUT's optimizer).
+  By default weight decay applies to matrices (kernels, embeddings), not to biases or LayerNorm scales. Labels in
+  `frozen`, and the 'base' label when the params hold LoRA adapters (all but adapters, gate and `train_modules`,
+  see `param_labels`), get `set_to_zero`: their gradients are zeroed before clipping (the norm is that of the
+  trained parameters) and they hold no Adam moments. The transformation is picked by the tree it is given, so a
+  model without adapters keeps exactly the state layout (and checkpoints) it had before LoRA existed. The train
+  steps still differentiate the whole tree (their `grad_norm` metric includes the frozen gradients): freezing saves
+  optimizer memory and the update, not the backward pass.
   """
+  if schedule not in SCHEDULES or decay not in DECAYS:
+    raise ValueError(f'make_optimizer: schedule={schedule!r}, decay={decay!r}; expected one of {SCHEDULES}, '
+                     f'{DECAYS}.')
+
   def adamw(peak):
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1), max(steps, warmup_steps + 1),
-                                                  end_value=peak * 0.1)
-    return optax.adamw(schedule, weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    rate = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1), max(steps, warmup_steps + 1),
+                                              end_value=peak * 0.1) if schedule == 'warmup_cosine' else peak
+    mask = (lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)) if decay == 'matrices' else None
+    return optax.adamw(rate, weight_decay=weight_decay, mask=mask)
 
   labels = lambda params: param_labels(params, train_modules)
 
   def build(frozen_labels):
     transforms = {'trunk': adamw(lr), 'gate': adamw(lr * gate_lr_mult)}
     transforms.update({name: optax.set_to_zero() for name in frozen_labels})
-    clip = optax.clip_by_global_norm(grad_clip)
+    clip = optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity()
     if frozen_labels:
       is_frozen = lambda p: jax.tree.map(lambda label: label in frozen_labels, labels(p))
       clip = optax.chain(optax.masked(optax.set_to_zero(), is_frozen), clip)
