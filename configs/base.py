@@ -93,7 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.bootstrap.checkpoint_every = 200
   c.bootstrap.keep_checkpoints = 2
   c.bootstrap.log_every = 20
-  c.bootstrap.best_metric = 'structure_rate'  # validation metric that picks the best checkpoint
+  c.bootstrap.best_metric = 'structure_rate'  # validation metric of the temperature plateau rule (SPEC §6)
+  # Validation metrics, '+'-joined and summed, that rank checkpoints for 'best' (ties: the later step)
+  c.bootstrap.best_checkpoint = 'accuracy+structure_rate'
 
   # COCONUT and its baselines (config.method in data/coconut.py METHODS; dtt_jax/train/coconut.py), trained by the
   # bootstrap stage's loop with config.bootstrap's lr, weight_decay and batch; an epoch is `steps_per_epoch` steps.
@@ -193,5 +195,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.keep_checkpoints = 2
   c.grpo.log_every = 5
   c.grpo.best_metric = 'reward'
+  c.grpo.best_checkpoint = 'accuracy+reward'
+
+  # The eval stage (dtt_jax/eval/run.py): greedy decoding of each trained stage on a split or a file; reports in
+  # <workdir>/eval/<split or file name>/<stage>/ with one row per example (its id: a hash of the question).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = 'valid'  # 'valid' | 'test' (generated addition: every problem of the test bucket)
+  c.eval.path = ''  # a file in the dataset's formats, evaluated instead of the split
+  c.eval.size = 0  # the first N distinct examples (0: all; the generated valid split has dataset.valid_size)
+  c.eval.checkpoint = 'best'  # 'best' (by <stage>.best_checkpoint) | 'latest' | a step number
+  c.eval.stages = ('bootstrap', 'grpo')  # the trained stages evaluated (those with checkpoints)
 
   return c

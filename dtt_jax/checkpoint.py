@@ -55,20 +55,25 @@ def shape_differences(saved_tree, abstract_tree) -> list[str]:
   return out
 
 
-class Checkpointer:
-  """Save/restore (state pytree, meta dict) by step. Keeps the latest `keep` and the best by `best_metric`."""
+def metric_score(metrics: dict, names: str) -> float:
+  """The sum of the '+'-joined validation metrics `names` ('accuracy+structure_rate')."""
+  return sum(float(metrics[n]) for n in names.split('+'))
 
-  def __init__(self, directory: str, keep: int = 3, best_metric: str | None = None, best_mode: str = 'max',
-               async_save: bool = True):
+
+class Checkpointer:
+  """Save/restore (state pytree, meta dict) by step. Keeps the latest `keep` and the best by `best_metric` (one
+  metric, or several joined by '+' and summed; higher is better; ties go to the later step)."""
+
+  def __init__(self, directory: str, keep: int = 3, best_metric: str | None = None, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
+    rank = lambda m: metric_score(m, best_metric) + 1e-9 * m['step']  # the step only breaks exact ties
     policies = [checkpoint_managers.LatestN(keep)]
     if best_metric:
-      policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == 'min',
-                                                n=1, keep_checkpoints_without_metrics=False))
+      policies.append(checkpoint_managers.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
+        best_fn=rank if best_metric else None, best_mode='max',
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
     self._writing = None  # step of the save in flight
@@ -82,10 +87,11 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None, force: bool = False) -> None:
     """Starts an (async) save; `metrics` (floats) rank the checkpoint for the best-k policy."""
+    ranked = self.best_metric and metrics and all(n in metrics for n in self.best_metric.split('+'))
     try:
       self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                            meta=ocp.args.JsonSave(meta)),
-                        metrics=metrics if (metrics and self.best_metric in metrics) else None, force=force)
+                        metrics=dict(metrics, step=int(step)) if ranked else None, force=force)
     except OSError as e:  # the previous async save failed (reported now), or this one could not start
       raise self._write_error(e) from e
     self._writing = int(step)
@@ -95,6 +101,26 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     return self.manager.best_step() if self.best_metric else None
+
+  def choose(self, which: str = 'best') -> tuple[int, str]:
+    """(step, why) of the checkpoint `which` names: 'best' (by `best_metric`; the latest when none was ranked),
+    'latest', or a step number."""
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}.')
+    if str(which).isdigit():
+      if int(which) not in steps:
+        raise FileNotFoundError(f'No checkpoint {which} in {self.directory}; it holds steps '
+                                f'{", ".join(map(str, steps))}.')
+      return int(which), 'asked for'
+    if which not in ('best', 'latest'):
+      raise ValueError(f"checkpoint {which!r}: expected 'best', 'latest' or a step number.")
+    best = self.best_step() if which == 'best' else None
+    if best is None:
+      return steps[-1], 'the latest' + (' (no checkpoint was ranked)' if which == 'best' else '')
+    scores = ', '.join(f'{s}: {metric_score(self.manager.metrics(s), self.best_metric):.4f}' for s in steps
+                       if self.manager.metrics(s))
+    return best, f'best by {self.best_metric} of steps {{{scores}}}'
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),

@@ -7,7 +7,7 @@ Workdir layout:
     bootstrap/config.json           the config the stage started with (checked before it resumes)
     bootstrap/checkpoints/<step>/   Stage-1 Orbax checkpoints (latest k + best by validation)
     grpo/checkpoints/<step>/        Stage-2 checkpoints
-    eval/                           metrics.json, completions.jsonl/.csv, histograms (PNG), artifacts.npz
+    eval/<split or file>/<stage>/   metrics.json, completions.jsonl/.csv, histograms and gate plots (PNG)
     metrics.jsonl, tensorboard/     training curves of every stage
 """
 
@@ -30,6 +30,7 @@ from dtt_jax import parallel, tokens
 from dtt_jax import workdir as workdir_lib
 from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.eval import evaluate as eval_lib
+from dtt_jax.eval import heldout
 from dtt_jax.eval import report
 from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import build_model, lora
@@ -289,7 +290,7 @@ def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef, vali
   """The shared loop of a stage with its `config.<stage>` section: checkpoints, metrics, temperature, validation."""
   c, s = exp.config, exp.config[stage]
   ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), keep=s.keep_checkpoints,
-                      best_metric=s.best_metric)
+                      best_metric=s.get('best_checkpoint'))
   writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
   temperature = Temperature(s.tau0, s.tau_min, s.steps, s.patience)
   loop_cfg = loop.LoopConfig(stage, s.steps, s.log_every, s.eval_every, s.checkpoint_every, s.best_metric)
@@ -303,22 +304,30 @@ def _run_stage(exp: Experiment, stage: str, state, step_fn, data, graphdef, vali
     writer.close()
 
 
-def stage_params(exp: Experiment, stage: str, prefer_best: bool = True):
-  """(graphdef, params) of a finished stage's best (or latest) checkpoint in the workdir.
+def stage_checkpoint(exp: Experiment, stage: str, which='best') -> tuple[int, str]:
+  """(step, why) of a finished stage's checkpoint in the workdir: `which` is 'best' (by `<stage>.best_checkpoint`),
+  'latest' or a step number."""
+  ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), async_save=False,
+                      best_metric=exp.config[stage].get('best_checkpoint'))
+  try:
+    if not ckpt.steps():
+      raise FileNotFoundError(f'No {stage} checkpoint in {exp.workdir}/{stage}/checkpoints: run the {stage} stage '
+                              f'first (--config.stage={stage}) or set config.init_from.')
+    return ckpt.choose(which)
+  finally:
+    ckpt.close()
+
+
+def stage_params(exp: Experiment, stage: str, which='best'):
+  """(graphdef, params) of a finished stage's checkpoint in the workdir (`which`: see `stage_checkpoint`).
 
   With `config.lora.enabled` and a checkpoint without adapters (a trained model to fine-tune, e.g. a full bootstrap
   given as `config.init_from`), the checkpoint gives the base and the model keeps its fresh adapters: B = 0, so it
   computes exactly the checkpoint's function. A checkpoint with adapters (a LoRA run) needs the same adapters."""
   graphdef, params = state_lib.split_model(build_model(exp.config.model, exp.vocab, seed=exp.config.seed,
                                                       lora_cfg=exp.config.get('lora')))
-  ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), async_save=False,
-                      best_metric=exp.config[stage].best_metric)
-  steps = ckpt.steps()
-  if not steps:
-    ckpt.close()
-    raise FileNotFoundError(f'No {stage} checkpoint in {exp.workdir}/{stage}/checkpoints: run the {stage} stage first '
-                            '(--config.stage=bootstrap) or set config.init_from.')
-  step = (ckpt.best_step() if prefer_best else None) or steps[-1]
+  step, why = stage_checkpoint(exp, stage, which)
+  ckpt = Checkpointer(os.path.join(exp.workdir, stage, 'checkpoints'), async_save=False)
   path = os.path.join(ckpt.directory, str(step))
   saved = lora.adapter_shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path, 'state')).tree['params'])
   wanted = lora.adapter_shapes(params)
@@ -333,7 +342,7 @@ def stage_params(exp: Experiment, stage: str, prefer_best: bool = True):
                           lora.without_adapters(params) if fresh_adapters else params)
   restored = ckpt.restore_params(step, abstract)
   ckpt.close()
-  log.info('Loaded %s parameters from %s.', stage, path)
+  log.info('Loaded %s parameters from %s: %s.', stage, path, why)
   if fresh_adapters:
     restored = jax.device_put(lora.with_adapters(restored, params), replicated)  # restored ones: no copy
     log.info('The checkpoint has no LoRA adapters: fresh ones (%s, B = 0) on its weights.',
@@ -375,33 +384,45 @@ def run_grpo(exp: Experiment) -> loop.LoopResult:
 
 
 def run_eval(exp: Experiment) -> dict[str, float]:
-  """Greedy evaluation of the newest finished stage (GRPO if present, else bootstrap) on the validation records;
-  writes the report files to `<workdir>/eval/`."""
+  """Greedy evaluation of each trained stage of `config.eval.stages` (at `config.eval.checkpoint`) on the records of
+  `config.eval` (eval/heldout.py); reports in `<workdir>/eval/<split or file>/<stage>/`. Returns the metrics of the
+  last stage evaluated."""
   c = exp.config
   if is_coconut(c):
     return run_coconut_eval(exp)
-  stage = 'grpo' if os.path.isdir(os.path.join(exp.workdir, 'grpo', 'checkpoints')) else 'bootstrap'
-  graphdef, params = stage_params(exp, stage)
-  prompts = _validation_prompts(exp)
-  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think)
-  tau = c.grpo.tau_min if stage == 'grpo' else c.bootstrap.tau_min
-  result = eval_lib.evaluate(nnx.merge(graphdef, params), prompts.prompt, prompts.prompt_mask, prompts.questions,
-                             prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
-                             exp.mesh, dict(c.grpo.reward_weights))
-  writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
-  step = c[stage].steps
-  writer.write(step, {f'eval/{k}': v for k, v in result.metrics.items()})
-  for name, values in (('gate_inner', result.gates['inner']), ('gate_outer', result.gates['outer']),
-                       ('reasoning_length', result.reasoning_lengths)):
-    writer.histogram(step, f'eval/{name}', values)
-  writer.table(step, 'eval/completions', [{**r, 'gates': ' '.join(f'{g:.2f}' for g in r['gates'])}
-                                          for r in result.rows[:64]])
-  writer.close()
-  if jax.process_index() == 0:
-    paths = report.write_report(result, os.path.join(exp.workdir, 'eval'), {'stage': stage, 'tau': tau})
-    log.info('Evaluation of %s (%d examples): %s. Reports: %s', stage, len(result.rows), result.metrics,
-             ', '.join(paths.values()))
-  return result.metrics
+  name, records = heldout.eval_records(c, exp.valid)
+  prompts = data_lib.build_prompts(records, exp.tokenizer, c.data.max_prompt_len)
+  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think, return_hidden=True)
+  stages = [s for s in c.eval.stages if workdir_lib.checkpoint_steps(os.path.join(exp.workdir, s))]
+  if not stages:
+    raise FileNotFoundError(f'No checkpoint of {", ".join(c.eval.stages)} in {exp.workdir}: train first '
+                            '(--config.stage=pipeline).')
+  metrics = {}
+  for stage in stages:
+    step, why = stage_checkpoint(exp, stage, c.eval.checkpoint)
+    graphdef, params = stage_params(exp, stage, str(step))
+    tau = c[stage].tau_min
+    result = eval_lib.evaluate(nnx.merge(graphdef, params), prompts.prompt, prompts.prompt_mask, prompts.questions,
+                               prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
+                               exp.mesh, dict(c.grpo.reward_weights))
+    info = {'method': c.method, 'stage': stage, 'step': step, 'split': name, 'config': heldout.config_hash(c)}
+    heldout.stamp(result.rows, **info)
+    prefix = f'eval/{name}/{stage}'
+    writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
+    writer.write(step, {f'{prefix}/{k}': v for k, v in result.metrics.items()})
+    for key, values in (('gate_inner', result.gates['inner']), ('gate_outer', result.gates['outer']),
+                        ('reasoning_length', result.reasoning_lengths)):
+      writer.histogram(step, f'{prefix}/{key}', values)
+    writer.table(step, f'{prefix}/completions', [{**r, 'gates': ' '.join(f'{g:.2f}' for g in r['gates'])}
+                                                 for r in result.rows[:64]])
+    writer.close()
+    if jax.process_index() == 0:
+      paths = report.write_report(result, heldout.output_dir(exp.workdir, name, stage),
+                                  {**info, 'checkpoint': why, 'tau': tau})
+      log.info('Evaluation of %s step %d (%s) on %s, %d examples: %s. Reports: %s', stage, step, why, name,
+               len(result.rows), result.metrics, os.path.dirname(paths['metrics.json']))
+    metrics = result.metrics
+  return metrics
 
 
 def run_coconut_eval(exp: Experiment) -> dict[str, float]:

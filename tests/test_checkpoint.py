@@ -119,3 +119,18 @@ def test_restore_params_ignores_the_optimizer_layout(tmp_path):
   params = reader.restore_params(5, {'w': jnp.zeros((3, 2))})
   np.testing.assert_array_equal(params['w'], np.full((3, 2), 5.0))
   reader.close()
+
+
+def test_best_ranks_by_summed_metrics_and_ties_go_to_the_later_step(tmp_path):
+  """'accuracy+structure_rate': step 3 (0.87 + 0.996) beats step 2 (0.73 + 1.0); step 4 ties step 3 and wins."""
+  ckpt = Checkpointer(str(tmp_path), keep=1, best_metric='accuracy+structure_rate', async_save=False)
+  for step, acc, structure in ((1, 0.5, 0.9), (2, 0.73, 1.0), (3, 0.87, 0.996), (4, 0.866, 1.0), (5, 0.1, 1.0)):
+    ckpt.save(step, _state(step), {}, metrics={'accuracy': acc, 'structure_rate': structure})
+  ckpt.wait()
+  assert ckpt.steps() == [4, 5]  # the latest and the best
+  step, why = ckpt.choose('best')
+  assert step == 4 and why.startswith('best by accuracy+structure_rate of steps {4: 1.8660, 5: 1.1000}')
+  assert ckpt.choose('latest') == (5, 'the latest') and ckpt.choose('5') == (5, 'asked for')
+  with pytest.raises(FileNotFoundError, match=r'No checkpoint 3 in .*; it holds steps 4, 5\.'):
+    ckpt.choose('3')
+  ckpt.close()

@@ -85,15 +85,20 @@ def test_pipeline_end_to_end_writes_reports_and_exports(tmp_path):
   _run(workdir, '--config.bootstrap.steps=6', '--config.bootstrap.eval_every=3', '--config.grpo.steps=2',
        '--config.grpo.prompts_per_step=2', '--config.grpo.num_generations=2', '--config.grpo.max_new_tokens=10',
        '--config.grpo.eval_every=2', *(('--config.wandb.enabled=true',) if _has_wandb() else ()), stage='pipeline')
-  metrics = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))
-  for key in ('accuracy', 'structure_rate', 'reasoning_tokens', 'reward_structure', 'reward_correctness',
-              'reward_efficiency', 'reward_gate', 'gate_inner_mean', 'gate_outer_std', 'gate_outer_max'):
-    assert key in metrics
-  assert metrics['stage'] == 'grpo' and metrics['num_examples'] == 16
-  rows = [json.loads(line) for line in open(os.path.join(workdir, 'eval', 'completions.jsonl'))]
-  assert len(rows) == 16 and {'question', 'completion', 'correct', 'reasoning_length', 'gates'} <= set(rows[0])
-  for name in ('completions.csv', 'gate_histogram.png', 'reasoning_lengths.png'):
-    assert os.path.getsize(os.path.join(workdir, 'eval', name)) > 0
+  for stage in ('bootstrap', 'grpo'):  # each trained stage, on the validation split (config.eval)
+    out_dir = os.path.join(workdir, 'eval', 'valid', stage)
+    metrics = json.load(open(os.path.join(out_dir, 'metrics.json')))
+    for key in ('accuracy', 'structure_rate', 'reasoning_tokens', 'reward_structure', 'reward_correctness',
+                'reward_efficiency', 'reward_gate', 'gate_inner_mean', 'gate_outer_std', 'gate_outer_max'):
+      assert key in metrics
+    assert metrics['stage'] == stage and metrics['num_examples'] == 16 and metrics['split'] == 'valid'
+    assert metrics['step'] == (6 if stage == 'bootstrap' else 2) or 'best by' in metrics['checkpoint']
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, 'completions.jsonl'))]
+    assert len(rows) == 16 and {'id', 'question', 'completion', 'correct', 'generated_tokens', 'reasoning_tokens',
+                                'gates', 'tokens', 'latent_lens', 'stage', 'step', 'config'} <= set(rows[0])
+    assert rows[0]['stage'] == stage and len(rows[0]['tokens']) == len(rows[0]['gates'])
+    for name in ('completions.csv', 'gate_histogram.png', 'reasoning_lengths.png', 'gates_over_tokens.png'):
+      assert os.path.getsize(os.path.join(out_dir, name)) > 0
   logged = [json.loads(line) for line in _metric_lines(workdir)]
   assert any('bootstrap/loss' in r for r in logged) and any('grpo/valid/reward' in r for r in logged)
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir, 'tensorboard')))

@@ -18,6 +18,7 @@ from flax import nnx
 
 from dtt_jax import parallel, reward
 from dtt_jax.data.answers import extract_answer
+from dtt_jax.eval.compare import example_id
 from dtt_jax.sampling import engine
 from dtt_jax.train.bootstrap import noisy_span_bias
 from dtt_jax.sampling.sampler import SamplingConfig
@@ -27,15 +28,16 @@ from dtt_jax.tokens import Tokenizer
 @dataclasses.dataclass
 class EvalResult:
   metrics: dict[str, float]
-  rows: list[dict]  # one per example: question, completion, answer, reference, correct, lengths, gate means
+  rows: list[dict]  # one per example: id, question, completion, answer, reference, correct, lengths, gates
   gates: dict[str, np.ndarray]  # 'inner' / 'outer': every gate value at those positions (for histograms)
   reasoning_lengths: np.ndarray  # [N]
 
 
-def greedy_config(vocab, max_new_tokens: int, max_think: int) -> engine.GenerateConfig:
+def greedy_config(vocab, max_new_tokens: int, max_think: int, return_hidden: bool = False) -> engine.GenerateConfig:
+  """Greedy decoding, gate noise off; `return_hidden` keeps the fed-back hidden states (for the latent lens)."""
   return engine.GenerateConfig(max_new_tokens=max_new_tokens, eos_id=vocab.eos, bot_id=vocab.bot, eot_id=vocab.eot,
                                sampling=SamplingConfig(greedy=True), max_think=max_think, gate_noise=False,
-                               return_hidden=False)
+                               return_hidden=return_hidden)
 
 
 def generate_all(model, prompt: np.ndarray, prompt_mask: np.ndarray, gen_cfg: engine.GenerateConfig, tau: float,
@@ -63,11 +65,36 @@ def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:
           f'{prefix}_min': float(values.min()), f'{prefix}_max': float(values.max())}
 
 
+def latent_lens(model, hidden: np.ndarray, gates: np.ndarray, mask: np.ndarray, tokenizer: Tokenizer,
+                top: int = 3, threshold: float = 0.5) -> list[list[dict]]:
+  """COCONUT Figure-5-style probe: for each position whose input was mostly the previous hidden state
+  (gate >= threshold), the `top` tokens the LM head reads from that hidden state.
+
+  hidden [N,T,D] (h_{t-1}, fed into position t), gates, mask [N,T] -> per row a list of
+  {position, gate, top: [[token text, probability], ...]}.
+  """
+  rows, cols = np.nonzero((np.asarray(gates) >= threshold) & (np.asarray(mask) > 0))
+  out = [[] for _ in range(hidden.shape[0])]
+  if rows.size == 0:
+    return out
+  logits = np.asarray(model.gpt2.logits(jnp.asarray(hidden[rows, cols])), np.float64)[:, :tokenizer.vocab.num_tokens]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  best = np.argsort(-probs, axis=-1)[:, :top]
+  for k, (i, t) in enumerate(zip(rows, cols)):
+    out[i].append({'position': int(t), 'gate': round(float(gates[i, t]), 4),
+                   'top': [[tokenizer.decode([int(v)]), round(float(probs[k, v]), 4)] for v in best[k]]})
+  return out
+
+
 def evaluate(model, prompt: np.ndarray, prompt_mask: np.ndarray, questions: Sequence[str],
              references: Sequence[str], tokenizer: Tokenizer, dataset: str, gen_cfg: engine.GenerateConfig,
              tau: float, batch_size: int, mesh, reward_weights=None) -> EvalResult:
-  """prompt, prompt_mask [N,P] -> EvalResult (greedy, gate noise off)."""
+  """prompt, prompt_mask [N,P] -> EvalResult (greedy, gate noise off). With `gen_cfg.return_hidden`, each row also
+  carries its decoded tokens and the latent lens of its blended positions."""
   out = generate_all(model, prompt, prompt_mask, gen_cfg, tau, batch_size, mesh)
+  lens = (latent_lens(model, out.hidden_inputs, out.gates, out.mask, tokenizer) if gen_cfg.return_hidden
+          else None)
   completions = reward.decode_completions(tokenizer, out.tokens, out.mask)
   r = reward.compute_rewards(out.tokens, out.mask, out.gates, completions, list(references), dataset,
                              tokenizer.vocab, reward_weights)
@@ -84,13 +111,17 @@ def evaluate(model, prompt: np.ndarray, prompt_mask: np.ndarray, questions: Sequ
   }
   rows = []
   for i, text in enumerate(completions):
+    real = np.asarray(out.mask[i]) > 0
     rows.append({
-        'question': questions[i], 'completion': text, 'answer': extract_answer(text), 'reference': references[i],
-        'correct': bool(r['correct'][i]), 'structure_ok': bool(r['structure_ok'][i]),
-        'reasoning_length': int(r['reasoning_length'][i]), 'gate_inner_mean': float(r['inner_gate_mean'][i]),
-        'gate_outer_mean': float(r['outer_gate_mean'][i]),
-        'gates': [round(float(g), 4) for g in gates[i][np.asarray(out.mask[i]) > 0]],
+        'id': example_id(questions[i]), 'question': questions[i], 'completion': text, 'answer': extract_answer(text),
+        'reference': references[i], 'correct': bool(r['correct'][i]), 'structure_ok': bool(r['structure_ok'][i]),
+        'generated_tokens': int(r['completion_length'][i]), 'reasoning_tokens': int(r['reasoning_length'][i]),
+        'gate_inner_mean': float(r['inner_gate_mean'][i]), 'gate_outer_mean': float(r['outer_gate_mean'][i]),
+        'gates': [round(float(g), 4) for g in gates[i][real]],
     })
+    if lens is not None:
+      rows[-1]['tokens'] = [tokenizer.decode([int(t)]) for t in np.asarray(out.tokens[i])[real]]
+      rows[-1]['latent_lens'] = lens[i]
   return EvalResult(metrics, rows, {'inner': gates[inner], 'outer': gates[outer]},
                     np.asarray(r['reasoning_length']))
 
