@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.name = 'addition'  # 'gsm8k' | 'prosqa' | 'prontoqa' | 'addition'
   c.dataset.train_path = ''  # '' = the default location (or the generator for addition / prosqa train)
   c.dataset.valid_path = ''
+  c.dataset.test_path = ''  # read by the eval stage with config.eval.split='test'
   c.dataset.data_dir = ''  # '' = ../shared/data beside the project if present
   c.dataset.train_size = 20000  # generated datasets only
   c.dataset.valid_size = 256  # held-out examples used for validation (SPEC: 256)
@@ -118,7 +119,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.coconut.reset_optimizer = True
   # Answer after the last '#': 'exact' string equality, commas removed (COCONUT's) | 'lenient' (data/answers.py)
   c.coconut.answer_match = 'exact'
-  c.coconut.eval_split = 'valid'  # the final evaluation's records: 'valid' | 'test' (needs model.vocab='full')
   c.coconut.eval_every_epochs = 0  # > 0: validate + checkpoint every this many epochs (COCONUT: 1); 0: bootstrap's
 
   # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/think_tokens.py)

@@ -74,7 +74,7 @@ def _paper(dataset: str, method: str):
   c.coconut.start_epoch = p['start_epoch'] if method in ('coconut', 'pause_as_thought') else 0
   c.coconut.steps_per_epoch = 0  # real epochs
   c.coconut.optimizer, c.coconut.reset_optimizer = 'coconut', True
-  c.coconut.answer_match, c.coconut.eval_split, c.coconut.eval_every_epochs = 'exact', 'test', 1
+  c.coconut.answer_match, c.eval.split, c.coconut.eval_every_epochs = 'exact', 'test', 1
   c.bootstrap.batch_size = 128
   c.bootstrap.lr, c.bootstrap.weight_decay = 1e-4, 0.01
   c.bootstrap.keep_checkpoints = 1  # and the best by validation

@@ -1,6 +1,6 @@
 """Learned thinking tokens (seed 003, `config.method='think_tokens'`, dtt_jax/think_tokens.py) at tiny scale on CPU:
 a 2-layer d=128 teacher trained from scratch on generated 2-digit addition (text with its carry steps), then GRPO
-on K=8 thinking tokens, then the evaluation in <workdir>/think_eval/. A few minutes on 2 CPU cores.
+on K=8 thinking tokens, then the evaluation in <workdir>/eval/valid/think/. A few minutes on 2 CPU cores.
 
 python -m dtt_jax.main --config=configs/think_tokens.py --workdir=runs/think_tokens
 Variants from the command line: --config.think.mode=next_token; --config.dataset.name=prontoqa (the shipped

@@ -426,39 +426,34 @@ def run_eval(exp: Experiment) -> dict[str, float]:
 
 
 def run_coconut_eval(exp: Experiment) -> dict[str, float]:
-  """COCONUT / baseline evaluation of the checkpoint best on validation (the latest when none was ranked) at the
-  stage it was trained and validated at, on the first `dataset.valid_size` records of `coconut.eval_split`:
-  `<workdir>/eval/metrics.json` and `completions.jsonl`."""
+  """COCONUT / baseline evaluation of the bootstrap checkpoint `config.eval.checkpoint` (best on validation by
+  default) at the curriculum stage it was trained at, on the records of `config.eval`; reports (metrics, rows with
+  latent lens, gate plot) in `<workdir>/eval/<split or file>/bootstrap/`."""
   c = exp.config
-  ckpt = Checkpointer(os.path.join(exp.workdir, 'bootstrap', 'checkpoints'), async_save=False,
-                      best_metric=c.bootstrap.get('best_checkpoint', c.bootstrap.best_metric))  # as stage_params
-  step = ckpt.best_step() or (ckpt.steps() or [0])[-1]
-  ckpt.close()
-  graphdef, params = stage_params(exp, 'bootstrap')  # the best: that checkpoint
+  step, why = stage_checkpoint(exp, 'bootstrap', c.eval.checkpoint)
+  graphdef, params = stage_params(exp, 'bootstrap', str(step))
   stage = coconut_batches(exp, exp.train, c.bootstrap.batch_size).stage(max(step - 1, 0))
-  records = exp.valid
-  if c.coconut.eval_split == 'test':
-    d = c.dataset
-    try:
-      records = data_lib.get_dataset(d.name, 'test', d.get('test_path') or None, data_dir=d.data_dir or None,
-                                     size=d.valid_size, seed=c.seed, min_digits=d.min_digits, max_digits=d.max_digits)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f'{e} Or score the validation records: --config.coconut.eval_split=valid.') from e
-  prompts = data_lib.build_prompts(records[:c.dataset.valid_size], exp.tokenizer, c.data.max_prompt_len)
-  gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens)
+  name, records = heldout.eval_records(c, exp.valid)
+  prompts = data_lib.build_prompts(records, exp.tokenizer, c.data.max_prompt_len)
+  gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens,
+                                          return_hidden=True)
   metrics, rows = coconut_train.evaluate(nnx.merge(graphdef, params), prompts, exp.tokenizer, c.dataset.name,
                                          gen_cfg, c.generate.batch_size, exp.mesh, c.coconut.answer_match)
-  metrics = {'method': c.method, 'step': step, 'stage': stage, 'split': c.coconut.eval_split,
-             'answer_match': c.coconut.answer_match, 'num_examples': len(rows), **metrics}
+  info = {'method': c.method, 'stage': 'bootstrap', 'step': step, 'split': name, 'config': heldout.config_hash(c)}
+  heldout.stamp(rows, **info)
+  metrics = {**info, 'checkpoint': why, 'curriculum_stage': stage, 'answer_match': c.coconut.answer_match,
+             'num_examples': len(rows), **metrics}
   if jax.process_index() == 0:
-    out = os.path.join(exp.workdir, 'eval')
+    out = heldout.output_dir(exp.workdir, name, 'bootstrap')
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
       json.dump(metrics, f, indent=2)
     with open(os.path.join(out, 'completions.jsonl'), 'w') as f:
       f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
-    log.info('Evaluation of %s at step %d, stage %d (%d %s examples): %s. Reports: %s', c.method, step, stage,
-             len(rows), c.coconut.eval_split, metrics, out)
+    if any(r['latent_lens'] for r in rows):
+      report.plot_gates_over_tokens(rows, os.path.join(out, 'gates_over_tokens.png'))
+    log.info('Evaluation of %s at step %d (%s), curriculum stage %d, on %s (%d examples): %s. Reports: %s',
+             c.method, step, why, stage, name, len(rows), metrics, out)
   return metrics
 
 

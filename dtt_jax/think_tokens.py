@@ -29,11 +29,12 @@ the finished stages):
                                cross-entropy is added as a supervised loss.
                Objective: `rl/grpo.py`'s group-normalised advantages, PPO clip and k3 KL (to the initial policy) and
                its loss aggregation, on the rollout's actions (log-probs re-scored in one parallel forward pass).
-  think_eval/  metrics.json, think_histogram.png, samples.jsonl on `eval_size` validation texts: next-token loss
-               without thinking (teacher; policy with thinking masked, both teacher-forced) and with thinking
-               (interleaved decoding: before each real token the policy may sample thinking tokens, at most
-               `max_think` in a row, which stay in the context; the real token is then teacher-forced and scored over
-               the real tokens), the same on the answer tokens, thinking-token frequency and the count of each id.
+  eval/<split>/think/  metrics.json, think_histogram.png, samples.jsonl on the texts of `config.eval` (its size,
+               else `think.eval_size` of them): next-token loss without thinking (teacher; policy with thinking
+               masked, both teacher-forced) and with thinking (interleaved decoding: before each real token the
+               policy may sample thinking tokens, at most `max_think` in a row, which stay in the context; the real
+               token is then teacher-forced and scored over the real tokens), the same on the answer tokens,
+               thinking-token frequency and the count of each id.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from dtt_jax import tokens as tokens_lib
 from dtt_jax import workdir as workdir_lib
 from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.data import samples as samples_lib
+from dtt_jax.eval import heldout
 from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import hf_io
 from dtt_jax.model.gpt2 import GPT2, NEG_INF, GPT2Config, KVCache, causal_bias, positions_from_mask
@@ -840,13 +842,18 @@ def run(exp) -> dict[str, float] | None:
     params = result.state.params
   if stage == 'grpo':
     return None
-  result = eval_fn(params)
+  name, records = heldout.eval_records(c, exp.valid)  # config.eval; its size, else think.eval_size texts
+  texts = encode_texts(records if c.eval.size else records[:t.eval_size], exp.tokenizer, train.max_len,
+                       t.with_steps)
+  result = evaluate(teacher_graphdef, teacher_params, graphdef, params, policy_cfg, texts, cfg.max_think,
+                    cfg.temperature, eval_key, exp.tokenizer, c.generate.batch_size)
   writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
-  writer.write(t.steps, {f'think_eval/{k}': v for k, v in result.metrics.items()})
+  writer.write(t.steps, {f'eval/{name}/think/{k}': v for k, v in result.metrics.items()})
   writer.close()
   if jax.process_index() == 0:
-    paths = write_report(result, os.path.join(exp.workdir, 'think_eval'), {'mode': cfg.mode, 'K': cfg.num_tokens,
-                                                                          'max_think': cfg.max_think})
-    log.info('think_tokens evaluation (%d texts): %s. Reports: %s', len(valid), result.metrics,
+    paths = write_report(result, heldout.output_dir(exp.workdir, name, 'think'),
+                         {'mode': cfg.mode, 'K': cfg.num_tokens, 'max_think': cfg.max_think, 'split': name,
+                          'config': heldout.config_hash(c)})
+    log.info('think_tokens evaluation on %s (%d texts): %s. Reports: %s', name, len(texts), result.metrics,
              ', '.join(paths.values()))
   return result.metrics

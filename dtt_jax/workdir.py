@@ -284,7 +284,7 @@ def _move_aside(workdir: str, stages, with_vocab: bool) -> None:
   vocabulary and config, which it fixed) to a dated folder."""
   dest = os.path.join(workdir, 'moved-' + datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
   os.makedirs(dest)
-  names = list(stages) + ['eval', 'think_eval'] + (['vocab.json', CONFIG_FILE] if with_vocab else [])
+  names = list(stages) + ['eval'] + (['vocab.json', CONFIG_FILE] if with_vocab else [])
   for name in names:
     if os.path.exists(os.path.join(workdir, name)):
       os.rename(os.path.join(workdir, name), os.path.join(dest, name))

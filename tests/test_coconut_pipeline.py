@@ -92,9 +92,15 @@ def test_run_resets_every_epoch_scores_the_best_checkpoint_and_seeds_a_later_run
   assert _logged(first, 'bootstrap/stage') == [0] * 4 + [1] * 4 + [2] * 4
   assert _logged(first, 'bootstrap/epoch') == [e for e in range(6) for _ in range(2)]
   metrics = pipeline.run_eval(exp)
-  with open(first / 'eval' / 'metrics.json') as f:
+  with open(first / 'eval' / 'valid' / 'bootstrap' / 'metrics.json') as f:
     assert json.load(f) == metrics
-  assert (metrics['step'], metrics['stage'], metrics['answer_match'], metrics['split']) == (8, 1, 'exact', 'valid')
+  assert (metrics['step'], metrics['curriculum_stage'], metrics['answer_match'], metrics['split']) == (8, 1, 'exact',
+                                                                                                       'valid')
+  assert metrics['checkpoint'].startswith('best by accuracy of steps')
+  with open(first / 'eval' / 'valid' / 'bootstrap' / 'completions.jsonl') as f:
+    row = json.loads(f.readline())
+  assert row['stage'] == 'bootstrap' and row['step'] == 8 and row['generated_tokens'] >= 3
+  assert [entry['position'] for entry in row['latent_lens']] == [1]  # c = 1 thought, right after <|bot|>
   assert metrics['num_examples'] == 8 and 0 <= metrics['accuracy'] <= 1
   assert metrics['generated_tokens'] >= 3  # <|bot|>, c = 1 latent, <|eot|> at least
 
@@ -151,7 +157,7 @@ def test_paper_settings():
   assert (c.coconut.optimizer, c.coconut.reset_optimizer, c.bootstrap.lr, c.bootstrap.weight_decay) == (
       'coconut', True, 1e-4, 0.01)
   assert (c.bootstrap.batch_size, c.bootstrap.steps, c.bootstrap.best_metric) == (128, 0, 'accuracy')
-  assert (c.coconut.answer_match, c.coconut.eval_split, c.coconut.eval_every_epochs) == ('exact', 'test', 1)
+  assert (c.coconut.answer_match, c.eval.split, c.coconut.eval_every_epochs) == ('exact', 'test', 1)
   gen = coconut_train.generate_config('coconut', 4, schedule, tokens.Vocab.full(), c.generate.max_new_tokens)
   assert len(gen.forced_prefix) == 8 and gen.max_new_tokens == 8 + 64  # <|bot|>, 3 x 2 latents, <|eot|>
   assert coconut_configs.get_config('gsm8k,cot,paper').coconut.start_epoch == 0
@@ -195,10 +201,11 @@ def test_bad_method_and_stage_are_named():
 
 
 def test_study_table_reads_the_runs(tmp_path):
-  for name, metrics in (('prontoqa_coconut', {'accuracy': 0.5, 'generated_tokens': 9.25, 'num_examples': 200}),
-                        ('prosqa_dtt', {'accuracy': 0.125, 'completion_tokens': 30.0, 'num_examples': 300})):
-    os.makedirs(tmp_path / name / 'eval')
-    with open(tmp_path / name / 'eval' / 'metrics.json', 'w') as f:
+  for name, stage, metrics in (
+      ('prontoqa_coconut', 'bootstrap', {'accuracy': 0.5, 'generated_tokens': 9.25, 'num_examples': 200}),
+      ('prosqa_dtt', 'grpo', {'accuracy': 0.125, 'completion_tokens': 30.0, 'num_examples': 300})):
+    os.makedirs(tmp_path / name / 'eval' / 'valid' / stage)
+    with open(tmp_path / name / 'eval' / 'valid' / stage / 'metrics.json', 'w') as f:
       json.dump(metrics, f)
   text = study.render(str(tmp_path), 'launch/reproduce.sh x')
   assert '| COCONUT | 50.0 | 9.2 | 99.8 / 9.0 | not run |  | 97.0 / 14.2 |' in text

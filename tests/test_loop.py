@@ -82,7 +82,8 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  with pytest.raises(loop.NonFiniteLossError, match=r'non-finite metrics at step 3 .*the last good checkpoint is .*/2\.'):
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r'non-finite metrics at step 3 .*the last good checkpoint is .*/2\.'):
     _train(tmp_path, steps=6, poison_at=3)
   assert Checkpointer(str(tmp_path / 'checkpoints')).steps() == [2]
 

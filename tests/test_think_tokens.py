@@ -225,7 +225,7 @@ def test_config_switch_runs_end_to_end(mode, tmp_path):
   config = importlib.import_module('configs.think_tokens').get_config()
   assert config.method == 'think_tokens' and config.think.mode == 'teacher'
   pipeline.run(_tiny(config, mode), str(tmp_path))
-  out = tmp_path / 'think_eval'
+  out = tmp_path / 'eval' / 'valid' / 'think'
   metrics = json.loads((out / 'metrics.json').read_text())
   assert metrics['mode'] == mode and metrics['K'] == 4 and len(metrics['think_counts']) == 4
   assert metrics['num_sequences'] == 8 and 0.0 <= metrics['think_frequency'] < 1.0

@@ -1,8 +1,9 @@
 """The COCONUT-style study table (issue #9): `python -m dtt_jax.eval.study --root=runs/study --output=docs/study.md`.
 
-Reads every `<root>/<dataset>_<method>/` run of `launch/reproduce.sh` (its `eval/metrics.json` and `config.json`)
-and writes a markdown table like COCONUT's Table 1: accuracy (%) and mean number of generated tokens per method and
-dataset, next to the paper's figures, plus the per-stage validation of the curriculum runs (`metrics.jsonl`).
+Reads every `<root>/<dataset>_<method>/` run of `launch/reproduce.sh` (its `eval/<split>/<stage>/metrics.json` and
+`config.json`) and writes a markdown table like COCONUT's Table 1: accuracy (%) and mean number of generated tokens
+per method and dataset, next to the paper's figures, plus the per-stage validation of the curriculum runs
+(`metrics.jsonl`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ PAPER = {
 
 def load_run(workdir: str) -> dict | None:
   """{accuracy (0-1), tokens, num_examples} of a finished run, None when it has no evaluation."""
-  path = os.path.join(workdir, 'eval', 'metrics.json')
-  if not os.path.exists(path):
+  found = [os.path.join(workdir, 'eval', split, stage, 'metrics.json') for split in ('test', 'valid')
+           for stage in ('grpo', 'bootstrap')]  # the held-out split first, the last stage first
+  path = next((p for p in found if os.path.exists(p)), None)
+  if path is None:
     return None
   with open(path) as f:
     m = json.load(f)

@@ -39,7 +39,8 @@ from flax import nnx
 from dtt_jax import parallel
 from dtt_jax.data import answers
 from dtt_jax.data import coconut as coconut_data
-from dtt_jax.eval.evaluate import generate_all
+from dtt_jax.eval.compare import example_id
+from dtt_jax.eval.evaluate import generate_all, latent_lens
 from dtt_jax.model.dtt import DTTModel
 from dtt_jax.model.gpt2 import Dropout, KVCache, causal_bias, positions_from_mask
 from dtt_jax.sampling import engine
@@ -50,7 +51,6 @@ from dtt_jax.train import state as state_lib
 
 FIELDS = ('prompt', 'prompt_mask', 'completion', 'loss_mask', 'latent_mask')
 OPTIMIZERS = ('coconut', 'warmup_cosine')
-EVAL_SPLITS = ('valid', 'test')
 
 
 def latent_columns(latent_mask) -> tuple[int, ...]:
@@ -218,7 +218,6 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
   k = c.coconut
   expect('coconut.optimizer', k.optimizer, OPTIMIZERS)
   expect('coconut.answer_match', k.answer_match, answers.MATCHES)
-  expect('coconut.eval_split', k.eval_split, EVAL_SPLITS)
   for key, value in (('bootstrap.steps', c.bootstrap.steps), ('coconut.num_epochs', k.num_epochs),
                      ('coconut.steps_per_epoch', k.steps_per_epoch), ('coconut.eval_every_epochs',
                                                                       k.eval_every_epochs)):
@@ -233,9 +232,9 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
     raise ValueError(f'config.coconut.start_epoch={cfg.start_epoch} skips the first stages (stage 0 is CoT): set '
                      'config.init_from to the workdir of a run that trained them (e.g. --config.method=cot), or set '
                      'config.coconut.start_epoch=0.')
-  if k.eval_split == 'test' and c.model.vocab != 'full':
-    raise ValueError('config.coconut.eval_split="test" needs config.model.vocab="full" (the compact vocabulary is '
-                     'built from the train and valid records only).')
+  if (c.eval.split == 'test' or c.eval.path) and c.model.vocab != 'full' and c.dataset.name != 'addition':
+    raise ValueError('config.eval.split="test" (or config.eval.path) needs config.model.vocab="full" (the compact '
+                     'vocabulary is built from the train and valid records only).')
   ids = types.SimpleNamespace(bot=0, eot=0, latent=0, pause=0)  # only the head's length matters here
   longest_head = len(coconut_data.head_tokens(c.method, cfg.max_stage + 1, cfg, ids))
   need = c.data.max_prompt_len + max(c.data.max_completion_len, longest_head + c.generate.max_new_tokens)
@@ -253,13 +252,13 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
 
 
 def generate_config(method: str, stage: int, cfg: coconut_data.Curriculum, vocab,
-                    max_new_tokens: int) -> engine.GenerateConfig:
+                    max_new_tokens: int, return_hidden: bool = False) -> engine.GenerateConfig:
   """Greedy decoding of at most `max_new_tokens` tokens after the forced head of `method` at `stage` (COCONUT
   counts them after it); gate 1 exactly at `<|latent|>`."""
   head = tuple(coconut_data.head_tokens(method, stage, cfg, vocab))
   return engine.GenerateConfig(max_new_tokens=len(head) + max_new_tokens, eos_id=vocab.eos, bot_id=vocab.bot,
                                eot_id=vocab.eot, sampling=SamplingConfig(greedy=True), max_think=0, gate_noise=False,
-                               return_hidden=False, forced_prefix=head, latent_id=vocab.latent)
+                               return_hidden=return_hidden, forced_prefix=head, latent_id=vocab.latent)
 
 
 def answer_of(completion: str) -> str:
@@ -273,17 +272,33 @@ def score(dataset: str, completion: str, reference: str, answer_match: str = 'ex
   return answer, answers.match_answer(dataset, answer, reference, answer_match)
 
 
+def reasoning_tokens(tokens: list[str]) -> int:
+  """Generated positions before the answer: everything before the last token holding `#` (COCONUT's answer
+  marker), all but `<|endoftext|>` when there is none."""
+  marks = [i for i, t in enumerate(tokens) if '#' in t]
+  return marks[-1] if marks else len([t for t in tokens if t != EOS])
+
+
 def evaluate(model, prompts, tokenizer: Tokenizer, dataset: str, gen_cfg: engine.GenerateConfig, batch_size: int,
              mesh, answer_match: str = 'exact') -> tuple[dict[str, float], list[dict]]:
-  """`data.samples.Prompts` -> (metrics {accuracy, generated_tokens}, one row per example). `generated_tokens`:
-  every position generated up to and including `<|endoftext|>`, the forced head (latents) included."""
+  """`data.samples.Prompts` -> (metrics {accuracy, generated_tokens, reasoning_tokens}, one row per example).
+  `generated_tokens`: every position generated up to and including `<|endoftext|>`, the forced head (latents)
+  included; `reasoning_tokens`: those before the answer (`reasoning_tokens`). With `gen_cfg.return_hidden`, rows
+  carry their tokens and the latent lens of each continuous thought (`eval.evaluate.latent_lens`)."""
   out = generate_all(model, prompts.prompt, prompts.prompt_mask, gen_cfg, 1.0, batch_size, mesh)
   mask = np.asarray(out.mask) > 0
-  texts = [tokenizer.decode(row[keep]) for row, keep in zip(np.asarray(out.tokens), mask)]
+  lens = latent_lens(model, out.hidden_inputs, out.gates, out.mask, tokenizer) if gen_cfg.return_hidden else None
   rows = []
-  for question, reference, text in zip(prompts.questions, prompts.answers, texts):
-    answer, correct = score(dataset, text, reference, answer_match)
-    rows.append({'question': question, 'completion': text, 'answer': answer, 'reference': reference,
-                 'correct': correct})
-  lengths = mask.sum(1)
-  return {'accuracy': float(np.mean([r['correct'] for r in rows])), 'generated_tokens': float(lengths.mean())}, rows
+  for i, (question, reference) in enumerate(zip(prompts.questions, prompts.answers)):
+    ids = np.asarray(out.tokens[i])[mask[i]]
+    tokens = [tokenizer.decode([int(t)]) for t in ids]
+    answer, correct = score(dataset, tokenizer.decode(ids), reference, answer_match)
+    rows.append({'id': example_id(question), 'question': question, 'completion': tokenizer.decode(ids),
+                 'answer': answer, 'reference': reference, 'correct': correct, 'generated_tokens': len(ids),
+                 'reasoning_tokens': reasoning_tokens(tokens)})
+    if lens is not None:
+      rows[-1].update(tokens=tokens, gates=[round(float(g), 4) for g in np.asarray(out.gates[i])[mask[i]]],
+                      latent_lens=lens[i])
+  metrics = {k: float(np.mean([r[k] for r in rows])) for k in ('correct', 'generated_tokens', 'reasoning_tokens')}
+  metrics['accuracy'] = metrics.pop('correct')
+  return metrics, rows
