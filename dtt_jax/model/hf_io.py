@@ -1,8 +1,11 @@
-"""Read and write Hugging Face GPT-2 checkpoints (`config.json` + `model.safetensors` / `pytorch_model.bin`).
+"""Read and write Hugging Face checkpoints: GPT-2 (`config.json` + `model.safetensors` / `pytorch_model.bin`) and
+the Llama family (Llama, Qwen2: `config.json` + `model.safetensors` or shards `model-0000i-of-0000n.safetensors` named
+by `model.safetensors.index.json`).
 
 safetensors needs no torch; `pytorch_model.bin` does. A hub name ('gpt2') is fetched with `huggingface_hub` when
-online; a local directory always works offline. The exported directory loads with
-`transformers.GPT2LMHeadModel.from_pretrained(dir)`.
+online; a local directory always works offline. `model_family(config_json)` names the family from `model_type`;
+`load_model` picks the loader by it. An exported directory loads with `transformers.GPT2LMHeadModel` /
+`AutoModelForCausalLM.from_pretrained(dir)` and gives the same logits.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import json
 import os
 from collections.abc import Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dtt_jax import tokens
 from dtt_jax.model import lora
 from dtt_jax.model.gpt2 import GPT2, GPT2Config
+from dtt_jax.model.llama import Llama, LlamaConfig
 
 _IGNORED_SUFFIXES = ('.attn.bias', '.attn.masked_bias')  # causal-mask buffers of old checkpoints
 _SUPPORTED_ARCHITECTURES = ('GPT2LMHeadModel', 'GPT2Model')
@@ -37,14 +43,17 @@ def _hf_variables(model: GPT2) -> Iterator[tuple[str, nnx.Variable]]:
   yield 'ln_f.bias', model.ln_f.bias
 
 
-def _resolve_dir(name_or_dir: str) -> str:
+_GPT2_FILES = ('config.json', '*.safetensors', 'pytorch_model.bin')
+
+
+def _resolve_dir(name_or_dir: str, allow_patterns: tuple[str, ...] = _GPT2_FILES) -> str:
   if os.path.isdir(name_or_dir):
     return name_or_dir
   if os.path.exists(name_or_dir):
     raise NotADirectoryError(f'{name_or_dir!r} is a file; give the checkpoint directory (config.json + weights).')
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
-    return snapshot_download(name_or_dir, allow_patterns=['config.json', '*.safetensors', 'pytorch_model.bin'])
+    return snapshot_download(name_or_dir, allow_patterns=list(allow_patterns))
   except Exception as e:  # network, auth or unknown repo
     raise OSError(f'{name_or_dir!r} is not a local directory and could not be fetched from the hub ({e}). Offline, '
                   'pass a directory holding config.json and model.safetensors or pytorch_model.bin.') from e
@@ -170,5 +179,235 @@ def export_pretrained(model: GPT2, out_dir: str, num_tokens: int | None = None,
       'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0, 'scale_attn_weights': True,
       'tie_word_embeddings': True, 'bos_token_id': eos_id, 'eos_token_id': eos_id, 'pad_token_id': eos_id,
   }
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
+
+
+# ---- Family dispatch and the Llama family (Llama, Qwen2) ----
+
+FAMILIES = {'gpt2': 'gpt2', 'llama': 'llama', 'qwen2': 'qwen2'}  # HF model_type -> family
+_LLAMA_ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+_LLAMA_FILES = ('config.json', '*.safetensors', 'model.safetensors.index.json')
+_LLAMA_LINEARS = ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj',
+                  'mlp.up_proj', 'mlp.down_proj')
+
+
+def model_family(config_json: dict) -> str:
+  """An HF `config.json` (as a dict) -> 'gpt2' | 'llama' | 'qwen2', from its `model_type`."""
+  model_type = config_json.get('model_type')
+  if model_type not in FAMILIES:
+    raise ValueError(f'config.json model_type={model_type!r} (architectures={config_json.get("architectures")}) is '
+                     f'not supported; supported model_type values: {", ".join(FAMILIES)}.')
+  return FAMILIES[model_type]
+
+
+def read_config_json(ckpt_dir: str) -> dict:
+  """`config.json` of a checkpoint directory, unchecked."""
+  path = os.path.join(ckpt_dir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing: an HF checkpoint directory needs config.json.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_model(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: str = 'float32',
+               seed: int = 0) -> GPT2 | Llama:
+  """The checkpoint's model, its class picked by `model_family` of its config.json (`config.model.init`).
+
+  vocab: GPT-2 only (see `load_pretrained`); the Llama family keeps its checkpoint's vocabulary (`load_llama`)."""
+  ckpt_dir = _resolve_dir(name_or_dir, tuple(sorted(set(_GPT2_FILES) | set(_LLAMA_FILES))))
+  family = model_family(read_config_json(ckpt_dir))
+  if family == 'gpt2':
+    return load_pretrained(ckpt_dir, vocab=vocab, dtype=dtype, seed=seed)
+  if vocab is not None:
+    raise ValueError(f'{ckpt_dir}: a tokens.Vocab maps GPT-2 ids; the {family} checkpoint keeps its own vocabulary '
+                     '(pass vocab=None, or row_source= to load_llama).')
+  return load_llama(ckpt_dir, dtype=dtype, seed=seed)
+
+
+def _rope_items(hf: dict, path: str) -> tuple[float, tuple[tuple[str, object], ...]]:
+  """-> (rope_theta, sorted rope-scaling items) from transformers 5's `rope_parameters` or the older top-level
+  `rope_theta` + `rope_scaling` ('type' or 'rope_type')."""
+  params = dict(hf.get('rope_parameters') or {})
+  params.update(hf.get('rope_scaling') or {})
+  theta = float(params.pop('rope_theta', hf.get('rope_theta', 10000.0)))
+  kind = params.pop('rope_type', params.pop('type', 'default'))
+  factor = params.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  if factor != 1.0:
+    raise ValueError(f'{path}: partial_rotary_factor={factor} is not supported (RoPE over the whole head).')
+  if kind == 'default':
+    return theta, ()
+  if kind == 'llama3':
+    params.setdefault('original_max_position_embeddings', hf['max_position_embeddings'])
+  params['rope_type'] = kind
+  return theta, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
+
+
+def llama_config(hf: dict, vocab_rows: int, num_tokens: int, dtype: str = 'float32',
+                 path: str = 'config.json') -> LlamaConfig:
+  """An HF Llama / Qwen2 config.json (dict) -> LlamaConfig; unsupported settings raise naming their key."""
+  family = model_family(hf)
+  if family not in _LLAMA_ARCHITECTURES:
+    raise ValueError(f'{path}: model_type={hf.get("model_type")!r} is not a Llama-family model.')
+  act = hf.get('hidden_act', 'silu')
+  if act != 'silu':
+    raise ValueError(f'{path}: hidden_act={act!r} is not supported (expected "silu").')
+  if family == 'qwen2' and (hf.get('use_sliding_window') or 'sliding_attention' in (hf.get('layer_types') or ())):
+    raise ValueError(f'{path}: use_sliding_window / layer_types "sliding_attention" is not supported (full '
+                     'attention only); set use_sliding_window=false if the sequences fit the window.')
+  n_head = hf['num_attention_heads']
+  theta, scaling = _rope_items(hf, path)
+  attention_bias = family == 'llama' and hf.get('attention_bias', False)
+  return LlamaConfig(
+      vocab_rows=vocab_rows, num_tokens=num_tokens, n_positions=hf['max_position_embeddings'],
+      n_embd=hf['hidden_size'], n_layer=hf['num_hidden_layers'], n_head=n_head,
+      n_kv_head=hf.get('num_key_value_heads') or n_head, head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head,
+      intermediate_size=hf['intermediate_size'], rms_norm_eps=hf.get('rms_norm_eps', 1e-6), rope_theta=theta,
+      rope_scaling=scaling, tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      qkv_bias=family == 'qwen2' or attention_bias, o_bias=attention_bias,
+      mlp_bias=family == 'llama' and hf.get('mlp_bias', False), family=family,
+      initializer_range=hf.get('initializer_range', 0.02), dtype=dtype)
+
+
+def _llama_entries(model: Llama) -> Iterator[tuple[str, nnx.Module, str, bool]]:
+  """(HF tensor name, owning module, attribute, transposed): HF Linear weights are [out, in], our kernels [in, out];
+  HF's lm_head.weight [V, D] is our `lm_head.embedding` (untied checkpoints only)."""
+  yield 'model.embed_tokens.weight', model.wte, 'embedding', False
+  for i, block in enumerate(model.layers):
+    prefix = f'model.layers.{i}.'
+    yield prefix + 'input_layernorm.weight', block.input_layernorm, 'weight', False
+    yield prefix + 'post_attention_layernorm.weight', block.post_attention_layernorm, 'weight', False
+    for name in _LLAMA_LINEARS:
+      parent, attr = name.split('.')
+      linear = getattr(getattr(block, parent), attr)
+      yield f'{prefix}{name}.weight', linear, 'kernel', True
+      if linear.bias is not None:
+        yield f'{prefix}{name}.bias', linear, 'bias', False
+  yield 'model.norm.weight', model.norm, 'weight', False
+  if model.lm_head is not None:
+    yield 'lm_head.weight', model.lm_head, 'embedding', False
+
+
+def read_safetensors(ckpt_dir: str) -> dict[str, np.ndarray]:
+  """All tensors of `model.safetensors`, or of the shards `model.safetensors.index.json` names, as float32 numpy
+  (bfloat16 / float16 checkpoints included)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  index = os.path.join(ckpt_dir, 'model.safetensors.index.json')
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)['weight_map']
+    files = sorted(set(weight_map.values()))
+  elif os.path.isfile(os.path.join(ckpt_dir, 'model.safetensors')):
+    files = ['model.safetensors']
+  else:
+    raise FileNotFoundError(f'{ckpt_dir} has neither model.safetensors nor model.safetensors.index.json (a '
+                            'pytorch_model.bin checkpoint: re-save it with safe_serialization=True).')
+  out = {}
+  with jax.default_device(jax.devices('cpu')[0]):  # 'flax' reads bfloat16, which numpy cannot
+    for name in files:
+      path = os.path.join(ckpt_dir, name)
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} is missing (named by {index}).')
+      with safe_open(path, framework='flax') as f:
+        for key in f.keys():
+          out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+  return out
+
+
+def _rows(table: np.ndarray, num_rows: int, row_source: np.ndarray | None) -> np.ndarray:
+  """Checkpoint table [V, D] -> [num_rows, D]: row i = table[row_source[i]] (default: row i), the rest zero."""
+  rows = np.zeros((num_rows, table.shape[1]), np.float32)
+  if row_source is None:
+    rows[:table.shape[0]] = table
+  else:
+    rows[:len(row_source)] = table[np.asarray(row_source)]
+  return rows
+
+
+def load_llama(name_or_dir: str, dtype: str = 'float32', seed: int = 0,
+               row_source: np.ndarray | None = None) -> Llama:
+  """A `Llama` (Llama or Qwen2 checkpoint) with the checkpoint's weights.
+
+  Embedding rows (and lm_head rows, untied) are padded to a multiple of 128; padded logits are masked.
+  row_source [N] int: model row i copies checkpoint row row_source[i] (a remapped or grown vocabulary: new special
+  tokens as copies of an existing row); num_tokens = N."""
+  ckpt_dir = _resolve_dir(name_or_dir, _LLAMA_FILES)
+  path = os.path.join(ckpt_dir, 'config.json')
+  hf = read_config_json(ckpt_dir)
+  tensors = read_safetensors(ckpt_dir)
+  if 'model.embed_tokens.weight' not in tensors:
+    raise KeyError(f'{ckpt_dir}: tensor model.embed_tokens.weight is missing.')
+  num_tokens = tensors['model.embed_tokens.weight'].shape[0] if row_source is None else len(row_source)
+  num_rows = tokens.padded_rows(num_tokens)
+  if 'tie_word_embeddings' not in hf:  # absent: tied exactly when the checkpoint has no separate output layer
+    hf = dict(hf, tie_word_embeddings='lm_head.weight' not in tensors)
+  cfg = llama_config(hf, num_rows, num_tokens, dtype, path)
+  for name in ('model.embed_tokens.weight', 'lm_head.weight'):
+    if name in tensors:
+      tensors[name] = _rows(tensors[name], num_rows, row_source)
+  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))  # shapes only: no random init to overwrite
+  for name, owner, attr, transposed in _llama_entries(model):
+    if name not in tensors:
+      raise KeyError(f'{ckpt_dir}: tensor {name} is missing'
+                     + (' (config.json says tie_word_embeddings=false).' if name == 'lm_head.weight' else '.'))
+    var = getattr(owner, attr)
+    value = tensors[name].T if transposed else tensors[name]
+    shape = tuple(var.value.shape)
+    if value.shape != shape:
+      raise ValueError(f'{ckpt_dir}: tensor {name} has shape {tensors[name].shape}, expected '
+                       f'{shape[::-1] if transposed else shape} (from config.json).')
+    var.value = jnp.asarray(value, var.value.dtype)
+  abstract = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+              if isinstance(x, jax.ShapeDtypeStruct)]
+  if abstract:  # every parameter comes from the checkpoint
+    raise AssertionError(f'load_llama left parameters without checkpoint values: {abstract}')
+  return model
+
+
+def export_llama(model: Llama, out_dir: str, num_tokens: int | None = None,
+                 special_ids: dict[str, int | list[int] | None] | None = None) -> None:
+  """Write `config.json` + `model.safetensors` that `AutoModelForCausalLM.from_pretrained(out_dir)` loads as
+  LlamaForCausalLM / Qwen2ForCausalLM with the same logits.
+
+  The first `num_tokens` rows are exported (default: the model's real rows). LoRA adapters (`lora.LoRALinear`) are
+  folded into their kernels. special_ids: e.g. {'bos_token_id': 1, 'eos_token_id': [2, 3], 'pad_token_id': None},
+  written into config.json (default: none)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  cfg = model.cfg
+  n = cfg.num_tokens if num_tokens is None else num_tokens
+  tensors = {}
+  for name, owner, attr, transposed in _llama_entries(model):
+    if attr == 'kernel' and isinstance(owner, lora.LoRALinear):
+      value = owner.merged_kernel()
+    else:
+      value = getattr(owner, attr)[...]
+    value = np.asarray(value, np.float32)
+    tensors[name] = value.T if transposed else value
+  for name in ('model.embed_tokens.weight', 'lm_head.weight'):
+    if name in tensors:
+      tensors[name] = tensors[name][:n]
+  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
+  scaling = dict(cfg.rope_scaling) or None
+  config = {
+      'architectures': [_LLAMA_ARCHITECTURES[cfg.family]], 'model_type': cfg.family, 'vocab_size': n,
+      'hidden_size': cfg.n_embd, 'intermediate_size': cfg.intermediate_size, 'num_hidden_layers': cfg.n_layer,
+      'num_attention_heads': cfg.n_head, 'num_key_value_heads': cfg.n_kv_head, 'head_dim': cfg.head_dim,
+      'hidden_act': 'silu', 'max_position_embeddings': cfg.n_positions, 'rms_norm_eps': cfg.rms_norm_eps,
+      'initializer_range': cfg.initializer_range, 'tie_word_embeddings': cfg.tie_word_embeddings,
+      'attention_dropout': 0.0, 'use_cache': True, 'dtype': 'float32',
+      # transformers 5 reads rope_parameters (rope_scaling first when set); older versions rope_theta + rope_scaling
+      'rope_theta': cfg.rope_theta, 'rope_scaling': scaling,
+      'rope_parameters': {'rope_type': 'default', **(scaling or {}), 'rope_theta': cfg.rope_theta},
+  }
+  if cfg.family == 'llama':
+    config.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+  else:
+    if cfg.o_bias or cfg.mlp_bias or not cfg.qkv_bias:
+      raise ValueError('export_llama: Qwen2ForCausalLM has q/k/v biases only; this model has '
+                       f'qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}.')
+    config.update(use_sliding_window=False, max_window_layers=cfg.n_layer)
+  config.update(special_ids or {})
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2)
