@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.stage = 'pipeline'  # 'bootstrap' | 'grpo' | 'eval' | 'pipeline' (bootstrap, then grpo, then eval)
   # 'dtt' (gated latent blend, bootstrap + GRPO); COCONUT and its baselines (config.coconut): 'coconut',
-  # 'pause_as_thought', 'cot', 'no_cot', 'pause'; 'think_tokens' (learned thinking-token vocabulary, config.think)
+  # 'pause_as_thought', 'cot', 'no_cot', 'pause', 'coconut_no_thought', 'icot'; 'think_tokens' (learned
+  # thinking-token vocabulary, config.think)
   c.method = 'dtt'
   c.num_devices = 0  # 0: every device of every process
   c.init_from = ''  # GRPO: a workdir whose bootstrap result gives the initial policy and the reference ('' = this one)
@@ -27,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.wandb.name = ''
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = 'addition'  # 'gsm8k' | 'prosqa' | 'prontoqa' | 'addition'
+  c.dataset.name = 'addition'  # 'gsm8k' | 'prosqa' | 'prontoqa' | 'addition' | 'prosqa_mini'
   c.dataset.train_path = ''  # '' = the default location (or the generator for addition / prosqa train)
   c.dataset.valid_path = ''
   c.dataset.test_path = ''  # read by the eval stage with config.eval.split='test'
@@ -120,6 +121,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Answer after the last '#': 'exact' string equality, commas removed (COCONUT's) | 'lenient' (data/answers.py)
   c.coconut.answer_match = 'exact'
   c.coconut.eval_every_epochs = 0  # > 0: validate + checkpoint every this many epochs (COCONUT: 1); 0: bootstrap's
+  # iCoT (config.method='icot'; official da03/Internalize_CoT_Step_by_Step train.py): CoT tokens removed from the
+  # front per epoch, one every round(steps_per_epoch / icot_delta) steps (--remove_per_epoch); removal smoothing
+  # lambda, P(extra o) ~ exp(-lambda o) (--removal_smoothing_lambda; inf: none); epochs before the removal starts
+  # (--pretrain_epochs); every token removed once this many are (--remove_all_when_remove_beyond; 0: never). The
+  # optimizer resets where the removal count grows (with coconut.reset_optimizer).
+  c.coconut.icot_delta = 8.0
+  c.coconut.icot_lambda = 4.0
+  c.coconut.icot_pretrain_epochs = 0
+  c.coconut.icot_remove_all_beyond = 0
 
   # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/think_tokens.py)
   c.think = ml_collections.ConfigDict()

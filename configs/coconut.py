@@ -1,10 +1,17 @@
 """COCONUT and its baselines (issue #9): `--config=configs/coconut.py:<dataset>,<method>[,paper]`.
 
-method: 'coconut' | 'coconut_no_curriculum' | 'pause_as_thought' | 'cot' | 'no_cot' | 'pause' | 'dtt'
-('dtt': this project's bootstrap on the CoT span, then GRPO, with the same model and data; tiny scale only).
+method: 'coconut' | 'coconut_no_curriculum' | 'coconut_no_thought' | 'pause_as_thought' | 'cot' | 'no_cot' |
+'pause' | 'icot' | 'dtt' ('coconut_no_thought': COCONUT "w/o thought", the stage schedule removing steps with no
+thought; 'icot': stepwise internalization, `coconut.icot_*`; 'dtt': this project's bootstrap on the CoT span, then
+GRPO, with the same model and data; tiny scale only).
 
-Tiny scale (default; dataset 'prontoqa' | 'prosqa' | 'addition', the study of docs/study.md): GPT-2 with 2 layers
-from scratch on CPU, "epochs" of `coconut.steps_per_epoch` = 25 steps (100 for addition), one per stage, lr 1e-3.
+Tiny scale (default; the study of docs/study.md): GPT-2 with 2 layers from scratch on CPU, "epochs" of
+`coconut.steps_per_epoch` = 25 steps (100 for addition and ProsQA-mini), one per stage, lr 1e-3. Datasets:
+'prontoqa', 'prosqa', 'addition' (2 digits), 'addition2' | 'addition3' | 'addition4' (seed 002's carry steps at
+exactly 2, 3 or 4 digits, K = digits + 1), 'prosqa_mini' (ProsQA's generator on graphs of at most
+`generators.PROSQA_MINI_NODES` nodes, answer paths of 2 or more steps). The generated ones have disjoint train /
+valid / test splits. iCoT removes one CoT token every `removal_interval` steps, chosen so that the longest CoT of
+the training records (`ICOT_LONGEST`) is gone when the final stage of the others starts.
 
     python -m dtt_jax.main --config=configs/coconut.py:prontoqa,coconut --workdir=runs/prontoqa_coconut
 
@@ -28,9 +35,14 @@ import importlib
 
 from configs import base
 
-DATASETS = ('prontoqa', 'prosqa', 'addition')
+DATASETS = ('prontoqa', 'prosqa', 'addition', 'addition2', 'addition3', 'addition4', 'prosqa_mini')
 PAPER_DATASETS = ('prontoqa', 'prosqa', 'gsm8k')
-METHODS = ('coconut', 'coconut_no_curriculum', 'pause_as_thought', 'cot', 'no_cot', 'pause', 'dtt')
+METHODS = ('coconut', 'coconut_no_curriculum', 'coconut_no_thought', 'pause_as_thought', 'cot', 'no_cot', 'pause',
+           'icot', 'dtt')  # 'dtt' last: tiny scale only
+STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # start at `start_epoch` (GSM8K: 3)
+# Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
+ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
+                'prosqa_mini': 56}
 # Official args/<dataset>_coconut.yaml (and run.py's max_new_tokens); prompt / completion lengths cover the data.
 PAPER = {
     'prontoqa': dict(c_thoughts=1, max_stage=6, epochs_per_stage=5, num_epochs=50, start_epoch=0,
@@ -71,7 +83,9 @@ def _paper(dataset: str, method: str):
   c.data.max_prompt_len, c.data.max_completion_len = p['lengths']
   for key in ('c_thoughts', 'max_stage', 'epochs_per_stage', 'num_epochs'):
     c.coconut[key] = p[key]
-  c.coconut.start_epoch = p['start_epoch'] if method in ('coconut', 'pause_as_thought') else 0
+  c.coconut.start_epoch = p['start_epoch'] if method in STEP_CURRICULUM else 0
+  c.coconut.icot_delta, c.coconut.icot_lambda = 8.0, 4.0  # the official README's iCoT runs (GSM8K: all from 39)
+  c.coconut.icot_remove_all_beyond = 39 if dataset == 'gsm8k' else 0
   c.coconut.steps_per_epoch = 0  # real epochs
   c.coconut.optimizer, c.coconut.reset_optimizer = 'coconut', True
   c.coconut.answer_match, c.eval.split, c.coconut.eval_every_epochs = 'exact', 'test', 1
@@ -106,19 +120,32 @@ def _tiny(dataset: str, method: str):
     c.model.n_positions = 640
     c.data.max_prompt_len, c.data.max_completion_len = 528, 96
     c.coconut.c_thoughts, c.coconut.max_stage = 1, 6
-  else:  # addition, seed 002: stage 0 text CoT, then 1-3 steps latent
+  elif dataset == 'prosqa_mini':  # 2-5 steps (mostly 2-3) of ~8 tokens; questions of ~100 tokens (at most ~220)
     c.dataset.train_size = 20000
-    c.dataset.min_digits = c.dataset.max_digits = 2
+    c.model.n_positions = 288
+    c.data.max_prompt_len, c.data.max_completion_len = 192, 72
+    c.coconut.c_thoughts, c.coconut.max_stage = 1, 4
+  else:  # addition, seed 002, at n digits (addition: 2): stage 0 text CoT, then 1 to n + 1 steps latent
+    digits = int(dataset[len('addition'):] or 2)
+    c.dataset.name = 'addition'
+    c.dataset.train_size = 20000
+    c.dataset.min_digits = c.dataset.max_digits = digits
     c.model.n_positions = 128
-    c.data.max_prompt_len, c.data.max_completion_len = 16, 48
-    c.coconut.c_thoughts, c.coconut.max_stage = 1, 3
+    c.data.max_prompt_len, c.data.max_completion_len = 16, {2: 48, 3: 56, 4: 64}[digits]
+    c.coconut.c_thoughts, c.coconut.max_stage = 1, digits + 1
+    if digits == 4:
+      c.eval.size = 1000  # the 4-digit test bucket (~4M problems) is sampled, not enumerated
   c.generate.max_new_tokens = c.data.max_completion_len  # after COCONUT's forced head
   c.grpo.max_new_tokens = c.data.max_completion_len
   c.grpo.max_think = 0 if method != 'dtt' else 128
   # Budget: "epochs" of 25 steps, one per stage: stages 0-6 then the final one (all latent) for ProntoQA / ProsQA,
-  # 200 steps of 32 examples (0.7 passes over 9000 records); addition: stages 0-3 and the final one of 100 steps.
+  # 200 steps of 32 examples (0.7 passes over 9000 records); addition at n digits: stages 0..n+1 and the final one
+  # of 100 steps each; ProsQA-mini: stages 0-4 and the final one of 100 steps (600 steps, ~1 pass over 20000).
   c.coconut.epochs_per_stage = 1
-  c.coconut.steps_per_epoch = 25 if dataset != 'addition' else 100
+  c.coconut.steps_per_epoch = 25 if dataset in ('prontoqa', 'prosqa') else 100
+  # iCoT: one token every `interval` steps, so that the longest CoT is gone at the final stage's first step
+  interval = max(1, (c.coconut.max_stage + 1) * c.coconut.steps_per_epoch // ICOT_LONGEST[dataset])
+  c.coconut.icot_delta = c.coconut.steps_per_epoch / interval
   c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100
   c.grpo.steps = 20
   c.grpo.prompts_per_step = 8

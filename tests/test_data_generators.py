@@ -169,3 +169,75 @@ def test_generated_statistics_match_the_valid_set(generated):
     check_prosqa_format(record)
   valid_questions = {r['question'] for r in valid}
   assert not valid_questions & {r['question'] for r in generated}  # generated without `exclude`
+
+
+# ------------------------------------------------------------------------------------------------- suite datasets
+
+def _shortest_paths(record: dict) -> dict[int, int]:
+  children = collections.defaultdict(list)
+  for a, b in record['edges']:
+    children[a].append(b)
+  dist, queue = {record['root']: 0}, [record['root']]
+  for u in queue:
+    for v in children[u]:
+      if v not in dist:
+        dist[v] = dist[u] + 1
+        queue.append(v)
+  return dist
+
+
+def test_prosqa_mini_splits_are_disjoint_and_deterministic():
+  """ProsQA-mini's train, valid and test never share a question (each is the split `question_split` gives it,
+  like addition's); a split has distinct questions and is the same for the same seed; get_dataset generates it."""
+  from dtt_jax.data import loaders  # pylint: disable=g-import-not-at-top
+  splits = {s: generators.generate_prosqa_mini(n, seed=0, split=s) for s, n in (('train', 400), ('valid', 60),
+                                                                                 ('test', 60))}
+  questions = {s: {r['question'] for r in records} for s, records in splits.items()}
+  assert {s: len(q) for s, q in questions.items()} == {'train': 400, 'valid': 60, 'test': 60}
+  assert not questions['train'] & questions['valid'] and not questions['train'] & questions['test']
+  assert not questions['valid'] & questions['test']
+  assert all(generators.question_split(q) == s for s, qs in questions.items() for q in qs)
+  assert generators.generate_prosqa_mini(60, seed=0, split='valid') == splits['valid']
+  assert generators.generate_prosqa_mini(5, seed=1)[0] != splits['train'][0]
+  assert loaders.get_dataset('prosqa_mini', 'test', size=60) == splits['test']
+  with pytest.raises(ValueError, match="split='dev'"):
+    generators.generate_prosqa_mini(1, split='dev')
+
+
+def test_prosqa_mini_statistics_are_as_configured():
+  """Graphs of at most N = 10 nodes (8.6 on average after isolated nodes are dropped, 9.5 edges), answers at least
+  2 steps away (2.3 on average, the steps a shortest path), both options leaves; records with 3 steps or more pass
+  the full ProsQA format check. Other sizes are honoured (N = 14, paths >= 3)."""
+  records = generators.generate_prosqa_mini(400, seed=0)
+  stats = generators.prosqa_statistics(records)
+  assert stats == pytest.approx({'nodes': 8.6, 'edges': 9.5, 'shortest_path': 2.33, 'num_shortest_paths': 1.23},
+                                abs=0.25)
+  steps = collections.Counter(len(r['steps']) for r in records)
+  assert min(steps) == generators.PROSQA_MINI_MIN_PATH == 2 and steps[2] > 200 and steps[3] > 60
+  for r in records:
+    assert len(r['idx_to_symbol']) <= generators.PROSQA_MINI_NODES == 10
+    dist = _shortest_paths(r)
+    assert len(r['steps']) == dist[r['target']] >= 2 and r['neg_target'] not in dist
+    if len(r['steps']) >= 3:
+      check_prosqa_format(r)
+  larger = generators.generate_prosqa_mini(100, seed=0, num_nodes=14, min_path=3)
+  assert max(len(r['idx_to_symbol']) for r in larger) > 10 and min(len(r['steps']) for r in larger) >= 3
+  for r in larger:
+    check_prosqa_format(r)
+  with pytest.raises(ValueError, match='almost never have an answer 9 steps away'):
+    generators.generate_prosqa_mini(1, num_nodes=5, min_path=9)
+
+
+@pytest.mark.parametrize('digits', [2, 3, 4])
+def test_addition_at_fixed_digits_has_disjoint_splits(digits):
+  """min_digits = max_digits = n (configs/coconut.py:addition<n>): every operand has n digits, n or n + 1 steps,
+  and train / valid / test share no problem."""
+  splits = {s: generators.generate_addition(m, 0, s, digits, digits) for s, m in (('train', 2000), ('valid', 200),
+                                                                                   ('test', 200))}
+  for records in splits.values():
+    for r in records:
+      a, b = r['question'].split(' + ')
+      assert len(a) == len(b[:-2]) == digits and len(r['steps']) in (digits, digits + 1)
+  questions = {s: {r['question'] for r in records} for s, records in splits.items()}
+  assert not questions['train'] & questions['valid'] and not questions['train'] & questions['test']
+  assert not questions['valid'] & questions['test']

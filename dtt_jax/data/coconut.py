@@ -1,31 +1,48 @@
-"""COCONUT-style samples and the staged curriculum (seeds 000, 002, 004; COCONUT arXiv:2412.06769 §3, §4).
+"""COCONUT-style samples and the staged curriculum (seeds 000, 002, 004; COCONUT arXiv:2412.06769 §3, §4), with
+COCONUT's Table-1 baselines and iCoT (stepwise internalization, Deng et al. 2024, arXiv:2404.05866).
 
 A record {question, steps, answer} becomes, in model ids, prompt `question\\n` and a completion that depends on
 the method and the curriculum stage k (c = thoughts per step, K = max_stage):
 
-    coconut           <|bot|> <|latent|> x (n c) <|eot|> steps[k:] (each + `\\n`) `### answer` <|endoftext|>
-    pause_as_thought  the same with <|pause|> in place of <|latent|>
-    cot               steps (each + `\\n`) `### answer` <|endoftext|>                 (k ignored)
-    no_cot            `### answer` <|endoftext|>                                     (k ignored)
-    pause             <|pause|> x (K c) `### answer` <|endoftext|>                  (k ignored)
+    coconut             <|bot|> <|latent|> x (n c) <|eot|> steps[k:] (each + `\\n`) `### answer` <|endoftext|>
+    pause_as_thought    the same with <|pause|> in place of <|latent|>
+    coconut_no_thought  steps[k:] `### answer` <|endoftext|>   (COCONUT "w/o thought": no thought, no marker)
+    icot                (steps)[r:] `### answer` <|endoftext|> (the CoT's first r tokens removed; k = r)
+    cot                 steps (each + `\\n`) `### answer` <|endoftext|>                 (k ignored)
+    no_cot              `### answer` <|endoftext|>                                     (k ignored)
+    pause               <|pause|> x (K c) `### answer` <|endoftext|>                  (k ignored)
 
 with n = k up to stage K (a record with fewer than k steps loses all of them but still gets k c thoughts), and
 past stage K every step removed and n = K (COCONUT's data code with `pad_latent_to_max`, its ProsQA/ProntoQA
-setting). The loss covers the text after the latent span (`<|eot|>` excluded), or after the question / pauses for
-the baselines; `latent_mask` marks the positions whose input is the previous position's last hidden state instead
-of a token embedding (COCONUT's continuous thoughts). Without a curriculum (COCONUT's "w/o curriculum" ablation)
-every epoch trains at the final stage K + 1. Evaluation feeds min(k, K) c thoughts after the question.
+setting). `coconut_no_thought` is the official `no_thoughts: True` (c_thought 0, `no_special_marker`): the stage
+schedule of COCONUT with no thought and no `<|bot|>`/`<|eot|>`, the No-CoT layout past stage K. The loss covers the
+text after the latent span (`<|eot|>` excluded), or after the question / pauses for the others; `latent_mask` marks
+the positions whose input is the previous position's last hidden state instead of a token embedding (COCONUT's
+continuous thoughts). Without a curriculum (COCONUT's "w/o curriculum" ablation) every epoch trains at the final
+stage K + 1. Evaluation feeds min(k, K) c thoughts after the question.
 
 Step s of a run is in epoch `start_epoch + s // steps_per_epoch` of the schedule (`start_epoch`: COCONUT's
 `resume`, epochs skipped, e.g. GSM8K's stage 0 done by a CoT run). Optimizer resets (`reset_steps`) follow the
-epochs of the schedule only, never the method's layout, so every method of one comparison resets at the same steps.
+epochs of the schedule only, never the method's layout, so every method of one comparison resets at the same steps;
+iCoT alone resets where its removal count grows (`CurriculumBatches.reset_steps`), as the official code does.
+
+iCoT (the official train.py of da03/Internalize_CoT_Step_by_Step: `--remove_per_epoch` = `icot_delta`,
+`--removal_smoothing_lambda` = `icot_lambda`, `--pretrain_epochs` = `icot_pretrain_epochs`, `--reset_optimizer`,
+`--removal_side left`, `--remove_all_when_remove_beyond` = `icot_remove_all_beyond`): the reasoning is the steps'
+tokens concatenated (each step + `\\n`, as CoT lays them out). r = (steps since the pretrain epochs) //
+round(steps_per_epoch / delta) tokens are scheduled at a step, one more every round(steps_per_epoch / delta) steps
+(delta e at the start of epoch e when delta divides steps_per_epoch), all once r reaches `icot_remove_all_beyond`
+(> 0), up to the longest CoT of the training records: there every layout is No-CoT and r, the iCoT "stage", stops. A
+training row removes r + o tokens, o >= 0 drawn with P(o) = (1 - e^-lambda) e^(-lambda o) truncated at 99 (the
+official `compute_lambda_distribution`; lambda = inf: o = 0; o = 0 in the pretrain epochs) by a generator seeded with
+(seed, step, record index), so a resumed run draws the same o. Validation and evaluation use r alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,28 +52,43 @@ from dtt_jax.tokens import Tokenizer
 
 log = logging.getLogger(__name__)
 
-METHODS = ('coconut', 'pause_as_thought', 'cot', 'no_cot', 'pause')
+METHODS = ('coconut', 'pause_as_thought', 'cot', 'no_cot', 'pause', 'coconut_no_thought', 'icot')
+STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # steps[k:] at stage k
 ANSWER_PREFIX = '### '
+MAX_REMOVAL_OFFSET = 99  # the official lambda distribution's truncation (100 values)
+ALL_REMOVED = 2 ** 31 - 1  # iCoT's removal count once every CoT token goes
 
 
 @dataclasses.dataclass(frozen=True)
 class Curriculum:
   """`config.coconut`: c thoughts per step, stages 0..max_stage, epochs per stage, curriculum on/off, the first
-  epoch of the run."""
+  epoch of the run; iCoT's removal: tokens per epoch, smoothing lambda, epochs before the removal starts."""
 
   c_thoughts: int = 1
   max_stage: int = 6
   epochs_per_stage: int = 5
   curriculum: bool = True  # False: COCONUT without curriculum (the last stage from the first epoch)
   start_epoch: int = 0  # epoch of the schedule the run starts at (COCONUT's `resume`)
+  icot_delta: float = 8.0  # iCoT: CoT tokens removed per epoch (official --remove_per_epoch)
+  icot_lambda: float = 4.0  # iCoT: removal smoothing (official --removal_smoothing_lambda); inf: none
+  icot_pretrain_epochs: int = 0  # iCoT: epochs of full CoT before the removal starts (official --pretrain_epochs)
+  icot_remove_all_beyond: int = 0  # iCoT: all removed once this many are (--remove_all_when_remove_beyond; 0: inf)
 
   def __post_init__(self):
     for name in ('c_thoughts', 'epochs_per_stage'):
       if getattr(self, name) < 1:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 1.')
-    for name in ('max_stage', 'start_epoch'):
+    for name in ('max_stage', 'start_epoch', 'icot_pretrain_epochs', 'icot_remove_all_beyond'):
       if getattr(self, name) < 0:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 0.')
+    for name in ('icot_delta', 'icot_lambda'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be > 0 (icot_lambda=inf: no smoothing).')
+
+  @classmethod
+  def from_config(cls, k) -> Curriculum:
+    """From the `config.coconut` section (a field it lacks keeps its default)."""
+    return cls(**{f.name: k[f.name] for f in dataclasses.fields(cls) if f.name in k})
 
   def stage(self, epoch: int) -> int:
     """k = epoch // epochs_per_stage, counted up to max_stage + 1 (every step latent); without a curriculum
@@ -91,6 +123,37 @@ class Curriculum:
     """Steps (> 0, < total_steps) at which the layout's stage changes."""
     return [s for s in range(1, total_steps)
             if self.stage_at_step(s, steps_per_epoch) != self.stage_at_step(s - 1, steps_per_epoch)]
+
+  # iCoT
+
+  def removal_interval(self, steps_per_epoch: int) -> int:
+    """iCoT: steps between two removals, round(steps_per_epoch / icot_delta) and at least 1 (the official
+    `steps_per_removed_token`; when that rounds to 0 it too removes one a step, from its first step on)."""
+    return max(1, int(round(steps_per_epoch / self.icot_delta)))
+
+  def removed_at_step(self, step: int, steps_per_epoch: int) -> int:
+    """iCoT: CoT tokens scheduled for removal at step `step` of the run (no smoothing, no cap): one more every
+    `removal_interval` steps after the pretrain epochs (epochs counted from the schedule's epoch 0);
+    `ALL_REMOVED` from `icot_remove_all_beyond` on."""
+    since = (self.start_epoch - self.icot_pretrain_epochs) * steps_per_epoch + step
+    removed = max(since, 0) // self.removal_interval(steps_per_epoch)
+    return ALL_REMOVED if 0 < self.icot_remove_all_beyond <= removed else removed
+
+  def removal_end(self, tokens: int, steps_per_epoch: int) -> int:
+    """iCoT: the first step of the run with `tokens` (or all) scheduled for removal (0 when the run starts past
+    it)."""
+    tokens = min(tokens, self.icot_remove_all_beyond or tokens)
+    since = tokens * self.removal_interval(steps_per_epoch)
+    return max(since - (self.start_epoch - self.icot_pretrain_epochs) * steps_per_epoch, 0)
+
+  def removal_offset(self, seed: int, step: int, record: int, steps_per_epoch: int) -> int:
+    """iCoT's smoothing: the extra tokens o removed from `record` (an index into the training records) at `step`,
+    P(o) = (1 - e^-lambda) e^(-lambda o) truncated at 99, by inverting the geometric CDF of a uniform drawn from
+    (seed, step, record); 0 with lambda = inf and in the pretrain epochs."""
+    if math.isinf(self.icot_lambda) or self.epoch_at_step(step, steps_per_epoch) < self.icot_pretrain_epochs:
+      return 0
+    u = np.random.default_rng([seed, step, record]).random()
+    return min(int(-math.log1p(-u) / self.icot_lambda), MAX_REMOVAL_OFFSET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +194,16 @@ def head_tokens(method: str, stage: int, cfg: Curriculum, vocab) -> list[int]:
 
 
 def kept_steps(method: str, stage: int, cfg: Curriculum, steps: list) -> list:
-  """The steps that stay text: all for CoT, none for No-CoT / Pause, steps[k:] up to the last stage else none."""
-  if method in ('coconut', 'pause_as_thought'):
+  """The steps that stay text: all for CoT and iCoT (whose tokens `removed_tokens` then cuts), none for No-CoT /
+  Pause, steps[k:] up to the last stage else none for the step curriculum."""
+  if method in STEP_CURRICULUM:
     return steps[stage:] if stage <= cfg.max_stage else []
-  return steps if method == 'cot' else []
+  return steps if method in ('cot', 'icot') else []
+
+
+def removed_tokens(method: str, stage: int) -> int:
+  """Tokens cut from the front of the kept steps' tokens: the stage for iCoT (its removal count), else 0."""
+  return stage if method == 'icot' else 0
 
 
 def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokenizer: Tokenizer) -> Sample:
@@ -143,19 +212,22 @@ def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokeniz
   vocab = tokenizer.vocab
   question, steps, answer = layout_texts(record)
   head = np.array(head_tokens(method, stage, cfg, vocab), np.int32)
-  prompt, *tail = model_ids(tokenizer, [question] + kept_steps(method, stage, cfg, steps) + [answer])
-  tail = np.concatenate(tail + [[vocab.eos]]).astype(np.int32)
+  prompt, *reasoning, answer_ids = model_ids(tokenizer, [question] + kept_steps(method, stage, cfg, steps) + [answer])
+  reasoning = np.concatenate([np.zeros(0, np.int32)] + reasoning)[removed_tokens(method, stage):]
+  tail = np.concatenate([reasoning, answer_ids, [vocab.eos]]).astype(np.int32)
   completion = np.concatenate([head, tail]).astype(np.int32)
   loss_mask = np.concatenate([np.zeros(len(head), np.int32), np.ones(len(tail), np.int32)])
   latent_mask = (completion == vocab.latent).astype(np.int32) if method == 'coconut' else np.zeros_like(completion)
   return Sample(prompt.astype(np.int32), completion, loss_mask, latent_mask)
 
 
-def build_batch(records, method: str, stage: int, cfg: Curriculum, tokenizer: Tokenizer, max_prompt_len: int,
-                max_completion_len: int) -> dict[str, np.ndarray]:
+def build_batch(records, method: str, stage: int | Sequence[int], cfg: Curriculum, tokenizer: Tokenizer,
+                max_prompt_len: int, max_completion_len: int) -> dict[str, np.ndarray]:
   """Fixed-shape batch of `build_sample`s: prompt, prompt_mask [B,P] left-padded with eos; completion, loss_mask,
-  latent_mask [B,T] right-padded (eos, 0, 0). A record that does not fit raises, naming the lengths needed."""
-  samples = [build_sample(r, method, stage, cfg, tokenizer) for r in records]
+  latent_mask [B,T] right-padded (eos, 0, 0). `stage`: one for every record, or one per record (iCoT's smoothed
+  removal counts). A record that does not fit raises, naming the lengths needed."""
+  stages = [stage] * len(records) if np.ndim(stage) == 0 else list(stage)
+  samples = [build_sample(r, method, k, cfg, tokenizer) for r, k in zip(records, stages, strict=True)]
   need_p, need_t = max(len(s.prompt) for s in samples), max(len(s.completion) for s in samples)
   if need_p > max_prompt_len or need_t > max_completion_len:
     raise ValueError(f'A {method} sample at stage {stage} needs data.max_prompt_len >= {need_p} and '
@@ -174,18 +246,23 @@ def build_batch(records, method: str, stage: int, cfg: Curriculum, tokenizer: To
   return out
 
 
+def _lengths(tokenizer: Tokenizer, record: dict) -> tuple[int, list[int], int]:
+  """(prompt, [each step], answer) lengths in model ids."""
+  question, steps, answer = layout_texts(record)
+  lengths = [len(x) for x in model_ids(tokenizer, [question] + steps + [answer])]
+  return lengths[0], lengths[1:-1], lengths[-1]
+
+
 def fitting_records(records: Sequence[dict], method: str, cfg: Curriculum, tokenizer: Tokenizer,
                     max_prompt_len: int, max_completion_len: int) -> list[dict]:
   """The records whose layout fits the lengths at every stage (the rest dropped with a logged count); an error
   names the lengths needed when none fits."""
-  stages = range(cfg.max_stage + 2)
+  stages = range(cfg.max_stage + 2)  # iCoT's longest layout is stage 0 (nothing removed)
   need_p, need_t, kept = [], [], []
   for r in records:
-    question, steps, answer = layout_texts(r)
-    lengths = [len(x) for x in model_ids(tokenizer, [question] + steps + [answer])]
-    p, step_lens, a = lengths[0], lengths[1:-1], lengths[-1]
-    t = max(len(head_tokens(method, k, cfg, tokenizer.vocab)) + sum(kept_steps(method, k, cfg, step_lens)) + a + 1
-            for k in stages)
+    p, step_lens, a = _lengths(tokenizer, r)
+    t = max(len(head_tokens(method, k, cfg, tokenizer.vocab))
+            + max(sum(kept_steps(method, k, cfg, step_lens)) - removed_tokens(method, k), 0) + a + 1 for k in stages)
     need_p.append(p)
     need_t.append(t)
     if p <= max_prompt_len and t <= max_completion_len:
@@ -201,8 +278,10 @@ def fitting_records(records: Sequence[dict], method: str, cfg: Curriculum, token
 
 
 class CurriculumBatches:
-  """Endless, deterministic, resumable `build_batch`es: step s is at stage `cfg.stage_at_step(s, steps_per_epoch)`
-  (an "epoch" is `steps_per_epoch` steps; 0 = one pass over the records), rows drawn by `samples.BatchIterator`.
+  """Endless, deterministic, resumable `build_batch`es: step s is at stage `stage(s)` (an "epoch" is
+  `steps_per_epoch` steps; 0 = one pass over the records), rows drawn by `samples.BatchIterator`. The stage is the
+  schedule's (`Curriculum.stage_at_step`), for iCoT its removal count (`Curriculum.removed_at_step` up to the
+  longest CoT of the records, `cot_tokens`), each row then removing its smoothing offset more.
 
   `stage_changed` is True after `next()` returned the first batch of a new stage."""
 
@@ -211,15 +290,34 @@ class CurriculumBatches:
                process_index: int = 0, process_count: int = 1):
     self.records = fitting_records(records, check_method(method), cfg, tokenizer, max_prompt_len,
                                    max_completion_len)
-    self.method, self.cfg, self.tokenizer = method, cfg, tokenizer
+    self.method, self.cfg, self.tokenizer, self.seed = method, cfg, tokenizer, seed
     self.lengths = (max_prompt_len, max_completion_len)
     self.rows = BatchIterator(len(self.records), batch_size, lambda rows, epoch: rows, seed, process_index,
                               process_count)
     self.steps_per_epoch = steps_per_epoch or self.rows.batches_per_epoch
+    self.cot_tokens = max(sum(_lengths(tokenizer, r)[1]) for r in self.records) if method == 'icot' else 0
     self.step = 0
+    if method == 'icot':
+      done = cfg.removal_end(self.cot_tokens, self.steps_per_epoch)
+      log.info('icot: one more CoT token removed every %d steps; every CoT (up to %d tokens) is removed from step '
+               '%d (epoch %d) on.', cfg.removal_interval(self.steps_per_epoch), self.cot_tokens, done,
+               cfg.epoch_at_step(done, self.steps_per_epoch))
 
   def stage(self, step: int) -> int:
+    if self.method == 'icot':
+      return min(self.cfg.removed_at_step(step, self.steps_per_epoch), self.cot_tokens)
     return self.cfg.stage_at_step(step, self.steps_per_epoch)
+
+  def stage_starts(self, total_steps: int) -> list[int]:
+    """Steps (> 0, < total_steps) at which the stage changes."""
+    return [s for s in range(1, total_steps) if self.stage(s) != self.stage(s - 1)]
+
+  def reset_steps(self, total_steps: int, every_epochs: int) -> list[int]:
+    """Steps (> 0, < total_steps) where the optimizer restarts (`every_epochs` 0: none): iCoT where its removal
+    count grows (the official `--reset_optimizer`), the others at the epochs of `Curriculum.reset_steps`."""
+    if self.method == 'icot':
+      return self.stage_starts(total_steps) if every_epochs > 0 else []
+    return self.cfg.reset_steps(self.steps_per_epoch, total_steps, every_epochs)
 
   @property
   def stage_changed(self) -> bool:
@@ -230,9 +328,11 @@ class CurriculumBatches:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    stage = self.stage(self.step)
+    step, stage = self.step, self.stage(self.step)
     rows = next(self.rows)
     self.step += 1
+    if self.method == 'icot':
+      stage = [stage + self.cfg.removal_offset(self.seed, step, int(i), self.steps_per_epoch) for i in rows]
     return build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths)
 
   def state(self) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Generated datasets, deterministic from a seed: multi-digit addition and ProsQA (SPEC §9).
+"""Generated datasets, deterministic from a seed: multi-digit addition, ProsQA and ProsQA-mini (SPEC §9).
 
 Both give records `{question, steps, answer}` like the file readers in `loaders.py`.
 
@@ -19,11 +19,17 @@ Both give records `{question, steps, answer}` like the file readers in `loaders.
   like the official files. Two details are fitted to the valid set's statistics rather than read from the paper:
   parentless nodes are candidates only in the "all nodes" branch (this reproduces the valid set's entity count and
   in-degree distribution), and N = 28 (the valid set's largest graph; see `tests/test_data_generators.py`).
+* ProsQA-mini: the same generator on smaller graphs, N = `PROSQA_MINI_NODES` = 10 (about 9 nodes and 10 edges after
+  isolated nodes are dropped, questions of about 100 GPT-2 tokens, at most about 180) and answer paths of at least
+  `PROSQA_MINI_MIN_PATH` = 2 steps (mostly 2-3, mean 2.4): still a search (the question lists every edge in random
+  order, the answer is one of two leaves), short enough for the tiny models. Train, valid and test are disjoint
+  like addition's, by a hash of the question (`question_split`); each split has its own random stream.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import random
 import zlib
@@ -37,10 +43,15 @@ SPLITS = ('train', 'valid', 'test')
 _HOLDOUT_BUCKETS = 20  # hash buckets of a question: 0 -> test, 1 -> valid, the rest -> train (90%)
 
 
-def addition_split(question: str) -> str:
-  """The split a generated addition problem belongs to (a hash of its text, so splits never share a problem)."""
+def question_split(question: str) -> str:
+  """The split a generated question belongs to (a hash of its text, so splits never share a question)."""
   bucket = zlib.crc32(question.encode('utf-8')) % _HOLDOUT_BUCKETS
   return 'test' if bucket == 0 else 'valid' if bucket == 1 else 'train'
+
+
+def addition_split(question: str) -> str:
+  """The split a generated addition problem belongs to (`question_split`)."""
+  return question_split(question)
 
 
 def addition_record(a: int, b: int) -> dict:
@@ -95,6 +106,8 @@ PROSQA_CONCEPTS = ('bompus', 'boompus', 'brimpus', 'chorpus', 'dumpus', 'felpus'
                    'timpus', 'tumpus', 'vumpus', 'worpus', 'wumpus', 'yerpus', 'yimpus', 'yumpus', 'zhorpus', 'zumpus')
 PROSQA_NODES = 28  # N of Algorithm 1 (before isolated nodes are dropped)
 PROSQA_MIN_PATH = 3  # shortest root -> answer path, in steps (the valid set has 3..6)
+PROSQA_MINI_NODES = 10  # ProsQA-mini's N
+PROSQA_MINI_MIN_PATH = 2
 _MEAN_PARENTS = 1.5
 _DEPTH_WEIGHT = 1.5
 
@@ -157,8 +170,10 @@ def _bfs(children: dict[int, list[int]], source: int) -> tuple[dict[int, int], d
   return dist, count
 
 
-def _prosqa_example(rng: random.Random, edges: list[tuple[int, int]]) -> dict | None:
-  """A ProsQA record from a graph, or None when the graph has no valid question."""
+def _prosqa_example(rng: random.Random, edges: list[tuple[int, int]], min_path: int = PROSQA_MIN_PATH
+                    ) -> dict | None:
+  """A ProsQA record from a graph, or None when the graph has no valid question (no answer `min_path` steps or
+  more from its entity)."""
   nodes = sorted({0, 1} | {v for e in edges for v in e})
   index = {v: i for i, v in enumerate(nodes)}  # drop isolated nodes, keep the order (so 0 and 1 stay 0 and 1)
   edges = [(index[a], index[b]) for a, b in edges]
@@ -174,7 +189,7 @@ def _prosqa_example(rng: random.Random, edges: list[tuple[int, int]]) -> dict | 
   deepest = [max(bfs[e][0][v] for v in leaves[e]) for e in (0, 1)]
   root = 0 if deepest[0] > deepest[1] else 1 if deepest[1] > deepest[0] else rng.randrange(2)
   dist, count = bfs[root]
-  if deepest[root] < PROSQA_MIN_PATH:
+  if deepest[root] < min_path:
     return None
   target = rng.choice([v for v in leaves[root] if dist[v] == deepest[root]])
   neg_target = rng.choice(leaves[1 - root])
@@ -222,6 +237,31 @@ def generate_prosqa(size: int, seed: int = 0, exclude: Iterable[str] = (), num_n
   while len(records) < size:
     record = _prosqa_example(rng, prosqa_graph(rng, num_nodes))
     if record is not None and record['question'] not in seen:
+      seen.add(record['question'])
+      records.append(record)
+  return records
+
+
+def generate_prosqa_mini(size: int, seed: int = 0, split: str = 'train', num_nodes: int = PROSQA_MINI_NODES,
+                         min_path: int = PROSQA_MINI_MIN_PATH) -> list[dict]:
+  """`size` ProsQA-mini records of `split` with distinct questions (ProsQA's generator on `num_nodes` nodes, answer
+  paths of `min_path` steps or more; the split is `question_split` of the question)."""
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r}: expected one of {SPLITS}.')
+  if size < 0:
+    raise ValueError(f'size={size} must be >= 0.')
+  if num_nodes < 4 or min_path < 1:
+    raise ValueError(f'ProsQA-mini needs num_nodes >= 4 and min_path >= 1, got {num_nodes} and {min_path}.')
+  rng = random.Random(f'prosqa_mini/{split}/{seed}')
+  seen, records = set(), []
+  for tries in itertools.count():
+    if len(records) == size:
+      break
+    if tries > 1000 * (len(records) + 10):
+      raise ValueError(f'ProsQA-mini graphs of {num_nodes} nodes almost never have an answer {min_path} steps away: '
+                       'raise num_nodes or lower min_path.')
+    record = _prosqa_example(rng, prosqa_graph(rng, num_nodes), min_path)
+    if record is not None and record['question'] not in seen and question_split(record['question']) == split:
       seen.add(record['question'])
       records.append(record)
   return records

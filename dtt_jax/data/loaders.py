@@ -12,6 +12,8 @@ have exactly the format of the valid files.
               excluded) unless prosqa/prosqa_train.json exists or a path is given.
     prontoqa  COCONUT json.
     addition  generated (`generators.generate_addition`); the splits are disjoint by construction.
+    prosqa_mini  generated (`generators.generate_prosqa_mini`: ProsQA on smaller graphs), disjoint splits like
+              addition's; a path is read as a ProsQA (COCONUT json) file.
 
 Default files, under `data_dir` (default: `../shared/data` beside the project), first existing one wins:
 see `DEFAULT_FILES`. Empty steps (COCONUT's converter writes `['']` for a solution without equations) are dropped.
@@ -32,7 +34,7 @@ from dtt_jax.data import generators
 
 log = logging.getLogger(__name__)
 
-DATASETS = ('gsm8k', 'prosqa', 'prontoqa', 'addition')
+DATASETS = ('gsm8k', 'prosqa', 'prontoqa', 'addition', 'prosqa_mini')
 SPLITS = generators.SPLITS
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_DATA_DIR = os.path.join(os.path.dirname(PROJECT_ROOT), 'shared', 'data')
@@ -197,7 +199,8 @@ def _starts_with_list(path: str) -> bool:
 
 
 def read_file(path: str, name: str) -> list[dict]:
-  """Records of a local gsm8k / prosqa / prontoqa file (.json, .jsonl, or .txt for gsm8k)."""
+  """Records of a local gsm8k / prosqa / prontoqa file (.json, .jsonl, or .txt for gsm8k; prosqa_mini: prosqa)."""
+  name = 'prosqa' if name == 'prosqa_mini' else name
   if name not in ('gsm8k', 'prosqa', 'prontoqa'):
     raise ValueError(f'read_file: dataset {name!r} has no file format; expected gsm8k, prosqa or prontoqa.')
   if not os.path.isfile(path):
@@ -256,7 +259,7 @@ def get_dataset(name: str, split: str, path: str | None = None, *, data_dir: str
   """Records {question, steps, answer} of `split` ('train' | 'valid' | 'test') of dataset `name`.
 
   path: a file in one of the dataset's formats (overrides the default location). data_dir: where default files
-  are looked for (default `../shared/data` beside the project). size, seed: generated datasets (addition; ProsQA
+  are looked for (default `../shared/data` beside the project). size, seed: generated datasets (addition, prosqa_mini; ProsQA
   train when no file exists); size defaults to `DEFAULT_SIZES[split]`. min_digits, max_digits: addition.
   """
   if name not in DATASETS:
@@ -268,6 +271,8 @@ def get_dataset(name: str, split: str, path: str | None = None, *, data_dir: str
     if path:
       raise ValueError('The addition dataset is generated; it takes no path (set its size and seed instead).')
     return generators.generate_addition(n, seed, split, min_digits, max_digits)
+  if name == 'prosqa_mini' and not path:
+    return generators.generate_prosqa_mini(n, seed, split)
   if path:
     return read_file(path, name)
   found, looked = find_default_file(name, split, data_dir)

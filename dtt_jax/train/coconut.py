@@ -13,7 +13,9 @@ Optimizer (`config.coconut.optimizer`): 'coconut', the official recipe: AdamW at
 decay `bootstrap.weight_decay` on every parameter, no clipping, the state reset at every epoch with
 `reset_optimizer`; or 'warmup_cosine': the bootstrap's AdamW (warmup + cosine, clipping, decay on matrices), reset
 at every stage of the schedule with `reset_optimizer` (the schedule then spans one stage). The reset steps depend on
-the schedule only (`Curriculum.reset_steps`): the same for every method of one comparison.
+the schedule only (`Curriculum.reset_steps`): the same for every method of one comparison, except iCoT, which resets
+where its removal count grows (`CurriculumBatches.reset_steps`, the official `--reset_optimizer`; a warmup + cosine
+then spans one removal interval).
 
 Budget (`train_steps`): `bootstrap.steps` when > 0, else the epochs of `coconut.num_epochs` (0: every stage, the
 final one included, gets `epochs_per_stage` epochs) after `start_epoch`; a curriculum run that would stop before
@@ -156,8 +158,9 @@ def num_epochs(c) -> int:
 
 
 def follows_curriculum(c) -> bool:
-  """Whether the method's layout changes with the stage (COCONUT and pause-as-thought with the curriculum)."""
-  return c.method in ('coconut', 'pause_as_thought') and c.coconut.curriculum
+  """Whether the method's layout follows the stage schedule (COCONUT, pause-as-thought and COCONUT w/o thought with
+  the curriculum; iCoT's removal depends on the data, `data.coconut.CurriculumBatches`)."""
+  return c.method in coconut_data.STEP_CURRICULUM and c.coconut.curriculum
 
 
 def train_steps(c, cfg: coconut_data.Curriculum, steps_per_epoch: int) -> int:
@@ -195,8 +198,11 @@ def make_optimizer(c, steps_per_epoch: int, total_steps: int, train_modules=()) 
     return state_lib.make_optimizer(b.lr, total_steps, 0, b.weight_decay, 0.0, b.gate_lr_mult,
                                     train_modules=train_modules, schedule='constant', decay='all')
   every = reset_every_epochs(c)
-  return state_lib.make_optimizer(b.lr, every * steps_per_epoch if every else total_steps, b.warmup_steps,
-                                  b.weight_decay, b.grad_clip, b.gate_lr_mult, train_modules=train_modules)
+  span = every * steps_per_epoch if every else total_steps
+  if every and c.method == 'icot':  # reset at every removal
+    span = coconut_data.Curriculum.from_config(c.coconut).removal_interval(steps_per_epoch)
+  return state_lib.make_optimizer(b.lr, span, b.warmup_steps, b.weight_decay, b.grad_clip, b.gate_lr_mult,
+                                  train_modules=train_modules)
 
 
 def resolve_config(c, steps_per_epoch: int, steps: int):
@@ -225,6 +231,10 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
       raise ValueError(f'config.{key}={value} must be >= 0.')
   if not 0 <= c.model.get('dropout', 0.0) < 1:
     raise ValueError(f'config.model.dropout={c.model.dropout} must be in [0, 1).')
+  if c.method == 'icot' and cfg != coconut_data.Curriculum.from_config(k):
+    raise ValueError(f'config.method="icot": the curriculum {cfg} lacks config.coconut.icot_* '
+                     f'({coconut_data.Curriculum.from_config(k)}): build it with '
+                     'data.coconut.Curriculum.from_config(config.coconut).')
   if cfg.start_epoch >= num_epochs(c):
     raise ValueError(f'config.coconut.start_epoch={cfg.start_epoch} leaves no epoch of config.coconut.num_epochs='
                      f'{num_epochs(c)}.')
