@@ -61,7 +61,7 @@ from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.data import samples as samples_lib
 from dtt_jax.eval import heldout
 from dtt_jax.metrics import MetricWriter
-from dtt_jax.model import hf_io
+from dtt_jax.model import hf_io, output_layer
 from dtt_jax.model.gpt2 import GPT2, NEG_INF, GPT2Config, KVCache, causal_bias, positions_from_mask
 from dtt_jax.rl import grpo
 from dtt_jax.sampling.sampler import SamplingConfig, sample
@@ -396,7 +396,8 @@ def teacher_reward(teacher: GPT2, prefix, prefix_mask, actions, action_mask) -> 
   kept = jnp.where(kept_mask, jnp.take_along_axis(actions, order, 1), 0)  # [B,N] real tokens first
   ids = jnp.concatenate([prefix, kept], axis=1)
   mask = jnp.concatenate([prefix_mask, kept_mask.astype(prefix_mask.dtype)], axis=1)
-  lp = real_logprobs(teacher.logits(forward(teacher, ids, mask)[:, p - 1:p + n - 1]), kept, vr)  # [B,N]
+  hidden = forward(teacher, ids, mask)[:, p - 1:p + n - 1]  # [B,N,D]
+  lp, _ = output_layer.token_logprobs(teacher, hidden, kept, fused=False)  # [B,N] over the real columns
   count = jnp.sum(kept_mask, axis=1)
   return jnp.sum(jnp.where(kept_mask, lp, 0.0), axis=1) / jnp.maximum(count, 1)
 
@@ -515,7 +516,7 @@ def think_optimizer(t) -> optax.GradientTransformation:
 def lm_logprobs(model: GPT2, tokens, mask) -> jax.Array:
   """Teacher-forced next-token log-probs over the real tokens: tokens, mask [B,L] -> [B,L] (index i: log p(x_i |
   x_<i); 0 at i = 0 and at padding)."""
-  lp = real_logprobs(model.logits(forward(model, tokens, mask)[:, :-1]), tokens[:, 1:], model.cfg.vocab_rows)
+  lp, _ = output_layer.token_logprobs(model, forward(model, tokens, mask)[:, :-1], tokens[:, 1:], fused=False)
   lp = jnp.where(mask[:, 1:] > 0, lp, 0.0)
   return jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp], axis=1)
 

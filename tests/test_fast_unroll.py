@@ -1,5 +1,5 @@
 """`fast_unroll.unroll` (hand-written backward of the teacher-forced recurrence) equals `engine.unroll` and its
-autodiff gradient; the fused Stage-1 loss equals the unfused one."""
+autodiff gradient; the fused Stage-1 loss equals the unfused one (the output layer alone: test_output_layer.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -134,45 +134,3 @@ def test_stage1_loss_and_gradients_equal_the_plain_path(fast_unroll_on, fused):
     np.testing.assert_allclose(float(metrics[name]), float(metrics_ref[name]), rtol=1e-5, err_msg=name)
   assert 0 < float(metrics_ref['token_accuracy']) < 1
   _assert_tree_close(grads, grads_ref)
-
-
-@pytest.mark.parametrize('splits,groups', [(1, 1), (4, 1), (4, 2)])
-def test_fused_cross_entropy_equals_logits(monkeypatch, splits, groups):
-  """fused_cross_entropy's weighted loss, gradients and argmax equal those of model.gpt2.logits (padded rows >=
-  num_tokens masked), with several vocabulary tiles and ties resolved to the first maximum like jnp.argmax. Split
-  into row blocks, the blocks holding only weight-0 rows are skipped (argmax -1 there), per row group."""
-  monkeypatch.setattr(bootstrap, 'ROW_SPLITS', splits)
-  cfg = GPT2Config(vocab_rows=2304, num_tokens=2250, n_positions=8, n_embd=16, n_layer=1, n_head=2)
-  model = DTTModel(DTTConfig(cfg), rngs=nnx.Rngs(0))
-  table = model.gpt2.wte.embedding.value
-  table = table.at[2260].set(50.0).at[1500].set(table[1400])  # a padded row that would win; a tied pair
-  model.gpt2.wte.embedding.value = table
-  hidden = jax.random.normal(jax.random.key(0), (40, 16))
-  hidden = hidden.at[1].set(table[1400] * 30.0)  # row 1's maximum: the tie 1400 / 1500
-  targets = jax.random.randint(jax.random.key(1), (40,), 0, 2250)
-  # Weight 0 at every third row and in the second half but row 38: 13 + 1 weighted rows. One group of 40 rows in 4
-  # blocks runs 2 (20 rows); two groups of 20 rows in blocks of 5 both run the 3 blocks the first one needs.
-  keep = (jnp.arange(40) % 3 > 0) & ((jnp.arange(40) < 20) | (jnp.arange(40) >= 38))
-  weights = jax.random.uniform(jax.random.key(2), (40,)) * keep
-
-  def fused(h, t):
-    return bootstrap.fused_cross_entropy(h, t, targets, weights, 2250, groups)
-
-  def plain(h, t):
-    logits = model.gpt2.logits(h) if t is None else jnp.where(jnp.arange(2304) < 2250, h @ t.T, -1e9)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], -1)[:, 0]
-    return jnp.sum(weights * nll), jnp.argmax(logits, -1)
-
-  (total, argmax), grads = jax.value_and_grad(fused, (0, 1), has_aux=True)(hidden, table)
-  (total_ref, argmax_ref), grads_ref = jax.value_and_grad(plain, (0, 1), has_aux=True)(hidden, table)
-  np.testing.assert_allclose(float(total), float(total_ref), rtol=1e-5)
-  argmax, argmax_ref, keep = np.asarray(argmax), np.asarray(argmax_ref), np.asarray(keep)
-  np.testing.assert_array_equal(argmax[keep], argmax_ref[keep])
-  np.testing.assert_array_equal(argmax_ref, np.asarray(jnp.argmax(model.gpt2.logits(hidden), -1)))
-  assert int(argmax[1]) == 1400
-  computed = argmax != -1  # rows in blocks that ran: their argmax is exact too
-  np.testing.assert_array_equal(argmax[computed], argmax_ref[computed])
-  assert computed.sum() == (40 if splits == 1 else {1: 20, 2: 30}[groups]), computed.sum()
-  _assert_tree_close(grads, grads_ref)
-  np.testing.assert_allclose(float(jax.jit(fused)(hidden, table)[0]), float(total_ref), rtol=1e-5)
-  np.testing.assert_array_equal(np.asarray(jax.jit(fused)(hidden, table)[1]), argmax)

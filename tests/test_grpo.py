@@ -294,46 +294,6 @@ def test_gate_as_action_without_gate_noise_is_rejected():
     pipeline.check_config(config)
 
 
-def test_vocabulary_tiles_divide_the_table_when_they_can():
-  assert grpo._tile_width(50304) == 1048  # GPT-2's padded table: 48 tiles, no padded copy
-  assert grpo._tile_width(512) == 512  # a compact vocabulary: one tile
-  assert grpo._tile_width(50261) == grpo.VOCAB_TILE  # a prime: tiles of VOCAB_TILE, the last one padded
-  table = jnp.arange(50261 * 2, dtype=jnp.float32).reshape(50261, 2)
-  tiles, valid = grpo._vocab_tiles(table, 50000)
-  assert tiles.shape == (50, 1024, 2) and valid.shape == (50, 1024)
-  np.testing.assert_array_equal(tiles.reshape(-1, 2)[:50261], table)
-  assert float(jnp.abs(tiles.reshape(-1, 2)[50261:]).max()) == 0.0
-  assert int(valid.sum()) == 50000 and bool(valid.reshape(-1)[49999]) and not bool(valid.reshape(-1)[50000])
-
-
-@pytest.mark.parametrize('tile_width,row_tile', [(32, 8), (48, 8), (1024, 512)])
-def test_fused_output_layer_equals_log_softmax(monkeypatch, tile_width, row_tile):
-  """The tiled output layer (several vocabulary tiles that divide the 128 rows, or whose last one is padded; row
-  tiles that do not divide the rows) gives the log-softmax log-probs and entropy of the plain logits, and the same
-  gradients (hidden states and the tied embedding), with padded vocabulary rows excluded."""
-  monkeypatch.setattr(grpo, '_tile_width', lambda v: min(tile_width, v))
-  monkeypatch.setattr(grpo, 'ROW_TILE', row_tile)
-  graphdef, params, _ = _policy_and_reference()
-  hidden = jax.random.normal(jax.random.key(0), (3, 7, TINY.n_embd))
-  targets = jax.random.randint(jax.random.key(1), (3, 7), 0, VOCAB.num_tokens)
-  weights = jax.random.normal(jax.random.key(2), (3, 7))
-
-  def objective(p, h, fused):
-    logp, entropy = grpo.token_logprobs(nnx.merge(graphdef, p), h, targets, 0.8, fused)
-    return jnp.sum(weights * logp), (logp, entropy)
-
-  outputs = {}
-  for fused in (True, False):
-    grad_fn = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True), static_argnums=2)
-    outputs[fused] = grad_fn(params, hidden, fused)
-  (grads, (logp, entropy)), (ref_grads, (ref_logp, ref_entropy)) = outputs[True], outputs[False]
-  np.testing.assert_allclose(logp, ref_logp, atol=1e-5)
-  np.testing.assert_allclose(entropy, ref_entropy, atol=1e-4)
-  assert float(ref_entropy.min()) > 1.0  # a spread distribution: the entropy check means something
-  _assert_trees_close(grads, ref_grads, atol=1e-5)
-  assert float(jnp.abs(grads[0]['gpt2']['wte']['embedding']).max()) > 1e-3
-
-
 # ------------------------------------------------------------------------------------ mu = 1: policy gradient
 
 

@@ -24,9 +24,10 @@ advantages: in a group with no correct answer, a few reasoning tokens or a gate 
 
 Log-probabilities are re-scored in one parallel forward pass (`engine.rescore`): the inputs are rebuilt from the
 stored hidden states (no gradient through them) and the stored gate noise with the current gate head, so the gate
-head and projection get gradient through the blend. Token log-probs are those of the temperature-scaled policy
-(logits / temperature, before top-k/p truncation), like the rollout's. Loss tokens are the real completion tokens
-except those the reasoning budget forced (`<|eot|>` after `max_think`): they were not sampled from the policy.
+head and projection get gradient through the blend. Token log-probs (`model/output_layer.py`, in vocabulary tiles
+by default) are those of the temperature-scaled policy (logits / temperature, before top-k/p truncation), like the
+rollout's. Loss tokens are the real completion tokens except those the reasoning budget forced (`<|eot|>` after
+`max_think`): they were not sampled from the policy.
 
 `score_blended_tokens=False`: a token sampled at a position whose gate is >= 0.5 is emitted but mostly not fed
 back (the next input is g * h + (1 - g) * wte(token)). Inside the reasoning span the value of such a token changes
@@ -56,23 +57,19 @@ ratio is exactly 1 and no extra forward pass is needed. The rollout's own log-pr
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import TYPE_CHECKING
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from dtt_jax import parallel
-from dtt_jax.model.gpt2 import NEG_INF
+from dtt_jax.model import output_layer
 from dtt_jax.sampling import engine
 from dtt_jax.train import state as state_lib
 from dtt_jax.train.state import TrainState
-
-if TYPE_CHECKING:
-  from dtt_jax.rl.rollout import RolloutBatch
 
 RESCORE_MODES = ('parallel', 'recurrent')
 LOSS_AGGREGATIONS = ('grpo', 'dapo', 'dr_grpo')
@@ -104,7 +101,7 @@ class GRPOConfig:
   max_think: int = 16
   gate_noise: bool = True
   hard_gate: bool = False
-  fused_logprobs: bool = True  # output layer + log-softmax in tiles (`fused_token_logprobs`): no [N,T,V] logits
+  fused_logprobs: bool = True  # output layer + log-softmax in tiles (`output_layer.token_logprobs`): no [N,T,V] logits
   # How the update recomputes the rollout's log-probs: 'parallel' (SPEC §7: one forward pass, inputs rebuilt from
   # the stored hidden states, no gradient through them) or 'recurrent' (the teacher-forced unroll of the engine
   # with the stored noise: the same numbers, and the gradient also flows through the fed-back hidden states).
@@ -133,6 +130,28 @@ class GRPOConfig:
   def from_config(cls, g) -> GRPOConfig:
     """From `config.grpo`; keys added after a run was configured keep their defaults."""
     return cls(**{f.name: g[f.name] for f in dataclasses.fields(cls) if f.name in g})
+
+
+@flax.struct.dataclass
+class RolloutBatch:
+  """One GRPO batch of N = B*G completions (groups contiguous), made by `rollout.RolloutCollector`. Every field has
+  the leading axis N."""
+
+  prompt: jax.Array  # [N,P] int32, left-padded
+  prompt_mask: jax.Array  # [N,P] int32
+  completion: jax.Array  # [N,T] int32 model ids (eos after the end)
+  completion_mask: jax.Array  # [N,T] int32: real tokens through the first eos inclusive
+  forced: jax.Array  # [N,T] int32: <|eot|> forced by the reasoning budget (not sampled: no loss)
+  logprobs: jax.Array  # [N,T] float32 rollout log-probs under logits / temperature, untruncated (0 at padding)
+  ref_logprobs: jax.Array  # [N,T] float32 reference log-probs (0 when beta == 0)
+  gates: jax.Array  # [N,T] float32 gate that blended each position's input
+  gate_noise: jax.Array  # [N,T] float32 logistic noise of each gate
+  hidden_inputs: jax.Array  # [N,T,D] h_{t-1}, blended into position t's input
+  inner_mask: jax.Array  # [N,T] float32: positions strictly inside <|bot|> ... <|eot|>
+  outer_mask: jax.Array  # [N,T] float32: other real positions
+  tau: jax.Array  # [N] float32 gate temperature of the rollout (the update re-scores with it)
+  rewards: jax.Array  # [N] float32 total reward
+  stats: dict[str, jax.Array]  # name -> [N] float32 (`rollout.STATS`)
 
 
 def check_config(g) -> None:
@@ -173,124 +192,6 @@ def group_advantages(rewards: jax.Array, num_generations: int,
 
 
 # ------------------------------------------------------------------------------------------ per-token quantities
-
-
-# Tile sizes of the fused output layer (measured on CPU with the full vocabulary: the [rows, tile] logits of a
-# forward tile stay in cache; a backward tile's [rows, V] block is streamed once).
-VOCAB_TILE = 1024
-ROW_TILE = 512
-
-
-def _tile_width(v: int) -> int:
-  """Columns per vocabulary tile: the divisor of v nearest VOCAB_TILE within a factor 2 of it (the table reshapes
-  into tiles without a padded copy: 1048 for GPT-2's 50304 rows), else VOCAB_TILE (the last tile padded)."""
-  if v <= VOCAB_TILE:
-    return v
-  divisors = [c for c in range(VOCAB_TILE // 2, 2 * VOCAB_TILE + 1) if v % c == 0]
-  return min(divisors, key=lambda c: abs(c - VOCAB_TILE)) if divisors else VOCAB_TILE
-
-
-def _vocab_tiles(table: jax.Array, num_tokens: int):
-  """table [V,D] -> tiles [n, C, D] (zero-padded when C does not divide V), valid [n, C] (column < num_tokens)."""
-  v, d = table.shape
-  tile = _tile_width(v)
-  n = -(-v // tile)
-  tiles = table if n * tile == v else jnp.pad(table, ((0, n * tile - v), (0, 0)))
-  return tiles.reshape(n, tile, d), (jnp.arange(n * tile) < num_tokens).reshape(n, tile)
-
-
-def _scaled_logits(hidden, table, temperature, valid):
-  """hidden [M,D], table [C,D] -> logits / temperature [M,C] float32, NEG_INF where not `valid` [C]."""
-  logits = jnp.dot(hidden, table.astype(hidden.dtype).T, preferred_element_type=jnp.float32) / temperature
-  return jnp.where(valid, logits, NEG_INF)
-
-
-def _fused_forward(hidden, table, targets, temperature, num_tokens):
-  """One pass over vocabulary tiles with a running max: log-normaliser, entropy and target log-probs [M]."""
-  m = hidden.shape[0]
-  tiles, valid = _vocab_tiles(table, num_tokens)
-
-  def tile_step(carry, xs):
-    top, sum_e, sum_ex = carry  # [M] running max, sum exp(x - top), sum exp(x - top) * x
-    tile, tile_valid = xs
-    x = _scaled_logits(hidden, tile, temperature, tile_valid)  # [M, C]
-    new_top = jnp.maximum(top, jnp.max(x, axis=-1))
-    rescale = jnp.exp(top - new_top)
-    e = jnp.exp(x - new_top[:, None])
-    return (new_top, sum_e * rescale + jnp.sum(e, -1), sum_ex * rescale + jnp.sum(e * x, -1)), None
-
-  init = (jnp.full((m,), NEG_INF, jnp.float32), jnp.zeros((m,), jnp.float32), jnp.zeros((m,), jnp.float32))
-  (top, sum_e, sum_ex), _ = jax.lax.scan(tile_step, init, (tiles, valid))
-  lse = top + jnp.log(sum_e)
-  entropy = lse - sum_ex / sum_e
-  target_logits = jnp.sum(hidden.astype(jnp.float32) * table[targets].astype(jnp.float32), -1) / temperature
-  return (target_logits - lse, entropy), lse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def fused_token_logprobs(hidden, table, targets, temperature: float, num_tokens: int):
-  """The tied output layer fused with its log-softmax: never materialises the [M, V] logits.
-
-  hidden [M,D], table [V,D] (the tied token embedding), targets [M] -> (log p(targets) [M], entropy [M]) of
-  softmax(hidden @ table.T / temperature) over the first `num_tokens` columns. The entropy carries no gradient.
-  Forward: vocabulary tiles with an online log-sum-exp. Backward: row tiles, each recomputing its logits once:
-  d logits = g * (onehot - softmax) / temperature.
-  """
-  return _fused_forward(hidden, table, targets, temperature, num_tokens)[0]
-
-
-def _fused_fwd(hidden, table, targets, temperature, num_tokens):
-  out, lse = _fused_forward(hidden, table, targets, temperature, num_tokens)
-  return out, (hidden, table, targets, lse)
-
-
-def _fused_bwd(temperature, num_tokens, residuals, cotangents):
-  hidden, table, targets, lse = residuals
-  g = cotangents[0].astype(jnp.float32) / temperature  # d loss / d logit(target), per row
-  m, d = hidden.shape
-  rows = min(ROW_TILE, m)
-  n = -(-m // rows)
-  pad = n * rows - m
-  # Tile j holds rows j, j + n, j + 2n, ...: with rows sharded over devices, every tile stays spread over all.
-  split = lambda x: jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(rows, n, *x.shape[1:]).swapaxes(0, 1)
-  valid = jnp.arange(table.shape[0]) < num_tokens
-
-  def tile_step(d_table, xs):
-    h, lse_t, g_t = xs
-    softmax = jnp.exp(_scaled_logits(h, table, temperature, valid) - lse_t[:, None])  # [rows, V]
-    d_logits = -g_t[:, None] * softmax
-    d_table = d_table + jnp.dot(d_logits.T, h.astype(jnp.float32))
-    return d_table, jnp.dot(d_logits, table.astype(jnp.float32))
-
-  d_table, d_hidden = jax.lax.scan(tile_step, jnp.zeros(table.shape, jnp.float32),
-                                   (split(hidden), split(lse), split(g)))
-  d_hidden = d_hidden.swapaxes(0, 1).reshape(n * rows, d)[:m] + g[:, None] * table[targets].astype(jnp.float32)
-  d_table = d_table.at[targets].add(g[:, None] * hidden.astype(jnp.float32))
-  return d_hidden.astype(hidden.dtype), d_table.astype(table.dtype), None
-
-
-fused_token_logprobs.defvjp(_fused_fwd, _fused_bwd)
-
-
-def token_logprobs(model, target_hidden: jax.Array, tokens: jax.Array, temperature: float,
-                   fused: bool = True) -> tuple[jax.Array, jax.Array]:
-  """target_hidden [N,T,D], tokens [N,T] -> (log p(tokens) [N,T], entropy [N,T]) of softmax(logits / temperature).
-
-  The entropy carries no gradient. `fused`: the output layer and log-softmax in tiles (`fused_token_logprobs`);
-  otherwise the plain [N,T,V] logits of `model.gpt2.logits` (the reference the fused path is tested against).
-  """
-  n, t, d = target_hidden.shape
-  chex.assert_shape([tokens], (n, t))
-  if fused:
-    logp, entropy = fused_token_logprobs(target_hidden.reshape(n * t, d), model.gpt2.wte.embedding[...],
-                                         tokens.reshape(n * t), float(temperature), model.gpt2.cfg.num_tokens)
-    return logp.reshape(n, t), entropy.reshape(n, t)
-  logits = model.gpt2.logits(target_hidden) / temperature  # [N,T,V] float32
-  log_softmax = jax.nn.log_softmax(logits)
-  logp = jnp.take_along_axis(log_softmax, tokens[..., None], -1)[..., 0]
-  probs = jax.lax.stop_gradient(jnp.exp(log_softmax))
-  entropy = -jnp.sum(jnp.where(probs > 0, probs * jax.lax.stop_gradient(log_softmax), 0.0), axis=-1)
-  return logp, entropy
 
 
 def gate_log_density(gate_logit: jax.Array, sample_logit: jax.Array, tau) -> jax.Array:
@@ -375,7 +276,8 @@ def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask
     target_hidden, gates = engine.rescore(model, batch.prompt, batch.prompt_mask, batch.completion, hidden_inputs,
                                           batch.gate_noise, tau, hard=cfg.hard_gate)
     gate_hidden = hidden_inputs  # the stored h_{t-1}, as the rebuilt inputs
-  logp, entropy = token_logprobs(model, target_hidden, batch.completion, cfg.temperature, cfg.fused_logprobs)
+  logp, entropy = output_layer.token_logprobs(model.gpt2, target_hidden, batch.completion, cfg.temperature,
+                                              cfg.fused_logprobs)
   gate_logits = model.gate_logit(gate_hidden)  # [N,T]
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), old_logprobs)
   old_gl = jnp.where(first, jax.lax.stop_gradient(gate_logits), old_gate_logits)

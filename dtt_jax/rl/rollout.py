@@ -14,21 +14,22 @@ the behaviour policy (at mu > 1 they differ by the ratio of the kept masses), an
 untruncated log-prob.
 
 `collect` takes the global batch of prompts (the same on every process); rewards are computed on the host from
-the decoded completions (`dtt_jax.reward`), and the large arrays (hidden states) never leave the devices.
+the decoded completions (`dtt_jax.reward`), and the large arrays (hidden states) never leave the devices. The batch
+type, `RolloutBatch`, is defined by its consumer, `grpo.py` (this module imports grpo, never the reverse).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dtt_jax import parallel, reward
-from dtt_jax.rl.grpo import GRPOConfig, token_logprobs
+from dtt_jax.model import output_layer
+from dtt_jax.rl.grpo import GRPOConfig, RolloutBatch
 from dtt_jax.sampling import engine
 from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.tokens import Tokenizer, Vocab
@@ -38,27 +39,6 @@ STATS = {
     'reward_structure': 'structure', 'reward_correctness': 'correctness', 'reward_efficiency': 'efficiency',
     'reward_gate': 'gate', 'accuracy': 'correct', 'structure_rate': 'structure_ok',
 }
-
-
-@flax.struct.dataclass
-class RolloutBatch:
-  """One GRPO batch of N = B*G completions (groups contiguous). Every field has the leading axis N."""
-
-  prompt: jax.Array  # [N,P] int32, left-padded
-  prompt_mask: jax.Array  # [N,P] int32
-  completion: jax.Array  # [N,T] int32 model ids (eos after the end)
-  completion_mask: jax.Array  # [N,T] int32: real tokens through the first eos inclusive
-  forced: jax.Array  # [N,T] int32: <|eot|> forced by the reasoning budget (not sampled: no loss)
-  logprobs: jax.Array  # [N,T] float32 rollout log-probs under logits / temperature, untruncated (0 at padding)
-  ref_logprobs: jax.Array  # [N,T] float32 reference log-probs (0 when beta == 0)
-  gates: jax.Array  # [N,T] float32 gate that blended each position's input
-  gate_noise: jax.Array  # [N,T] float32 logistic noise of each gate
-  hidden_inputs: jax.Array  # [N,T,D] h_{t-1}, blended into position t's input
-  inner_mask: jax.Array  # [N,T] float32: positions strictly inside <|bot|> ... <|eot|>
-  outer_mask: jax.Array  # [N,T] float32: other real positions
-  tau: jax.Array  # [N] float32 gate temperature of the rollout (the update re-scores with it)
-  rewards: jax.Array  # [N] float32 total reward
-  stats: dict[str, jax.Array]  # name -> [N] float32 (`STATS`)
 
 
 def generate_config(cfg: GRPOConfig, vocab: Vocab) -> engine.GenerateConfig:
@@ -89,7 +69,8 @@ def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh):
       ref = nnx.merge(graphdef, ref_params)
       target_hidden, _ = engine.rescore(ref, prompt, prompt_mask, out.tokens, out.hidden_inputs, out.gate_noise, tau,
                                         hard=cfg.hard_gate)
-      ref_logprobs, _ = token_logprobs(ref, target_hidden, out.tokens, cfg.temperature, cfg.fused_logprobs)
+      ref_logprobs, _ = output_layer.token_logprobs(ref.gpt2, target_hidden, out.tokens, cfg.temperature,
+                                                    cfg.fused_logprobs)
       ref_logprobs = jnp.where(out.mask > 0, ref_logprobs, 0.0)
     else:
       ref_logprobs = jnp.zeros(out.tokens.shape, jnp.float32)

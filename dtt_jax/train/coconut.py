@@ -4,7 +4,8 @@ its official code, facebookresearch/coconut).
 Training: COCONUT's n + 1 passes. The sequence prompt + completion is cut before each latent column; each piece runs
 through GPT-2 over the KV cache of the pieces before it, and a latent column's input is the last hidden state of
 the column before it (no token embedding), so every column is computed once and the gradient flows through the
-continuous thoughts. Cross-entropy covers `loss_mask` (the text after the latent span). The baselines (CoT,
+continuous thoughts. Cross-entropy covers `loss_mask` (the text after the latent span), through the shared output
+layer (`model/output_layer.py`: the plain logits, or vocabulary tiles with `fused_output`). The baselines (CoT,
 No-CoT, Pause, pause-as-thought) have no latent column: one pass (plain GPT-2). `dropout` > 0 is GPT-2's training
 mode (`model.gpt2.Dropout`), its masks drawn from the step's key per sequence column, so they do not depend on how
 the sequence is cut into passes and a resumed run draws the same ones.
@@ -43,6 +44,7 @@ from dtt_jax.data import answers
 from dtt_jax.data import coconut as coconut_data
 from dtt_jax.eval.compare import example_id
 from dtt_jax.eval.evaluate import generate_all, latent_lens
+from dtt_jax.model import output_layer
 from dtt_jax.model.dtt import DTTModel
 from dtt_jax.model.gpt2 import Dropout, KVCache, causal_bias, positions_from_mask
 from dtt_jax.sampling import engine
@@ -67,9 +69,9 @@ def head_length(latent_mask) -> int:
   return columns[-1] + 1 if columns else 0
 
 
-def _teacher_forced(model: DTTModel, batch, columns: tuple[int, ...], dropout: Dropout | None = None):
-  """-> nll [B,T], correct [B,T] (argmax == target) of the completion with latents fed back; `columns`:
-  `latent_columns(batch['latent_mask'])` (static). One pass per piece [start, next latent column)."""
+def _completion_hidden(model: DTTModel, batch, columns: tuple[int, ...], dropout: Dropout | None = None):
+  """-> hidden [B,T,D] predicting each completion token (position p - 1 + t predicts token t), latents fed back;
+  `columns`: `latent_columns(batch['latent_mask'])` (static). One pass per piece [start, next latent column)."""
   prompt, completion, latent = batch['prompt'], batch['completion'], batch['latent_mask']
   p = prompt.shape[1]
   length = p + completion.shape[1]
@@ -92,38 +94,51 @@ def _teacher_forced(model: DTTModel, batch, columns: tuple[int, ...], dropout: D
                                   dropout)
       pieces.append(h_piece)
     h = jnp.concatenate(pieces, 1)  # [B,S,D]
-  logits = model.gpt2.logits(h[:, p - 1:-1])  # [B,T,V]: position p - 1 + t predicts completion token t
-  return optax.softmax_cross_entropy_with_integer_labels(logits, completion), jnp.argmax(logits, -1) == completion
+  return h[:, p - 1:-1]
+
+
+def _teacher_forced(model: DTTModel, batch, columns: tuple[int, ...], dropout: Dropout | None = None):
+  """-> nll [B,T], correct [B,T] (argmax == target) of the completion with latents fed back, from the plain logits
+  (`output_layer.plain_cross_entropy`); `columns` as `_completion_hidden`'s."""
+  nll, prediction = output_layer.plain_cross_entropy(model.gpt2, _completion_hidden(model, batch, columns, dropout),
+                                                     batch['completion'])
+  return nll, prediction == batch['completion']
 
 
 def coconut_loss(model: DTTModel, batch, key=None, tau=None, counts=None, columns: tuple[int, ...] | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, fused_output: bool = False, row_groups: int = 1):
   """batch (`data.coconut.build_batch`): prompt, prompt_mask [B,P]; completion, loss_mask, latent_mask [B,T]
   -> (CE summed over loss_mask / counts['loss_mask'] (default: this batch's count), metrics). `key`: the step's
   key, drawing the dropout masks at rate `dropout` (0: none); `tau` is unused (the signature of
   `bootstrap.make_step`'s loss). `columns`: `latent_columns` of the latent mask (computed here when not given,
-  which needs concrete arrays)."""
+  which needs concrete arrays). `fused_output`, `row_groups`: `output_layer.cross_entropy`'s `fused` and `groups`
+  (False: the plain [B,T,V] logits)."""
   del tau
   count = (counts or bootstrap._counts(batch))['loss_mask']  # pylint: disable=protected-access
   columns = latent_columns(batch['latent_mask']) if columns is None else columns
   drop = None
   if dropout:
     drop = Dropout(key, dropout, batch['prompt'].shape[1] + batch['completion'].shape[1])
-  nll, correct = _teacher_forced(model, batch, columns, drop)
-  ce = jnp.sum(nll * batch['loss_mask']) / count
+  total, prediction = output_layer.cross_entropy(model.gpt2, _completion_hidden(model, batch, columns, drop),
+                                                 batch['completion'], batch['loss_mask'], fused_output, row_groups)
+  ce = total / count
+  correct = prediction == batch['completion']
   return ce, {'loss': ce, 'ce': ce, 'token_accuracy': jnp.sum(correct * batch['loss_mask']) / count}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, microbatches: int = 1, dropout: float = 0.0):
+def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, microbatches: int = 1, dropout: float = 0.0,
+                    fused_output: bool = False):
   """-> `train_step(state, batch, tau) -> (state, metrics)` of `coconut_loss`: host batch in, one jitted
   `bootstrap.make_step` per set of latent columns (one per curriculum stage) dispatched on the batch's latent
-  mask. The dropout key is the step's (`state_lib.step_key`, folded per microbatch)."""
+  mask. The dropout key is the step's (`state_lib.step_key`, folded per microbatch). `fused_output`: the tiled
+  output layer (`output_layer.cross_entropy`, one row group per device)."""
   steps = {}
 
   def train_step(state, batch, tau):
     columns = latent_columns(batch['latent_mask'])
     if columns not in steps:
-      loss = functools.partial(coconut_loss, columns=columns, dropout=dropout)
+      loss = functools.partial(coconut_loss, columns=columns, dropout=dropout, fused_output=fused_output,
+                               row_groups=parallel.num_shards(mesh))
       steps[columns] = bootstrap.make_step(graphdef, tx, loss, FIELDS, mesh, microbatches)
     return steps[columns](state, parallel.shard_batch({k: batch[k] for k in FIELDS}, mesh), tau)
 
