@@ -32,6 +32,7 @@ from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.eval import evaluate as eval_lib
 from dtt_jax.eval import heldout
 from dtt_jax.eval import report
+from dtt_jax.eval import summary
 from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import build_model, lora
 from dtt_jax.model import dtt as dtt_lib
@@ -481,3 +482,5 @@ def _run(config, workdir: str) -> None:
       return
   if stage in ('eval', 'pipeline'):
     run_eval(exp)
+  if jax.process_index() == 0:
+    summary.write_summary(workdir)  # accuracy, tokens and gates per stage; eval/training_curves.png

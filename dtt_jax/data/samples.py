@@ -7,9 +7,17 @@ A record {question, steps, answer} becomes, in model ids (`tokens.Tokenizer`):
 
 span = 'none' (default): empty, or in `filler_prob` of the samples 1..`max_filler` (uniform) random filler tokens,
 drawn uniformly from the non-special model ids (the text tokens of the vocabulary); 'cot': the record's steps
-joined by `STEP_SEPARATOR`, never filler. P and T are fixed by the config, so jit never recompiles; a record whose
-prompt is longer than P, or whose longest possible completion (with `max_filler` filler tokens in 'none' mode) is
-longer than T, is dropped with a logged count, and an error names the needed lengths when none fits.
+joined by `STEP_SEPARATOR` (`span_text = 'steps'`, default), never filler. Shorter spans for generated addition
+(digits separated by spaces, least significant column first): `span_text = 'answer_digits'`, the digits of an
+integer answer (`632` -> `2 3 6`); `'column_digits'`, per column the two operand digits and the digit written, then
+a final carry (`347 + 285` -> `7 5 2 4 8 3 3 2 6`, `95 + 87` -> `5 7 2 9 8 8 1`); the carries are left to the
+latent state. `digit_tokens = True` encodes every digit of the span and the answer as its own token (GPT-2's
+single-digit ids; the decoded text is unchanged, so answers are checked as before); the default keeps GPT-2's BPE,
+which turns `632` into one token. Prompts always keep the BPE (`build_prompts` sees the text alone).
+
+P and T are fixed by the config, so jit never recompiles; a record whose prompt is longer than P, or whose longest
+possible completion (with `max_filler` filler tokens in 'none' mode) is longer than T, is dropped with a logged count,
+and an error names the needed lengths when none fits.
 
 `BatchIterator` is deterministic and resumable: epoch e visits the examples in a permutation drawn from (seed, e),
 global batch b of the epoch is rows [b*B, (b+1)*B) of it (the last partial batch is skipped), the filler of an
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +43,10 @@ log = logging.getLogger(__name__)
 
 STEP_SEPARATOR = '\n'  # between steps in a 'cot' span (as COCONUT's CoT data)
 SPANS = ('none', 'cot')
+SPAN_TEXTS = ('steps', 'answer_digits', 'column_digits')
+_DIGIT_PIECES = re.compile(r' ?[0-9]|(?:(?! ?[0-9]).)+', re.S)  # a digit (with its leading space) or a digit-free run
+_COLUMN_STEP = re.compile(r'([0-9])\+([0-9])(?:\+[0-9])?=[0-9]+ write ([0-9])(?: carry [0-9])?')  # generators.py's
+_CARRY_STEP = re.compile(r'carry ([0-9]) write [0-9]')
 BATCH_FIELDS = ('prompt', 'prompt_mask', 'completion', 'completion_mask', 'loss_mask', 'inner_mask', 'outer_mask',
                 'filler_mask')
 
@@ -47,10 +60,14 @@ class SampleConfig:
   span: str = 'none'
   filler_prob: float = 0.15
   max_filler: int = 8
+  span_text: str = 'steps'  # span = 'cot': 'steps' | 'answer_digits' | 'column_digits'
+  digit_tokens: bool = False  # span and answer: one token per digit
 
   def __post_init__(self):
     if self.span not in SPANS:
       raise ValueError(f'data.span={self.span!r}: expected one of {SPANS}.')
+    if self.span_text not in SPAN_TEXTS:
+      raise ValueError(f'data.span_text={self.span_text!r}: expected one of {SPAN_TEXTS}.')
     if not 0.0 <= self.filler_prob <= 1.0:
       raise ValueError(f'data.filler_prob={self.filler_prob} must be in [0, 1].')
     if self.max_filler < 1 and self.filler_prob > 0:
@@ -126,6 +143,33 @@ def record_texts(record: dict) -> tuple[str, str, str]:
   return record['question'].strip() + '\n', steps, record['answer'].strip()
 
 
+def answer_digits(answer: str, where: str = 'the answer') -> str:
+  """`'632'` -> `'2 3 6'`: the digits of an integer answer, least significant first (`data.span_text =
+  'answer_digits'`)."""
+  text = answer.strip()
+  if not text.isdigit() or not text.isascii():
+    raise ValueError(f'data.span_text="answer_digits" needs non-negative integer answers; {where} is {answer!r}. '
+                     'Use data.span_text="steps" for this dataset.')
+  return ' '.join(reversed(text))
+
+
+def column_digits(steps: Sequence[str], where: str = 'the record') -> str:
+  """Generated addition steps (`7+5=12 write 2 carry 1`, ..., `carry 1 write 1`) -> `'7 5 2 ... 1'`: per column
+  the two operand digits and the digit written, then the final carry (`data.span_text = 'column_digits'`)."""
+  digits = []
+  for i, step in enumerate(steps):
+    column, carry = _COLUMN_STEP.fullmatch(step.strip()), _CARRY_STEP.fullmatch(step.strip())
+    if column:
+      digits += column.groups()
+    elif carry and i == len(steps) - 1:
+      digits.append(carry.group(1))
+    else:
+      raise ValueError(f'data.span_text="column_digits" needs the steps of generated addition ("7+5=12 write 2 carry '
+                       f'1", ..., "carry 1 write 1"); step {i} of {where} is {step!r}. Use data.span_text="steps" '
+                       'for this dataset.')
+  return ' '.join(digits)
+
+
 _GPT2_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -165,6 +209,14 @@ def model_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
   return [tokenizer.vocab.to_model(ids) for ids in gpt2_ids(tokenizer.hf, texts)]
 
 
+def digit_gpt2_ids(hf_tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+  """GPT-2 ids [n_i] int32 of each text with every digit its own token (` 12` -> ` 1`, `2`; the rest as GPT-2
+  encodes it). Decoding gives the text back unchanged."""
+  pieces = [_DIGIT_PIECES.findall(t) for t in texts]
+  ids = iter(gpt2_ids(hf_tokenizer, [p for ps in pieces for p in ps]))
+  return [np.concatenate([next(ids) for _ in ps]).astype(np.int32) if ps else np.zeros(0, np.int32) for ps in pieces]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 1
 
@@ -186,10 +238,18 @@ def encode_stage1(records: Sequence[dict], tokenizer: Tokenizer, cfg) -> Encoded
   """Encodes the records and drops those that do not fit `cfg` (logged; ValueError when none fits)."""
   cfg = SampleConfig.from_config(cfg)
   texts = [record_texts(r) for r in records]
+  if cfg.span == 'cot' and cfg.span_text == 'answer_digits':
+    texts = [(q, answer_digits(a, f'record {i}\'s answer'), a) for i, (q, _, a) in enumerate(texts)]
+  elif cfg.span == 'cot' and cfg.span_text == 'column_digits':
+    texts = [(q, column_digits(r['steps'], f'record {i}'), a) for i, (r, (q, _, a)) in enumerate(zip(records, texts))]
+  encode = model_ids
+  if cfg.digit_tokens:
+    def encode(tok, ts):
+      return [tok.vocab.to_model(ids) for ids in digit_gpt2_ids(tok.hf, ts)]
   prompts = model_ids(tokenizer, [t[0] for t in texts])
-  answers = model_ids(tokenizer, [t[2] for t in texts])
+  answers = encode(tokenizer, [t[2] for t in texts])
   empty = np.zeros(0, np.int32)
-  spans = model_ids(tokenizer, [t[1] for t in texts]) if cfg.span == 'cot' else [empty] * len(texts)
+  spans = encode(tokenizer, [t[1] for t in texts]) if cfg.span == 'cot' else [empty] * len(texts)
   completion_lens = [3 + len(s) + cfg.longest_filler + len(a) for s, a in zip(spans, answers)]
   keep = [i for i in range(len(texts))
           if len(prompts[i]) <= cfg.max_prompt_len and completion_lens[i] <= cfg.max_completion_len]
