@@ -6,12 +6,12 @@ thought; 'icot': stepwise internalization, `coconut.icot_*`; 'dtt': this project
 GRPO, with the same model and data; tiny scale only).
 
 Tiny scale (default; the study of docs/study.md): GPT-2 with 2 layers from scratch on CPU, "epochs" of
-`coconut.steps_per_epoch` = 25 steps (100 for addition and ProsQA-mini), one per stage, lr 1e-3. Datasets:
+`coconut.steps_per_epoch` = 25 steps (100 for addition, 400 for ProsQA-mini), one per stage, lr 1e-3. Datasets:
 'prontoqa', 'prosqa', 'addition' (2 digits), 'addition2' | 'addition3' | 'addition4' (seed 002's carry steps at
 exactly 2, 3 or 4 digits, K = digits + 1), 'prosqa_mini' (ProsQA's generator on graphs of at most
-`generators.PROSQA_MINI_NODES` nodes, answer paths of 2 or more steps). The generated ones have disjoint train /
-valid / test splits. iCoT removes one CoT token every `removal_interval` steps, chosen so that the longest CoT of
-the training records (`ICOT_LONGEST`) is gone when the final stage of the others starts.
+`generators.PROSQA_MINI_NODES` = 8 nodes, answer paths of 2 or more steps, K = 3: 2000 steps). The generated ones
+have disjoint train / valid / test splits. iCoT removes one CoT token every `removal_interval` steps, chosen so
+that the longest CoT of the training records (`ICOT_LONGEST`) is gone when the final stage of the others starts.
 
     python -m dtt_jax.main --config=configs/coconut.py:prontoqa,coconut --workdir=runs/prontoqa_coconut
 
@@ -42,7 +42,7 @@ METHODS = ('coconut', 'coconut_no_curriculum', 'coconut_no_thought', 'pause_as_t
 STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # start at `start_epoch` (GSM8K: 3)
 # Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
 ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
-                'prosqa_mini': 56}
+                'prosqa_mini': 55}
 # Official args/<dataset>_coconut.yaml (and run.py's max_new_tokens); prompt / completion lengths cover the data.
 PAPER = {
     'prontoqa': dict(c_thoughts=1, max_stage=6, epochs_per_stage=5, num_epochs=50, start_epoch=0,
@@ -120,11 +120,11 @@ def _tiny(dataset: str, method: str):
     c.model.n_positions = 640
     c.data.max_prompt_len, c.data.max_completion_len = 528, 96
     c.coconut.c_thoughts, c.coconut.max_stage = 1, 6
-  elif dataset == 'prosqa_mini':  # 2-5 steps (mostly 2-3) of ~8 tokens; questions of ~100 tokens (at most ~220)
+  elif dataset == 'prosqa_mini':  # 2-5 steps (83% 2) of ~10 tokens; questions of ~71 tokens (0.1% over 128)
     c.dataset.train_size = 20000
-    c.model.n_positions = 288
-    c.data.max_prompt_len, c.data.max_completion_len = 192, 72
-    c.coconut.c_thoughts, c.coconut.max_stage = 1, 4
+    c.model.n_positions = 208
+    c.data.max_prompt_len, c.data.max_completion_len = 128, 72
+    c.coconut.c_thoughts, c.coconut.max_stage = 1, 3
   else:  # addition, seed 002, at n digits (addition: 2): stage 0 text CoT, then 1 to n + 1 steps latent
     digits = int(dataset[len('addition'):] or 2)
     c.dataset.name = 'addition'
@@ -140,13 +140,14 @@ def _tiny(dataset: str, method: str):
   c.grpo.max_think = 0 if method != 'dtt' else 128
   # Budget: "epochs" of 25 steps, one per stage: stages 0-6 then the final one (all latent) for ProntoQA / ProsQA,
   # 200 steps of 32 examples (0.7 passes over 9000 records); addition at n digits: stages 0..n+1 and the final one
-  # of 100 steps each; ProsQA-mini: stages 0-4 and the final one of 100 steps (600 steps, ~1 pass over 20000).
+  # of 100 steps each; ProsQA-mini: stages 0-3 and the final one of 400 steps (2000 steps, 3.2 passes over 20000
+  # records: CoT reaches ~69% exact there, ~20% at 600 steps with N = 10; docs/study.md).
   c.coconut.epochs_per_stage = 1
-  c.coconut.steps_per_epoch = 25 if dataset in ('prontoqa', 'prosqa') else 100
+  c.coconut.steps_per_epoch = {'prontoqa': 25, 'prosqa': 25, 'prosqa_mini': 400}.get(dataset, 100)
   # iCoT: one token every `interval` steps, so that the longest CoT is gone at the final stage's first step
   interval = max(1, (c.coconut.max_stage + 1) * c.coconut.steps_per_epoch // ICOT_LONGEST[dataset])
   c.coconut.icot_delta = c.coconut.steps_per_epoch / interval
-  c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100
+  c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100 if dataset != 'prosqa_mini' else 200
   c.grpo.steps = 20
   c.grpo.prompts_per_step = 8
   c.grpo.lr = 1e-4

@@ -205,23 +205,23 @@ def test_prosqa_mini_splits_are_disjoint_and_deterministic():
 
 
 def test_prosqa_mini_statistics_are_as_configured():
-  """Graphs of at most N = 10 nodes (8.6 on average after isolated nodes are dropped, 9.5 edges), answers at least
-  2 steps away (2.3 on average, the steps a shortest path), both options leaves; records with 3 steps or more pass
+  """Graphs of at most N = 8 nodes (7.1 on average after isolated nodes are dropped, 6.7 edges), answers at least
+  2 steps away (2.2 on average, the steps a shortest path), both options leaves; records with 3 steps or more pass
   the full ProsQA format check. Other sizes are honoured (N = 14, paths >= 3)."""
   records = generators.generate_prosqa_mini(400, seed=0)
   stats = generators.prosqa_statistics(records)
-  assert stats == pytest.approx({'nodes': 8.6, 'edges': 9.5, 'shortest_path': 2.33, 'num_shortest_paths': 1.23},
+  assert stats == pytest.approx({'nodes': 7.1, 'edges': 6.7, 'shortest_path': 2.18, 'num_shortest_paths': 1.17},
                                 abs=0.25)
   steps = collections.Counter(len(r['steps']) for r in records)
-  assert min(steps) == generators.PROSQA_MINI_MIN_PATH == 2 and steps[2] > 200 and steps[3] > 60
+  assert min(steps) == generators.PROSQA_MINI_MIN_PATH == 2 and steps[2] > 280 and steps[3] > 30
   for r in records:
-    assert len(r['idx_to_symbol']) <= generators.PROSQA_MINI_NODES == 10
+    assert len(r['idx_to_symbol']) <= generators.PROSQA_MINI_NODES == 8
     dist = _shortest_paths(r)
     assert len(r['steps']) == dist[r['target']] >= 2 and r['neg_target'] not in dist
     if len(r['steps']) >= 3:
       check_prosqa_format(r)
   larger = generators.generate_prosqa_mini(100, seed=0, num_nodes=14, min_path=3)
-  assert max(len(r['idx_to_symbol']) for r in larger) > 10 and min(len(r['steps']) for r in larger) >= 3
+  assert max(len(r['idx_to_symbol']) for r in larger) > 8 and min(len(r['steps']) for r in larger) >= 3
   for r in larger:
     check_prosqa_format(r)
   with pytest.raises(ValueError, match='almost never have an answer 9 steps away'):
