@@ -24,7 +24,7 @@ def test_config_is_valid(name):
     ('model.vocab', 'small', "config.model.vocab='small'"),
     ('bootstrap.batch_size', 0, 'config.bootstrap.batch_size=0 must be positive'),
     ('model.dropout', 0.1, "config.model.dropout=0.1 applies only to the COCONUT methods (coconut, pause_as_thought, "
-                           "cot, no_cot, pause): set it to 0 for config.method='dtt'"),
+                           "cot, no_cot, pause, coconut_no_thought, icot): set it to 0 for config.method='dtt'"),
 ])
 def test_bad_values_are_named(key, value, message):
   config = importlib.import_module('configs.quickstart').get_config()

@@ -36,8 +36,15 @@ def test_size_takes_the_first_distinct_records_and_valid_is_the_runs_own():
   assert name == 'valid' and [r['question'] for r in records] == ['12 + 34 =', '56 + 78 =', '90 + 11 =']
   _, records = heldout.eval_records(_config(split='valid', size=2), valid)
   assert [r['question'] for r in records] == ['12 + 34 =', '56 + 78 =']
-  _, sampled = heldout.eval_records(_config(split='test', size=5), valid)
-  assert len(sampled) == 5 and all(generators.addition_split(r['question']) == 'test' for r in sampled)
+  # Generated addition with a size: that many distinct problems of the enumerated test bucket, the same every run.
+  _, bucket = heldout.eval_records(_config(split='test'), valid)
+  _, sampled = heldout.eval_records(_config(split='test', size=16), valid)
+  questions = [r['question'] for r in sampled]
+  assert len(set(questions)) == 16 and set(questions) <= {r['question'] for r in bucket}
+  assert questions != [r['question'] for r in bucket[:16]]  # a sample of the bucket, not its first problems
+  other_seed = _config(split='test', size=16)
+  other_seed.seed = 3
+  assert [r['question'] for r in heldout.eval_records(other_seed, valid)[1]] == questions
 
 
 def test_path_is_evaluated_and_names_the_output(tmp_path):

@@ -267,7 +267,7 @@ def test_grpo_with_lora_from_a_full_bootstrap(tmp_path):
   assert {k for k in moved if labels[k] == 'base'} == set()
   metrics = pipeline.run_eval(exp)
   assert 0.0 <= metrics['structure_rate'] <= 1.0
-  with open(f'{lora_dir}/eval/metrics.json') as f:
+  with open(f'{lora_dir}/eval/test/grpo/metrics.json') as f:
     assert '"stage": "grpo"' in f.read()
   plain = dataclasses.replace(exp, config=_tiny_config())
   with pytest.raises(ValueError, match=r'holds LoRA adapters \(rank 4 on .*\) but config.lora gives \(none\)'):

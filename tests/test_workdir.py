@@ -74,7 +74,7 @@ def test_changed_model_stops_at_once_and_move_aside_keeps_the_old_run(finished, 
 
   proc = _run(workdir, *BOOT, '--config.model.n_embd=64', '--config.on_config_change=move_aside')
   moved = [d for d in os.listdir(workdir) if d.startswith('moved-')]
-  assert len(moved) == 1 and 'moved bootstrap, vocab.json, config.json to' in proc.stderr
+  assert len(moved) == 1 and 'moved bootstrap, eval, vocab.json, config.json to' in proc.stderr
   assert _ckpts(os.path.join(workdir, moved[0])) == ['2', '4']  # the old run, whole
   _, state = _final_state(workdir)
   assert state['params']['gpt2']['wte']['embedding'].shape[1] == 64
@@ -187,13 +187,20 @@ def test_evaluation_interrupted_reruns_to_the_same_report(finished, tmp_path):
     _wait_for(marker.exists, proc)
     proc.send_signal(sig)
     proc.wait()
-    assert proc.returncode != 0 and not os.path.exists(os.path.join(workdir, 'eval', 'metrics.json'))
+    assert proc.returncode != 0 and not _eval_reports(workdir)
     marker.unlink()
   _run(workdir, stage='eval')
   reference = _copy(finished, tmp_path, 'reference')
   _run(reference, stage='eval')
-  assert (json.load(open(os.path.join(workdir, 'eval', 'metrics.json'))) ==
-          json.load(open(os.path.join(reference, 'eval', 'metrics.json'))))
+  reports = _eval_reports(workdir)
+  assert list(reports) == ['test/bootstrap/metrics.json'] and reports == _eval_reports(reference)
+
+
+def _eval_reports(workdir) -> dict[str, dict]:
+  """{path under eval/: content} of every metrics.json the eval stage wrote."""
+  root = os.path.join(workdir, 'eval')
+  return {os.path.relpath(os.path.join(d, 'metrics.json'), root): json.load(open(os.path.join(d, 'metrics.json')))
+          for d, _, files in sorted(os.walk(root)) if 'metrics.json' in files}
 
 
 def test_kill_9_while_a_checkpoint_is_written_reruns_to_identical_params(tmp_path):

@@ -10,7 +10,7 @@ Rules, per dataset (`normalize_answer` gives the canonical value, None when the 
   `.` (so `5-3` reads 3, `is -5` reads -5). No scientific notation (`1e400` reads 400), no `nan`/`inf`, no
   fractions (`1/2` reads 2). Values are exact `Decimal`s; a match is `|p - r| <= 1e-4 * max(|p|, |r|)` (SPEC §8).
   The tolerance is relative, so above 10^4 an integer off by one matches (448001 vs 448000).
-* prosqa: the sentence lowercased, whitespace collapsed, trailing periods removed; match is string equality
+* prosqa, prosqa_mini: the sentence lowercased, whitespace collapsed, trailing periods removed; match is string equality
   (`tom  is a Wumpus` matches `Tom is a wumpus.`).
 * prontoqa: the first word, punctuation around it removed, case-insensitive: `true` -> True, `false` -> False,
   anything else -> None (`True, because ...` is True; `not true` is None).
@@ -31,7 +31,7 @@ from decimal import Decimal
 
 from dtt_jax.tokens import EOS, EOT
 
-DATASETS = ('gsm8k', 'prosqa', 'prontoqa', 'addition')
+DATASETS = ('gsm8k', 'prosqa', 'prontoqa', 'addition', 'prosqa_mini')
 MATCHES = ('exact', 'lenient')  # `match_answer` rules
 GSM8K_RELATIVE_TOLERANCE = Decimal('1e-4')
 
@@ -90,7 +90,8 @@ def _true_false(text: str) -> bool | None:
   return {'true': True, 'false': False}.get(word)
 
 
-_NORMALIZERS = {'gsm8k': _last_number, 'prosqa': _sentence, 'prontoqa': _true_false, 'addition': _integer}
+_NORMALIZERS = {'gsm8k': _last_number, 'prosqa': _sentence, 'prontoqa': _true_false, 'addition': _integer,
+                'prosqa_mini': _sentence}
 
 
 def normalize_answer(dataset: str, text: str | None) -> Decimal | str | bool | None:

@@ -1,9 +1,10 @@
 """What the eval stage reads and where it writes (`config.eval`).
 
 * Records: `eval.path` (a file in the dataset's formats; reports named after the file), else `eval.split`: 'valid'
-  (the validation records the run trained beside) or 'test' (the dataset's test file; for generated addition with
-  `eval.size = 0`, every problem of the test bucket at the configured digit counts, enumerated in order). Repeated
-  questions are dropped (the first is kept), then the first `eval.size` records are taken (0: all).
+  (the validation records the run trained beside) or 'test' (the dataset's test file; for generated addition, every
+  problem of the test bucket at the configured digit counts, enumerated in order, or with `eval.size` a fixed random
+  sample of them; beyond 3 digits `eval.size` problems generated from the bucket). Repeated questions are dropped
+  (the first is kept), then the first `eval.size` records are taken (0: all).
 * Reports: `<workdir>/eval/<split or file name>/<stage>/` (`report.write_report`). Every row carries the example's
   `id` (a hash of its question, `compare.example_id`), the `stage`, the checkpoint `step`, the `split` and a hash of
   the config, so rows of two runs join by id (`python -m dtt_jax.eval.compare`).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 
 from dtt_jax import data as data_lib
 from dtt_jax.data import generators
@@ -38,8 +40,10 @@ def eval_records(config, valid: list[dict]) -> tuple[str, list[dict]]:
     name, records = os.path.splitext(os.path.basename(e.path))[0], data_lib.read_file(e.path, d.name)
   elif e.split == 'valid':
     name, records = 'valid', valid
-  elif d.name == 'addition' and not e.size:
+  elif d.name == 'addition' and (not e.size or _addition_problems(d.min_digits, d.max_digits) <= MAX_SCANNED):
     name, records = 'test', enumerate_addition('test', d.min_digits, d.max_digits)
+    if e.size:  # the same sample of the bucket for every run and seed
+      records = random.Random(0).sample(records, min(e.size, len(records)))
   else:
     name = 'test'
     records = data_lib.get_dataset(d.name, 'test', d.get('test_path') or None, data_dir=d.get('data_dir') or None,
@@ -52,9 +56,14 @@ def eval_records(config, valid: list[dict]) -> tuple[str, list[dict]]:
   return name, distinct[:e.size] if e.size else distinct
 
 
+def _addition_problems(min_digits: int, max_digits: int) -> int:
+  """Problems (all splits) whose operands both have n digits, n in [min_digits, max_digits]."""
+  return sum((10 ** n - (10 ** (n - 1) if n > 1 else 0)) ** 2 for n in range(min_digits, max_digits + 1))
+
+
 def enumerate_addition(split: str, min_digits: int, max_digits: int) -> list[dict]:
   """Every addition problem of `split` whose operands both have n digits, n in [min_digits, max_digits]."""
-  total = sum((10 ** n - (10 ** (n - 1) if n > 1 else 0)) ** 2 for n in range(min_digits, max_digits + 1))
+  total = _addition_problems(min_digits, max_digits)
   if total > MAX_SCANNED:
     raise ValueError(f'The addition {split} bucket at {min_digits}-{max_digits} digits holds about '
                      f'{total // 20:,} problems, too many to enumerate: set config.eval.size to sample that many.')

@@ -113,6 +113,7 @@ def plot_curves(curves: dict, path: str) -> None:
         ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes, color='gray')
       ax.set_title(f'{stage}: {title}', fontsize=10)
       ax.set_xlabel('step')
+      ax.ticklabel_format(axis='y', useOffset=False)  # a flat curve reads as its value, not as 1e-6 + offset
       ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=80)

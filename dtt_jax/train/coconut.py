@@ -257,9 +257,11 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
     raise ValueError(f'config.coconut.start_epoch={cfg.start_epoch} skips the first stages (stage 0 is CoT): set '
                      'config.init_from to the workdir of a run that trained them (e.g. --config.method=cot), or set '
                      'config.coconut.start_epoch=0.')
-  if (c.eval.split == 'test' or c.eval.path) and c.model.vocab != 'full' and c.dataset.name != 'addition':
+  generated = c.dataset.name in ('addition', 'prosqa_mini')
+  if (c.eval.split == 'test' or c.eval.path) and c.model.vocab != 'full' and not generated:
     raise ValueError('config.eval.split="test" (or config.eval.path) needs config.model.vocab="full" (the compact '
-                     'vocabulary is built from the train and valid records only).')
+                     'vocabulary is built from the train and valid records only; the generated addition and prosqa_mini '
+                     'share theirs across splits).')
   ids = types.SimpleNamespace(bot=0, eot=0, latent=0, pause=0)  # only the head's length matters here
   longest_head = len(coconut_data.head_tokens(c.method, cfg.max_stage + 1, cfg, ids))
   need = c.data.max_prompt_len + max(c.data.max_completion_len, longest_head + c.generate.max_new_tokens)
