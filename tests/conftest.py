@@ -1,11 +1,20 @@
 """Shared test setup: 4 CPU devices for sharding tests, and the path of ../shared/data."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# One XLA compilation cache for the session and the CLI subprocesses it starts (they compile the same tiny programs
+# many times: the workdir tests run ~30 of them). Compiled code is keyed by the program, so results are unchanged.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='dtt_jax_test_xla_cache_'))
+atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 

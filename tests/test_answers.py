@@ -86,6 +86,7 @@ def test_gsm8k_numeric_match_with_relative_tolerance(predicted, reference, match
 ])
 def test_prosqa_normalised_sentence_match(predicted, match):
   assert check_answer('prosqa', predicted, 'Tom is a wumpus.') is match
+  assert check_answer('prosqa_mini', predicted, 'Tom is a wumpus.') is match  # the generated ProsQA: the same rule
 
 
 @pytest.mark.parametrize('predicted, reference, match', [

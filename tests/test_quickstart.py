@@ -1,5 +1,6 @@
 """The README's main job (configs/quickstart.py) end to end at reduced steps through the real CLI: it ends with the
-summary (one line per stage and per evaluation) and writes the training curves; the summary's robustness to stages
+summary (one line per stage and per evaluation), writes the training curves, the evaluation reports and the logs,
+and its workdir exports to a transformers model; the summary's robustness to stages
 that did not run; the quickstart's data options (column digits or the answer's digits as the span, one token per
 digit)."""
 
@@ -13,6 +14,7 @@ import pytest
 
 from dtt_jax.eval import summary
 from tests.conftest import PROJECT_ROOT
+from tests.test_main import _env, _has_wandb
 
 REDUCED = [
     '--config.dataset.train_size=400', '--config.dataset.valid_size=16', '--config.eval.size=16',
@@ -24,12 +26,12 @@ REDUCED = [
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-def test_quickstart_end_to_end_writes_summary_and_curves(tmp_path):
+def test_quickstart_end_to_end_writes_summary_curves_reports_and_exports(tmp_path):
   workdir = tmp_path / 'quickstart'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  wandb = ('--config.wandb.enabled=true',) if _has_wandb() else ()
   proc = subprocess.run([sys.executable, '-m', 'dtt_jax.main', '--config=configs/quickstart.py',
-                         f'--workdir={workdir}', *REDUCED], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+                         f'--workdir={workdir}', *REDUCED, *wandb], cwd=PROJECT_ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   text = (workdir / summary.SUMMARY).read_text()
   assert text in proc.stdout  # printed at the end of the run
@@ -48,6 +50,35 @@ def test_quickstart_end_to_end_writes_summary_and_curves(tmp_path):
   png = workdir / 'eval' / summary.CURVES
   assert lines[-1] == f'curves: {png}'
   assert png.read_bytes()[:8] == PNG_MAGIC
+
+  for stage in ('bootstrap', 'grpo'):  # each trained stage, on 16 problems of the test split (config.eval)
+    out_dir = workdir / 'eval' / 'test' / stage
+    metrics = json.loads((out_dir / 'metrics.json').read_text())
+    for key in ('accuracy', 'structure_rate', 'reasoning_tokens', 'reward_structure', 'reward_correctness',
+                'reward_efficiency', 'reward_gate', 'gate_inner_mean', 'gate_outer_std', 'gate_outer_max'):
+      assert key in metrics
+    assert metrics['stage'] == stage and metrics['num_examples'] == 16 and metrics['split'] == 'test'
+    assert metrics['step'] == (6 if stage == 'bootstrap' else 2) or 'best by' in metrics['checkpoint']
+    rows = [json.loads(line) for line in open(out_dir / 'completions.jsonl')]
+    assert len(rows) == 16 and {'id', 'question', 'completion', 'correct', 'generated_tokens', 'reasoning_tokens',
+                                'gates', 'tokens', 'latent_lens', 'stage', 'step', 'config'} <= set(rows[0])
+    assert rows[0]['stage'] == stage and len(rows[0]['tokens']) == len(rows[0]['gates'])
+    for name in ('completions.csv', 'gate_histogram.png', 'reasoning_lengths.png', 'gates_over_tokens.png'):
+      assert (out_dir / name).stat().st_size > 0
+  logged = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert any('bootstrap/loss' in r for r in logged) and any('grpo/valid/reward' in r for r in logged)
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir / 'tensorboard'))
+  if wandb:  # offline run directory with the logged history
+    assert any(d.startswith('offline-run-') for d in os.listdir(workdir / 'wandb'))
+
+  out = tmp_path / 'hf'
+  proc = subprocess.run([sys.executable, '-m', 'dtt_jax.export', f'--workdir={workdir}', f'--out={out}'],
+                        cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert {'config.json', 'model.safetensors', 'dtt_head.safetensors', 'dtt_vocab.json'} <= set(os.listdir(out))
+  transformers = pytest.importorskip('transformers')
+  model = transformers.GPT2LMHeadModel.from_pretrained(out)
+  assert model.config.vocab_size == len(json.loads((out / 'dtt_vocab.json').read_text())['gpt2_ids'])
 
 
 def _write_metrics(workdir, records):

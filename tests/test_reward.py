@@ -210,7 +210,7 @@ def fuzz_batch(rng, n, t, vocab, dataset):
   special = np.array([vocab.bot, vocab.eot, vocab.eos, vocab.latent, vocab.pause])
   toks = np.where(rng.random((n, t)) < 0.3, rng.choice(special, (n, t)), rng.integers(0, vocab.num_tokens, (n, t)))
   refs = {'gsm8k': ['42', '1,000', '-7', '0.5'], 'prosqa': ['Tom is a wumpus.'], 'prontoqa': ['True', 'False'],
-          'addition': ['42', '1234']}[dataset]
+          'addition': ['42', '1234'], 'prosqa_mini': ['Tom is a wumpus.']}[dataset]
   references = [str(rng.choice(refs)) for _ in range(n)]
   texts = []
   for i in range(n):

@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from tests.test_main import TINY, _cmd, _env, _final_state, _metric_lines, _run, _wait_for
+from tests.test_main import _cmd, _env, _final_state, _metric_lines, _run, _wait_for
 
 BOOT = ('--config.bootstrap.steps=4', '--config.bootstrap.eval_every=2', '--config.bootstrap.checkpoint_every=2')
 GRPO = ('--config.grpo.steps=4', '--config.grpo.prompts_per_step=2', '--config.grpo.num_generations=2',

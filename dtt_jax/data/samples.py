@@ -242,10 +242,10 @@ def encode_stage1(records: Sequence[dict], tokenizer: Tokenizer, cfg) -> Encoded
     texts = [(q, answer_digits(a, f'record {i}\'s answer'), a) for i, (q, _, a) in enumerate(texts)]
   elif cfg.span == 'cot' and cfg.span_text == 'column_digits':
     texts = [(q, column_digits(r['steps'], f'record {i}'), a) for i, (r, (q, _, a)) in enumerate(zip(records, texts))]
-  encode = model_ids
-  if cfg.digit_tokens:
-    def encode(tok, ts):
-      return [tok.vocab.to_model(ids) for ids in digit_gpt2_ids(tok.hf, ts)]
+  def encode(tok, ts):  # the span and the answer: one token per digit with data.digit_tokens
+    if not cfg.digit_tokens:
+      return model_ids(tok, ts)
+    return [tok.vocab.to_model(ids) for ids in digit_gpt2_ids(tok.hf, ts)]
   prompts = model_ids(tokenizer, [t[0] for t in texts])
   answers = encode(tokenizer, [t[2] for t in texts])
   empty = np.zeros(0, np.int32)
