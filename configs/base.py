@@ -39,13 +39,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.max_digits = 4
 
   c.model = ml_collections.ConfigDict()
-  c.model.init = 'scratch'  # 'scratch', a hub name ('gpt2') or a local HF GPT-2 directory
+  # 'scratch', a hub name ('gpt2') or a local HF directory (GPT-2, Llama or Qwen2: the family from its config.json;
+  # the run's tokenizer is GPT-2's, so a Llama-family checkpoint must have GPT-2's token rows)
+  c.model.init = 'scratch'
+  c.model.family = 'gpt2'  # init='scratch' only: 'gpt2' | 'llama' | 'qwen2' (Llama + q/k/v biases); model/llama.py
   c.model.vocab = 'compact'  # 'compact' (ids used by the data + specials; for scratch models) | 'full'
   c.model.tokenizer = ''  # '' = ../shared/data/gpt2_tokenizer if present, else the hub 'gpt2'
   c.model.n_layer = 2
   c.model.n_embd = 128
   c.model.n_head = 4
   c.model.n_positions = 256
+  # Scratch Llama / Qwen2 only (head_dim = n_embd / n_head, RMSNorm, RoPE, SwiGLU MLP):
+  c.model.n_kv_head = 0  # key/value heads, a divisor of n_head (grouped-query attention); 0: n_head
+  c.model.intermediate_size = 0  # SwiGLU MLP width; 0: 4 * n_embd
+  c.model.rope_theta = 10000.0
+  c.model.tie_word_embeddings = True  # False: a separate output layer `lm_head` (GPT-2 is always tied)
   c.model.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators
   c.model.gate_bias_init = -4.0  # gate sigmoid(-4 / tau) starts near 0 (0.12 at tau0 = 2, 0.02 at tau = 1)
   c.model.use_projection = False

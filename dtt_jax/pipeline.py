@@ -34,7 +34,7 @@ from dtt_jax.eval import heldout
 from dtt_jax.eval import report
 from dtt_jax.eval import summary
 from dtt_jax.metrics import MetricWriter
-from dtt_jax.model import build_model, lora
+from dtt_jax.model import FAMILIES, build_model, lora
 from dtt_jax.model import dtt as dtt_lib
 from dtt_jax.rl import grpo, rollout
 from dtt_jax.data import coconut as coconut_data
@@ -82,6 +82,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
                      f'({", ".join(coconut_data.METHODS)}): set it to 0 for config.method={c.method!r}.')
   expect('dataset.name', c.dataset.name, data_lib.DATASETS)
   expect('model.vocab', c.model.vocab, ('compact', 'full'))
+  expect('model.family', c.model.get('family', 'gpt2'), FAMILIES)  # runs from before the key: GPT-2
+  if c.model.init == 'scratch' and c.model.get('family', 'gpt2') != 'gpt2':
+    _check_llama_sizes(c.model)
   expect('data.span', c.data.span, ('none', 'cot'))
   if c.model.vocab == 'compact' and c.model.init != 'scratch':
     raise ValueError('config.model.vocab="compact" only works with config.model.init="scratch" (a pretrained model '
@@ -104,6 +107,21 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.bootstrap.batch_size={c.bootstrap.batch_size} must be divisible by '
                      f'config.bootstrap.microbatches={c.bootstrap.microbatches}.')
   grpo.check_config(c.grpo)  # raises on bad GRPO values (loss_agg, gate_as_action without gate_noise, ...)
+
+
+def _check_llama_sizes(m) -> None:
+  """The sizes of a scratch Llama / Qwen2 (`config.model`), each error naming its key."""
+  if m.n_embd % m.n_head or (m.n_embd // m.n_head) % 2:
+    raise ValueError(f'config.model.n_embd={m.n_embd} / config.model.n_head={m.n_head}: expected an even integer '
+                     '(the head dimension, rotated in pairs by RoPE).')
+  if m.n_kv_head < 0 or (m.n_kv_head and m.n_head % m.n_kv_head):
+    raise ValueError(f'config.model.n_kv_head={m.n_kv_head}: expected 0 (= n_head) or a divisor of '
+                     f'config.model.n_head={m.n_head}.')
+  if m.intermediate_size < 0:
+    raise ValueError(f'config.model.intermediate_size={m.intermediate_size}: expected 0 (= 4 * n_embd) or a '
+                     'positive width.')
+  if m.rope_theta <= 0:
+    raise ValueError(f'config.model.rope_theta={m.rope_theta} must be > 0.')
 
 
 def is_coconut(c) -> bool:

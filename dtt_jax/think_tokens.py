@@ -61,7 +61,8 @@ from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.data import samples as samples_lib
 from dtt_jax.eval import heldout
 from dtt_jax.metrics import MetricWriter
-from dtt_jax.model import hf_io, output_layer
+from dtt_jax.model import hf_io, output_layer, trunk_config
+from dtt_jax.model.dtt import build_trunk
 from dtt_jax.model.gpt2 import GPT2, NEG_INF, GPT2Config, KVCache, causal_bias, positions_from_mask
 from dtt_jax.rl import grpo
 from dtt_jax.sampling.sampler import SamplingConfig, sample
@@ -255,19 +256,17 @@ def lm_iterator(texts: Texts, batch_size: int, seed: int = 0, process_index: int
 
 
 def build_teacher(c, vocab) -> GPT2:
-  """A GPT-2 without thinking rows from `config.model`: fresh ('scratch') or pretrained weights."""
+  """A trunk (either family) without thinking rows from `config.model`: fresh ('scratch') or pretrained weights."""
   m = c.model
   if m.init == 'scratch':
-    cfg = GPT2Config(vocab_rows=vocab.num_rows, num_tokens=vocab.num_tokens, n_positions=m.n_positions,
-                     n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head, dtype=m.dtype)
-    return GPT2(cfg, rngs=nnx.Rngs(c.seed))
-  return hf_io.load_pretrained(m.init, vocab=vocab, dtype=m.dtype, seed=c.seed)
+    return build_trunk(trunk_config(m, vocab), nnx.Rngs(c.seed))
+  return hf_io.load_model(m.init, vocab=vocab, dtype=m.dtype, seed=c.seed)
 
 
 def build_policy(teacher_cfg: GPT2Config, teacher_params, num_tokens: int, seed: int, think_bias: float = 0.0):
   """-> (graphdef, params) of the teacher with `num_tokens` fresh thinking rows (normal(0.02)); think_bias set to
   `think_bias`. Every other parameter is the teacher's."""
-  model = GPT2(dataclasses.replace(teacher_cfg, extra_tokens=num_tokens), rngs=nnx.Rngs(seed))
+  model = build_trunk(dataclasses.replace(teacher_cfg, extra_tokens=num_tokens), nnx.Rngs(seed))
   graphdef, params = state_lib.split_model(model)
   rows = {k: params[k] for k in ROWS}
   rows['think_bias'] = jnp.full((num_tokens,), think_bias, jnp.float32)

@@ -1,8 +1,15 @@
-"""GPT-2 (`gpt2.py`), HF checkpoint I/O (`hf_io.py`), the DTT gate module (`dtt.py`) and LoRA (`lora.py`)."""
+"""The trunk families GPT-2 (`gpt2.py`) and Llama / Qwen2 (`llama.py`) behind one interface, HF checkpoint I/O
+(`hf_io.py`), the DTT gate module (`dtt.py`) and LoRA (`lora.py`).
+
+The family of a model: `config.model.family` for a fresh one (`init='scratch'`), the checkpoint's `config.json`
+(`model_type`) for pretrained weights. Either way the trunk sits in `DTTModel.gpt2` (the attribute's name is part
+of every checkpoint's parameter paths) and reports its family as `cfg.family`.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 
 from flax import nnx
 
@@ -10,27 +17,54 @@ from dtt_jax import tokens
 from dtt_jax.model import hf_io, lora
 from dtt_jax.model.dtt import DTTConfig, DTTModel
 from dtt_jax.model.gpt2 import GPT2Config
+from dtt_jax.model.llama import LlamaConfig
 
 log = logging.getLogger(__name__)
 
+FAMILIES = ('gpt2', 'llama', 'qwen2')  # config.model.family
+
+
+def trunk_config(model_cfg, vocab: tokens.Vocab) -> GPT2Config | LlamaConfig:
+  """The config of a fresh trunk from `config.model` (family, sizes) rows for `vocab`. The Llama family: head_dim
+  n_embd / n_head, n_kv_head 0 = n_head, intermediate_size 0 = 4 n_embd; 'qwen2' adds the q/k/v biases."""
+  m = model_cfg
+  family = m.get('family', 'gpt2')  # runs from before the key: GPT-2
+  sizes = dict(vocab_rows=vocab.num_rows, num_tokens=vocab.num_tokens, n_positions=m.n_positions, n_embd=m.n_embd,
+               n_layer=m.n_layer, n_head=m.n_head, dtype=m.dtype)
+  if family == 'gpt2':
+    return GPT2Config(**sizes)
+  if family not in FAMILIES:
+    raise ValueError(f'config.model.family={family!r}: expected one of {", ".join(map(repr, FAMILIES))}.')
+  return LlamaConfig(**sizes, n_kv_head=m.n_kv_head or m.n_head, head_dim=m.n_embd // m.n_head,
+                     intermediate_size=m.intermediate_size or 4 * m.n_embd, rope_theta=float(m.rope_theta),
+                     tie_word_embeddings=bool(m.tie_word_embeddings), qkv_bias=family == 'qwen2', family=family)
+
+
+def configured_family(model_cfg) -> str | None:
+  """The family as far as the config tells without fetching anything: `config.model.family` for 'scratch', the
+  `config.json` of a local checkpoint directory, None for a hub name (known once `build_model` fetched it)."""
+  if model_cfg.init == 'scratch':
+    return model_cfg.get('family', 'gpt2')
+  if os.path.isdir(model_cfg.init):
+    return hf_io.model_family(hf_io.read_config_json(model_cfg.init))
+  return None
+
 
 def build_model(model_cfg, vocab: tokens.Vocab, seed: int = 0, lora_cfg=None) -> DTTModel:
-  """From the `config.model` section: a fresh GPT-2 ('scratch') or pretrained weights (hub name or local HF dir)
-  mapped into `vocab`, wrapped with the DTT gate (`model.gate`: 'dtt' or 'hrpo'). `lora_cfg` (the `config.lora`
-  section): with `enabled`, LoRA adapters on its target projections (then only adapters and gate train)."""
+  """From the `config.model` section: a fresh trunk of `model_cfg.family` ('scratch') or pretrained weights (hub
+  name or local HF dir, the family from its config.json) mapped into `vocab`, wrapped with the DTT gate
+  (`model.gate`: 'dtt' or 'hrpo'). `lora_cfg` (the `config.lora` section): with `enabled`, LoRA adapters on its
+  target projections (then only adapters and gate train)."""
   if model_cfg.init == 'scratch':
-    gpt2 = None
-    gpt2_cfg = GPT2Config(vocab_rows=vocab.num_rows, num_tokens=vocab.num_tokens, n_positions=model_cfg.n_positions,
-                          n_embd=model_cfg.n_embd, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-                          dtype=model_cfg.dtype)
+    trunk, trunk_cfg = None, trunk_config(model_cfg, vocab)
   else:
-    gpt2 = hf_io.load_pretrained(model_cfg.init, vocab=vocab, dtype=model_cfg.dtype, seed=seed)
-    gpt2_cfg = gpt2.cfg
+    trunk = hf_io.load_model(model_cfg.init, vocab=vocab, dtype=model_cfg.dtype, seed=seed)
+    trunk_cfg = trunk.cfg
   gate = model_cfg.get('gate', 'dtt')  # runs from before the HRPO gate have no key
   hrpo = dict(hrpo_c=model_cfg.hrpo_c, hrpo_a_init=tuple(model_cfg.hrpo_a_init)) if gate == 'hrpo' else {}
-  cfg = DTTConfig(gpt2_cfg, gate_bias_init=model_cfg.gate_bias_init, use_projection=model_cfg.use_projection,
+  cfg = DTTConfig(trunk_cfg, gate_bias_init=model_cfg.gate_bias_init, use_projection=model_cfg.use_projection,
                   gate=gate, **hrpo)
-  model = DTTModel(cfg, rngs=nnx.Rngs(seed), gpt2=gpt2)
+  model = DTTModel(cfg, rngs=nnx.Rngs(seed), gpt2=trunk)
   if lora_cfg is not None and lora_cfg.enabled:
     lora.apply_lora(model.gpt2, lora.LoRAConfig.from_config(lora_cfg), nnx.Rngs(seed + 1))
     counts = lora.count_params(nnx.state(model, nnx.Param))

@@ -1,4 +1,5 @@
-"""The DTT model: GPT-2 plus a gate that blends the previous hidden state into the next input (SPEC §3).
+"""The DTT model: a trunk (GPT-2 or Llama / Qwen2, `DTTModel.gpt2`) plus a gate that blends the previous hidden
+state into the next input (SPEC §3).
 
 `DTTConfig.gate` picks the gate (`config.model.gate`); both keep the interface
 `blended_input(prev_hidden, tokens, noise, tau, hard) -> (input [...,D], gate [...])` used by the engine, the
@@ -42,13 +43,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dtt_jax.model.gpt2 import GPT2, GPT2Config
+from dtt_jax.model.llama import Llama, LlamaConfig
 
 GATES = ('dtt', 'hrpo')
 
 
 @dataclasses.dataclass(frozen=True)
 class DTTConfig:
-  gpt2: GPT2Config = GPT2Config()
+  gpt2: GPT2Config | LlamaConfig = GPT2Config()  # the trunk (either family; the field keeps its historical name)
   gate_bias_init: float = -4.0  # sigmoid(-4 / tau): 0.12 at tau 2, 0.02 at tau 1: the gate starts near 0
   use_projection: bool = False
   gate: str = 'dtt'  # 'dtt' (Gumbel-sigmoid gate head) | 'hrpo' (HRPO's thinking-residual gate)
@@ -121,12 +123,18 @@ class HRPOGate(nnx.Module):
     return x.astype(token_embedding.dtype), jnp.mean(latent_weight, axis=-1)
 
 
+def build_trunk(cfg: GPT2Config | LlamaConfig, rngs: nnx.Rngs) -> GPT2 | Llama:
+  """A fresh trunk of the family of `cfg`."""
+  return (Llama if isinstance(cfg, LlamaConfig) else GPT2)(cfg, rngs=rngs)
+
+
 class DTTModel(nnx.Module):
 
-  def __init__(self, cfg: DTTConfig, *, rngs: nnx.Rngs, gpt2: GPT2 | None = None):
-    """`gpt2`: an existing trunk (e.g. from `hf_io.load_pretrained`); otherwise one is built from `cfg.gpt2`."""
+  def __init__(self, cfg: DTTConfig, *, rngs: nnx.Rngs, gpt2: GPT2 | Llama | None = None):
+    """`gpt2`: an existing trunk of either family (e.g. from `hf_io.load_model`); otherwise one is built from
+    `cfg.gpt2`. The attribute is `gpt2` for both families: checkpoints address the trunk's parameters by it."""
     self.cfg = cfg
-    self.gpt2 = gpt2 if gpt2 is not None else GPT2(cfg.gpt2, rngs=rngs)
+    self.gpt2 = gpt2 if gpt2 is not None else build_trunk(cfg.gpt2, rngs)
     d = self.gpt2.cfg.n_embd
     dtt = cfg.gate == 'dtt'
     self.gate_head = nnx.data(nnx.Linear(d, 1, kernel_init=nnx.initializers.zeros,

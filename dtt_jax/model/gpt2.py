@@ -51,6 +51,11 @@ class GPT2Config:
     return self.n_embd // self.n_head
 
   @property
+  def family(self) -> str:
+    """The model family (`LlamaConfig.family` for the others)."""
+    return 'gpt2'
+
+  @property
   def total_rows(self) -> int:
     """Logit columns: vocab_rows, then the K thinking tokens."""
     return self.vocab_rows + self.extra_tokens

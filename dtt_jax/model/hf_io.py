@@ -109,11 +109,16 @@ def resize_rows(wte: np.ndarray, vocab: tokens.Vocab) -> np.ndarray:
   Rows of ids the checkpoint lacks (the DTT specials) copy the `<<` row (id 16791), as COCONUT does; padding rows
   are zero (their logits are masked).
   """
-  gpt2_ids = vocab.to_gpt2(np.arange(vocab.num_tokens))
-  source = np.where(gpt2_ids < wte.shape[0], gpt2_ids, tokens.COPY_EMBEDDING_FROM_ID)
   rows = np.zeros((vocab.num_rows, wte.shape[1]), np.float32)
-  rows[:vocab.num_tokens] = wte[source]
+  rows[:vocab.num_tokens] = wte[gpt2_row_source(vocab, wte.shape[0])]
   return rows
+
+
+def gpt2_row_source(vocab: tokens.Vocab, ckpt_rows: int) -> np.ndarray:
+  """-> [vocab.num_tokens] the checkpoint row each model row starts from: its GPT-2 id, or the `<<` row (id 16791)
+  for ids the checkpoint's `ckpt_rows` lack (the DTT specials)."""
+  gpt2_ids = vocab.to_gpt2(np.arange(vocab.num_tokens))
+  return np.where(gpt2_ids < ckpt_rows, gpt2_ids, tokens.COPY_EMBEDDING_FROM_ID)
 
 
 def load_pretrained(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: str = 'float32',
@@ -214,15 +219,13 @@ def load_model(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: str =
                seed: int = 0) -> GPT2 | Llama:
   """The checkpoint's model, its class picked by `model_family` of its config.json (`config.model.init`).
 
-  vocab: GPT-2 only (see `load_pretrained`); the Llama family keeps its checkpoint's vocabulary (`load_llama`)."""
+  vocab: None keeps the checkpoint's vocabulary; a `tokens.Vocab` (GPT-2 token ids, as dtt_jax tokenizes) maps the
+  rows into it as `load_pretrained` does, for either family (`load_llama`'s `vocab`)."""
   ckpt_dir = _resolve_dir(name_or_dir, tuple(sorted(set(_GPT2_FILES) | set(_LLAMA_FILES))))
   family = model_family(read_config_json(ckpt_dir))
   if family == 'gpt2':
     return load_pretrained(ckpt_dir, vocab=vocab, dtype=dtype, seed=seed)
-  if vocab is not None:
-    raise ValueError(f'{ckpt_dir}: a tokens.Vocab maps GPT-2 ids; the {family} checkpoint keeps its own vocabulary '
-                     '(pass vocab=None, or row_source= to load_llama).')
-  return load_llama(ckpt_dir, dtype=dtype, seed=seed)
+  return load_llama(ckpt_dir, dtype=dtype, seed=seed, vocab=vocab)
 
 
 def _rope_items(hf: dict, path: str) -> tuple[float, tuple[tuple[str, object], ...]]:
@@ -325,18 +328,28 @@ def _rows(table: np.ndarray, num_rows: int, row_source: np.ndarray | None) -> np
 
 
 def load_llama(name_or_dir: str, dtype: str = 'float32', seed: int = 0,
-               row_source: np.ndarray | None = None) -> Llama:
+               row_source: np.ndarray | None = None, vocab: tokens.Vocab | None = None) -> Llama:
   """A `Llama` (Llama or Qwen2 checkpoint) with the checkpoint's weights.
 
   Embedding rows (and lm_head rows, untied) are padded to a multiple of 128; padded logits are masked.
   row_source [N] int: model row i copies checkpoint row row_source[i] (a remapped or grown vocabulary: new special
-  tokens as copies of an existing row); num_tokens = N."""
+  tokens as copies of an existing row); num_tokens = N. vocab: the rows of a dtt_jax vocabulary instead, read as
+  GPT-2 token ids (`gpt2_row_source`): the checkpoint must have GPT-2's token rows (dtt_jax's tokenizer is GPT-2's)."""
   ckpt_dir = _resolve_dir(name_or_dir, _LLAMA_FILES)
   path = os.path.join(ckpt_dir, 'config.json')
   hf = read_config_json(ckpt_dir)
   tensors = read_safetensors(ckpt_dir)
   if 'model.embed_tokens.weight' not in tensors:
     raise KeyError(f'{ckpt_dir}: tensor model.embed_tokens.weight is missing.')
+  if vocab is not None:
+    ckpt_rows = tensors['model.embed_tokens.weight'].shape[0]
+    most = tokens.padded_rows(tokens.GPT2_VOCAB)
+    if not tokens.GPT2_BASE_VOCAB <= ckpt_rows <= most:
+      raise ValueError(f'{ckpt_dir}: {ckpt_rows} token rows, but dtt_jax tokenizes with GPT-2\'s tokenizer, so a '
+                       f'{model_family(hf)} checkpoint must have GPT-2\'s rows ({tokens.GPT2_BASE_VOCAB} to {most}: '
+                       'with the DTT specials or padding); checkpoints with their own tokenizer are not supported '
+                       'yet.')
+    row_source = gpt2_row_source(vocab, ckpt_rows)
   num_tokens = tensors['model.embed_tokens.weight'].shape[0] if row_source is None else len(row_source)
   num_rows = tokens.padded_rows(num_tokens)
   if 'tie_word_embeddings' not in hf:  # absent: tied exactly when the checkpoint has no separate output layer
