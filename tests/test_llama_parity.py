@@ -206,8 +206,8 @@ def _greedy_torch(model, ids, mask, n):
 @pytest.mark.parametrize('case,transposed', [('qwen2_gqa2_tied', None), ('llama_gqa2_untied_llama3', False)])
 def test_engine_generates_like_transformers(case, transposed, hf_dirs):
   """The unchanged engine with a Llama trunk in the DTT wrapper, the gate forced to 0 (`latent_id` never emitted):
-  plain greedy decoding, equal to transformers'. Untied: `transposed_output=False`, as the engine's kernel cache
-  transposes `wte` (the wiring note of the report)."""
+  plain greedy decoding, equal to transformers'. The untied case without the transposed output kernel
+  (`transposed_output=False`), the tied one with the engine's kernel cache (`output_table()`)."""
   path = hf_dirs(case)
   model = DTTModel(DTTConfig(), rngs=nnx.Rngs(0), gpt2=hf_io.load_llama(str(path)))
   ids, mask = _batch()

@@ -17,8 +17,9 @@ soft one (straight-through). Evaluation uses noise n = 0 (deterministic).
 
 'hrpo', the gated "thinking residual" of HRPO (arXiv 2505.18454, c = 8):
 
-    p_t = softmax(logits(h_{t-1}) / tau)             next-token distribution of position t-1 (tied output layer)
-    z_t = E^T p_t / ||p_t||_2                         probability-weighted embedding rows, normalised as HRPO does:
+    p_t = softmax(logits(h_{t-1}) / tau)             next-token distribution of position t-1 (the output layer)
+    z_t = E^T p_t / ||p_t||_2                         probability-weighted INPUT embedding rows (E = wte, also for an
+                                                       untied Llama), normalised as HRPO does:
                                                        a one-hot p gives exactly E[y]; a spread p keeps the norm of
                                                        a sum of ~1/||p||^2 random rows near one row's norm
     r_t = sigmoid(W_r e_t + b_r),  i_t = sigmoid(W_i e_t + b_i),  e_t = E[y_t]      [D] each
@@ -162,6 +163,8 @@ class DTTModel(nnx.Module):
     """`blended_input` with the token embeddings [...,D] already looked up (a recurrence then gathers them once,
     outside its loop: a lookup inside a differentiated loop adds a dense [V,D] gradient every step)."""
     if self.hrpo is not None:
+      # HRPO mixes the input embedding's rows (its get_input_embeddings()): wte, not output_table() (an untied
+      # Llama's lm_head); the two are one table for GPT-2 and tied checkpoints
       latent = normalized_soft_embedding(self.gpt2.logits(prev_hidden), self.gpt2.wte.embedding[...], tau)
       return self.hrpo(token_embedding, latent)
     gate = gumbel_sigmoid(self.gate_logit(prev_hidden), noise, tau, hard)

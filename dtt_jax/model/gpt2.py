@@ -247,12 +247,16 @@ class GPT2(nnx.Module):
       x, cache = block(x, bias, layer, cache, cache_index, dropout, columns)
     return self.ln_f(x), cache
 
+  def output_table(self) -> jax.Array:
+    """The output layer's rows [vocab_rows, D] (float32 parameters): the tied `wte` (Llama: `wte` or `lm_head`)."""
+    return self.wte.embedding[...]
+
   def output_kernel(self) -> jax.Array:
     """The tied output layer as a [D, vocab_rows] array (a transposed copy of `wte`, in the compute dtype) for
     `logits(..., kernel=)`. XLA CPU runs the small-batch [B,D] x [D,V] dot ~1.6x faster than the same product
     against the [V,D] table (contracting both last dims), so a loop that computes logits every step (generation)
     makes this copy once, before the loop."""
-    return self.wte.embedding[...].astype(self.cfg.dtype).T
+    return self.output_table().astype(self.cfg.dtype).T
 
   def logits(self, hidden: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
     """hidden [..., D] -> float32 logits [..., vocab_rows + K]; padded rows are NEG_INF (never sampled). The last

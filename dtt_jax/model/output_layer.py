@@ -1,8 +1,9 @@
-"""The tied output layer in vocabulary tiles: cross-entropy, log-probs and argmax without the [M,V] logits.
+"""The output layer in vocabulary tiles: cross-entropy, log-probs and argmax without the [M,V] logits.
 
-Every stage scores hidden states against the tied token embedding, table [V,D] (`GPT2.wte`); only its first
-`num_tokens` rows are real tokens (the others are padding, which `GPT2.logits` masks to NEG_INF). Rows are
-flattened positions: hidden [M,D], targets and weights [M], with M = B*T.
+Every stage scores hidden states against the output layer's table [V,D] (`output_table()`: GPT-2's tied `wte`; a
+Llama / Qwen2 trunk's `wte` when tied, its `lm_head` when not); only its first `num_tokens` rows are real tokens
+(the others are padding, which `logits` masks to NEG_INF). Rows are flattened positions: hidden [M,D], targets and
+weights [M], with M = B*T.
 
 Kernels (custom gradients, tested against the plain log-softmax in tests/test_output_layer.py):
 
@@ -21,8 +22,8 @@ Kernels (custom gradients, tested against the plain log-softmax in tests/test_ou
 
 The tile width is `tile_width(V)`: a divisor of V near VOCAB_TILE, so the table reshapes into tiles without a copy.
 
-Model-level entry points take the `GPT2` module and [B,T,D] hidden states; `fused=False` is the plain [B,T,V]
-logits of `GPT2.logits`, the reference the kernels are tested against:
+Model-level entry points take the trunk (`GPT2` or `Llama`) and [B,T,D] hidden states; `fused=False` is the plain
+[B,T,V] logits of its `logits`, the reference the kernels are tested against:
   cross_entropy(gpt2, hidden, targets, weights, fused, groups) -> (weighted NLL sum, argmax [B,T])
   plain_cross_entropy(gpt2, hidden, targets) -> (NLL [B,T], argmax [B,T]) from the plain logits
   token_logprobs(gpt2, hidden, tokens, temperature, fused) -> (log p [B,T], entropy [B,T]) over the real columns
@@ -161,7 +162,7 @@ def _fused_ce(hidden, table, targets, weights, num_tokens: int, groups: int, wit
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def fused_cross_entropy(hidden, table, targets, weights, num_tokens: int, groups: int = 1):
-  """The tied output layer, cross-entropy and argmax in vocabulary tiles, never materialising the [M,V] logits:
+  """The output layer, cross-entropy and argmax in vocabulary tiles, never materialising the [M,V] logits:
   hidden [M,D], table [V,D], targets [M], weights [M] -> (sum_m weights_m * -log p(targets_m), argmax [M] int32) of
   softmax(hidden @ table.T) over the first `num_tokens` columns (`GPT2.logits` masks the others to NEG_INF).
 
@@ -214,9 +215,9 @@ def _fused_forward(hidden, table, targets, temperature, num_tokens):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_token_logprobs(hidden, table, targets, temperature: float, num_tokens: int):
-  """The tied output layer fused with its log-softmax: never materialises the [M, V] logits.
+  """The output layer fused with its log-softmax: never materialises the [M, V] logits.
 
-  hidden [M,D], table [V,D] (the tied token embedding), targets [M] -> (log p(targets) [M], entropy [M]) of
+  hidden [M,D], table [V,D] (`output_table()`), targets [M] -> (log p(targets) [M], entropy [M]) of
   softmax(hidden @ table.T / temperature) over the first `num_tokens` columns. The entropy carries no gradient.
   Forward: vocabulary tiles with an online log-sum-exp. Backward: row tiles, each recomputing its logits once:
   d logits = g * (onehot - softmax) / temperature.
@@ -275,7 +276,7 @@ def cross_entropy(gpt2: GPT2, hidden: jax.Array, targets: jax.Array, weights: ja
   `groups` are the contiguous row groups (devices); otherwise `plain_cross_entropy`."""
   if fused and not gpt2.cfg.extra_tokens:
     b, t, d = hidden.shape
-    total, prediction = fused_cross_entropy(hidden.reshape(b * t, d), gpt2.wte.embedding[...], targets.reshape(b * t),
+    total, prediction = fused_cross_entropy(hidden.reshape(b * t, d), gpt2.output_table(), targets.reshape(b * t),
                                             weights.reshape(b * t).astype(jnp.float32), gpt2.cfg.num_tokens, groups)
     return total, prediction.reshape(b, t)
   nll, prediction = plain_cross_entropy(gpt2, hidden, targets)
@@ -293,7 +294,7 @@ def token_logprobs(gpt2: GPT2, hidden: jax.Array, tokens: jax.Array, temperature
   n, t, d = hidden.shape
   chex.assert_shape([tokens], (n, t))
   if fused:
-    logp, entropy = fused_token_logprobs(hidden.reshape(n * t, d), gpt2.wte.embedding[...], tokens.reshape(n * t),
+    logp, entropy = fused_token_logprobs(hidden.reshape(n * t, d), gpt2.output_table(), tokens.reshape(n * t),
                                          float(temperature), gpt2.cfg.num_tokens)
     return logp.reshape(n, t), entropy.reshape(n, t)
   logits = gpt2.logits(hidden)[..., :gpt2.cfg.vocab_rows] / temperature  # [N,T,V] float32

@@ -51,10 +51,10 @@ class GenerateConfig:
   forced_prefix: tuple[int, ...] = ()  # tokens forced at the first steps (COCONUT: <|bot|>, latents, <|eot|>)
   latent_id: int = -1  # >= 0: no gate head; the gate is 1 at this token (the input is exactly the previous hidden
   # state, COCONUT's continuous thought) and 0 at every other token (plain GPT-2 decoding)
-  transposed_output: bool | None = None  # logits against a [D,V] copy of wte (`GPT2.output_kernel`: a faster dot on
-  # XLA CPU, one more copy of wte in memory). None: `generate` on the CPU backend uses one kept between calls for
-  # the same wte array (made once per distinct weights); `generate_traced` makes none. True: always (in the traced
-  # computation when not given). False: never.
+  transposed_output: bool | None = None  # logits against a [D,V] copy of the output table (`output_kernel`: a faster
+  # dot on XLA CPU, one more copy of the table in memory). None: `generate` on the CPU backend uses one kept between
+  # calls for the same table array (made once per distinct weights); `generate_traced` makes none. True: always (in
+  # the traced computation when not given). False: never.
 
 
 @flax.struct.dataclass
@@ -206,13 +206,13 @@ def _generate_jit(graphdef, state, prompt, prompt_mask, key, tau, cfg, return_lo
   return _generate(nnx.merge(graphdef, state), prompt, prompt_mask, key, tau, cfg, return_logits, output_kernel)
 
 
-_KERNEL_CACHE = {}  # 'entry': (weakref to the wte array, dtype, [D,V] kernel); dropped when that array is freed
+_KERNEL_CACHE = {}  # 'entry': (weakref to the output table, dtype, [D,V] kernel); dropped when that array is freed
 
 
 def _cached_output_kernel(gpt2) -> jax.Array | None:
-  """gpt2.output_kernel() for the current wte array, made once and kept until the array is freed (one entry).
-  None for a traced wte (nothing to keep)."""
-  table = gpt2.wte.embedding[...]
+  """gpt2.output_kernel() for the current output table (`output_table()`: `wte`, or an untied Llama's `lm_head`),
+  made once and kept until the array is freed (one entry). None for a traced table (nothing to keep)."""
+  table = gpt2.output_table()
   if isinstance(table, jax.core.Tracer):
     return None
   entry = _KERNEL_CACHE.get('entry')
