@@ -118,8 +118,11 @@ class Checkpointer:
     best = self.best_step() if which == 'best' else None
     if best is None:
       return steps[-1], 'the latest' + (' (no checkpoint was ranked)' if which == 'best' else '')
-    scores = ', '.join(f'{s}: {metric_score(self.manager.metrics(s), self.best_metric):.4f}' for s in steps
-                       if self.manager.metrics(s))
+    ranked = {s: metric_score(self.manager.metrics(s), self.best_metric) for s in steps if self.manager.metrics(s)}
+    digits = 4  # enough for the scores to show which is higher (ties: exactly equal, the later step wins)
+    while digits < 9 and len({round(v, digits) for v in ranked.values()}) < len(set(ranked.values())):
+      digits += 1
+    scores = ', '.join(f'{s}: {v:.{digits}f}' for s, v in ranked.items())
     return best, f'best by {self.best_metric} of steps {{{scores}}}'
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:

@@ -134,3 +134,12 @@ def test_best_ranks_by_summed_metrics_and_ties_go_to_the_later_step(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'No checkpoint 3 in .*; it holds steps 4, 5\.'):
     ckpt.choose('3')
   ckpt.close()
+
+
+def test_why_shows_the_digits_that_tell_close_scores_apart(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), keep=2, best_metric='reward', async_save=False)
+  for step, reward in ((10, 2.6342874), (20, 2.6342864)):
+    ckpt.save(step, _state(step), {}, metrics={'reward': reward})
+  ckpt.wait()
+  assert ckpt.choose('best') == (10, 'best by reward of steps {10: 2.634287, 20: 2.634286}')
+  ckpt.close()
