@@ -63,7 +63,7 @@ from dtt_jax.eval import heldout
 from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import hf_io, output_layer, trunk_config
 from dtt_jax.model.dtt import build_trunk
-from dtt_jax.model.gpt2 import GPT2, NEG_INF, GPT2Config, KVCache, causal_bias, positions_from_mask
+from dtt_jax.model.gpt2 import GPT2, NEG_INF, GPT2Config, causal_bias, kv_cache_for, positions_from_mask
 from dtt_jax.rl import grpo
 from dtt_jax.sampling.sampler import SamplingConfig, sample
 from dtt_jax.train import loop
@@ -337,7 +337,7 @@ def generate(model: GPT2, prefix, prefix_mask, key, cfg: ThinkConfig, eos_id: in
   n, vr = cfg.rollout_len, model.cfg.vocab_rows
   next_token = cfg.mode == 'next_token'
   targets = jnp.zeros((b,), jnp.int32) if targets is None else targets.astype(jnp.int32)
-  cache = KVCache.zeros(model.cfg, b, p)
+  cache = kv_cache_for(model.cfg, b, p)
   h, cache = model(model.embed(prefix), positions_from_mask(prefix_mask), causal_bias(prefix_mask), cache, 0)
   cache = cache.grow(p + n)
   key_bias = jnp.concatenate([jnp.where(prefix_mask > 0, 0.0, NEG_INF), jnp.zeros((b, n))], 1)  # [B,P+N]
@@ -567,7 +567,7 @@ def interleaved_decode(model: GPT2, tokens, lengths, key, max_think: int, temper
   c_len, vr = capacity, model.cfg.vocab_rows
   if c_len < l:
     raise ValueError(f'capacity {c_len} < sequence length {l}.')
-  cache = KVCache.zeros(model.cfg, b, c_len)
+  cache = kv_cache_for(model.cfg, b, c_len)
   no_keys = jnp.zeros((b, c_len), jnp.float32)
   h, cache = model(model.embed(tokens[:, :1]), jnp.zeros((b, 1), jnp.int32), _step_bias(no_keys, 0, c_len), cache, 0)
   sampling = SamplingConfig(temperature=temperature)

@@ -84,8 +84,9 @@ class KVCache:
   v: tuple[jax.Array, ...]
 
   @classmethod
-  def zeros(cls, cfg: GPT2Config, batch: int, length: int) -> KVCache:
-    shape = (batch, cfg.n_head, length, cfg.head_dim)
+  def zeros(cls, cfg: GPT2Config, batch: int, length: int, heads: int | None = None) -> KVCache:
+    """A zero cache of `heads` heads per layer (default cfg.n_head; `kv_cache_for` picks it for either family)."""
+    shape = (batch, heads or cfg.n_head, length, cfg.head_dim)
     return cls(*(tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer)) for _ in range(2)))
 
   @property
@@ -104,6 +105,12 @@ class KVCache:
     put = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, index, 0))
     replace = lambda bufs, new: bufs[:layer] + (put(bufs[layer], new),) + bufs[layer + 1:]
     return KVCache(replace(self.k, k), replace(self.v, v))
+
+
+def kv_cache_for(cfg, batch: int, length: int) -> KVCache:
+  """A zero cache for a trunk of either family: [B, heads, length, head_dim] per layer with the trunk's key/value
+  heads (a Llama / Qwen2 config's n_kv_head, stored once under grouped-query attention; GPT-2's n_head)."""
+  return KVCache.zeros(cfg, batch, length, getattr(cfg, 'n_kv_head', cfg.n_head))
 
 
 @dataclasses.dataclass(frozen=True)

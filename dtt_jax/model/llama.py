@@ -21,9 +21,10 @@ h // (n_head / n_kv_head). RoPE in HF's rotate-half layout: inv_freq_i = theta^(
 Biases: Qwen2's q/k/v (`qkv_bias`), Llama's `attention_bias` (q/k/v and o), `mlp_bias`. Linear kernels are
 [in, out] (HF's [out, in] weights transposed by `hf_io`).
 
-KV cache: per layer [B, heads, cache_len, Dh]. `kv_cache` sizes it by n_kv_head (each kv head stored once);
-`gpt2.KVCache.zeros(cfg, ...)`, which callers written for GPT-2 use, sizes it by n_head and is accepted too: the layer
-then stores each kv head repeated for its query heads (the same numbers, n_head / n_kv_head times the memory).
+KV cache: per layer [B, heads, cache_len, Dh]. `kv_cache` (and `gpt2.kv_cache_for`, which the engine and the training
+stages allocate with) sizes it by n_kv_head (each kv head stored once); `gpt2.KVCache.zeros(cfg, ...)` sizes it by
+n_head and is accepted too: the layer then stores each kv head repeated for its query heads (the same numbers,
+n_head / n_kv_head times the memory).
 
 Thinking tokens (`extra_tokens` = K > 0) and dropout behave as in `gpt2.py`: K untied rows `think_in`, `think_out`,
 `think_bias`; a dropout object (`gpt2.Dropout`) at GPT-2's sites (embedding, attention probabilities, attention and
@@ -130,8 +131,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def kv_cache(cfg: LlamaConfig, batch: int, length: int) -> KVCache:
   """A zero cache with n_kv_head heads per layer, [B, n_kv_head, length, head_dim] (GQA's memory saving)."""
-  shape = (batch, cfg.n_kv_head, length, cfg.head_dim)
-  return KVCache(*(tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer)) for _ in range(2)))
+  return KVCache.zeros(cfg, batch, length, cfg.n_kv_head)
 
 
 def _site(layer: int, which: int) -> int:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dtt_jax.model.dtt import DTTModel, blend, logistic_noise
-from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, positions_from_mask
+from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, kv_cache_for, positions_from_mask
 from dtt_jax.sampling.sampler import SamplingConfig, sample, token_logprob
 
 
@@ -118,7 +118,7 @@ def prefill(model: DTTModel, prompt, prompt_mask, max_len: int, completion_key_b
   key_bias = key_bias.at[:, :p].set(jnp.where(prompt_mask > 0, 0.0, NEG_INF))
   if completion_key_bias is not None:
     key_bias = key_bias.at[:, p:p + completion_key_bias.shape[1]].set(completion_key_bias)
-  cache = KVCache.zeros(model.gpt2.cfg, b, p)
+  cache = kv_cache_for(model.gpt2.cfg, b, p)
   bias = causal_bias(prompt_mask) + key_bias[:, None, :p]
   h, cache = model.gpt2(model.gpt2.embed(prompt), positions_from_mask(prompt_mask), bias, cache, 0)
   return Prefill(cache.grow(cache_len or max_len), key_bias, h[:, -1],

@@ -46,7 +46,7 @@ from dtt_jax.eval.compare import example_id
 from dtt_jax.eval.evaluate import generate_all, latent_lens
 from dtt_jax.model import output_layer
 from dtt_jax.model.dtt import DTTModel
-from dtt_jax.model.gpt2 import Dropout, KVCache, causal_bias, positions_from_mask
+from dtt_jax.model.gpt2 import Dropout, causal_bias, kv_cache_for, positions_from_mask
 from dtt_jax.sampling import engine
 from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.tokens import EOS, Tokenizer
@@ -83,7 +83,7 @@ def _completion_hidden(model: DTTModel, batch, columns: tuple[int, ...], dropout
   else:
     starts = [0] + [p + c for c in columns]
     ends = starts[1:] + [length]
-    cache = KVCache.zeros(model.gpt2.cfg, x.shape[0], ends[0])
+    cache = kv_cache_for(model.gpt2.cfg, x.shape[0], ends[0])
     pieces = []
     for start, end in zip(starts, ends):
       piece = x[:, start:end]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dtt_jax.model.dtt import DTTModel
-from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, positions_from_mask
+from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, kv_cache_for, positions_from_mask
 from dtt_jax.sampling import engine
 
 
@@ -55,7 +55,7 @@ def _key_bias(prompt_mask, max_len: int, completion_key_bias):
 def _prefill(model: DTTModel, prompt_embedding, prompt_mask, key_bias):
   """`engine.prefill` from looked-up embeddings [B,P,D] -> (cache of P slots, last hidden [B,D])."""
   b, p = prompt_mask.shape
-  cache = KVCache.zeros(model.gpt2.cfg, b, p)
+  cache = kv_cache_for(model.gpt2.cfg, b, p)
   bias = causal_bias(prompt_mask) + key_bias[:, None, :p]
   h, cache = model.gpt2(prompt_embedding, positions_from_mask(prompt_mask), bias, cache, 0)
   return cache, h[:, -1]
