@@ -68,8 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora.enabled = False
   c.lora.rank = 8
   c.lora.alpha = 16.0  # adapter output scaled by alpha / rank
+  # Per block, the trunk family's projections: GPT-2 any of these; Llama / Qwen2 any of 'self_attn.q_proj',
+  # 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'
   c.lora.targets = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')
-  # Trained fully besides adapters and gate (PEFT's modules_to_save), any of 'wte', 'wpe', 'ln_1', 'ln_2', 'ln_f'.
+  # Trained fully besides adapters and gate (PEFT's modules_to_save), any of 'wte', 'wpe', 'ln_1', 'ln_2', 'ln_f'
+  # (Llama / Qwen2: 'wte', 'lm_head', 'input_layernorm', 'post_attention_layernorm', 'norm').
   # 'wte' is the tied embedding and output layer: the DTT special tokens start as copies of one pretrained row, so
   # with it frozen <|bot|>, <|eot|> and that token always get identical logits. () trains adapters and gate only.
   c.lora.train_modules = ('wte',)

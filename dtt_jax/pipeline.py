@@ -34,7 +34,7 @@ from dtt_jax.eval import heldout
 from dtt_jax.eval import report
 from dtt_jax.eval import summary
 from dtt_jax.metrics import MetricWriter
-from dtt_jax.model import FAMILIES, build_model, lora
+from dtt_jax.model import FAMILIES, build_model, configured_family, lora
 from dtt_jax.model import dtt as dtt_lib
 from dtt_jax.rl import grpo, rollout
 from dtt_jax.data import coconut as coconut_data
@@ -102,7 +102,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f'config.{key}=True does not apply to config.model.gate="hrpo" (a deterministic gate with '
                          'no projection): set it to False.')
   if c.get('lora') and c.lora.enabled:
-    lora.LoRAConfig.from_config(c.lora)  # raises on a bad rank, alpha or target
+    # raises on a bad rank, alpha, target or module (of a hub checkpoint's family once build_model fetched it)
+    lora.LoRAConfig.from_config(c.lora, configured_family(c.model))
   if c.bootstrap.batch_size % c.bootstrap.microbatches:
     raise ValueError(f'config.bootstrap.batch_size={c.bootstrap.batch_size} must be divisible by '
                      f'config.bootstrap.microbatches={c.bootstrap.microbatches}.')

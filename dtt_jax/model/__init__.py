@@ -66,7 +66,7 @@ def build_model(model_cfg, vocab: tokens.Vocab, seed: int = 0, lora_cfg=None) ->
                   gate=gate, **hrpo)
   model = DTTModel(cfg, rngs=nnx.Rngs(seed), gpt2=trunk)
   if lora_cfg is not None and lora_cfg.enabled:
-    lora.apply_lora(model.gpt2, lora.LoRAConfig.from_config(lora_cfg), nnx.Rngs(seed + 1))
+    lora.apply_lora(model.gpt2, lora.LoRAConfig.from_config(lora_cfg, trunk_cfg.family), nnx.Rngs(seed + 1))
     counts = lora.count_params(nnx.state(model, nnx.Param))
     log.info('LoRA rank %d on %s: %d adapter parameters of %d.', lora_cfg.rank, ', '.join(lora_cfg.targets),
              counts['lora'], counts['total'])

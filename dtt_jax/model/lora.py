@@ -1,4 +1,4 @@
-"""LoRA on GPT-2's attention and MLP projections (`config.lora`), with Flax NNX's own `nnx.LoRALinear`.
+"""LoRA on the trunk's attention and MLP projections (`config.lora`), with Flax NNX's own `nnx.LoRALinear`.
 
     y = x W + b + (alpha / rank) * (x A) B        A [in, rank] (he-uniform), B [rank, out] (zeros): y = x W + b at init
 
@@ -11,7 +11,10 @@ DTT special tokens, initialised as copies of one pretrained row, keep identical 
 Fine-tuning a trained model: `pipeline.stage_params` restores a checkpoint without adapters into a model with them
 (`without_adapters` / `with_adapters`); the fresh adapters have B = 0, so the model starts as the checkpoint's.
 Export: `merged` folds W + (alpha / rank) A B back into plain `nnx.Linear` modules (`hf_io.export_pretrained`
-calls it), so the HF checkpoint is an ordinary GPT-2.
+calls it; `export_llama` folds `merged_kernel` itself), so the HF checkpoint is an ordinary GPT-2 / Llama / Qwen2.
+
+Targets and train_modules are named per family (`FAMILY_TARGETS`, `FAMILY_TRAIN_MODULES`): GPT-2's `attn.c_attn`, ...
+(HF GPT-2's module names); the Llama family's `self_attn.q_proj`, ..., `mlp.down_proj` (HF Llama / Qwen2's).
 """
 
 from __future__ import annotations
@@ -23,9 +26,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dtt_jax.model.gpt2 import GPT2
+from dtt_jax.model.llama import Llama
 
 TARGETS = ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')  # per block, HF GPT-2 module names
 TRAIN_MODULES = ('wte', 'wpe', 'ln_1', 'ln_2', 'ln_f')  # GPT-2 modules that `train_modules` may train fully
+LLAMA_TARGETS = ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj',
+                 'mlp.up_proj', 'mlp.down_proj')  # per block, HF Llama / Qwen2 module names
+LLAMA_TRAIN_MODULES = ('wte', 'lm_head', 'input_layernorm', 'post_attention_layernorm', 'norm')
+FAMILY_TARGETS = {'gpt2': TARGETS, 'llama': LLAMA_TARGETS, 'qwen2': LLAMA_TARGETS}
+FAMILY_TRAIN_MODULES = {'gpt2': TRAIN_MODULES, 'llama': LLAMA_TRAIN_MODULES, 'qwen2': LLAMA_TRAIN_MODULES}
 ADAPTER = 'lora'  # the adapter's attribute in `LoRALinear` (`nnx.LoRALinear.lora`): a path component of A and B
 
 
@@ -35,23 +44,32 @@ class LoRAConfig:
   alpha: float = 16.0
   targets: tuple[str, ...] = TARGETS
   train_modules: tuple[str, ...] = ('wte',)  # trained fully besides adapters and gate (every block's, for ln_*)
+  family: str | None = 'gpt2'  # the trunk's ('gpt2' | 'llama' | 'qwen2'); None: not known yet, names unchecked
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or self.rank <= 0:
       raise ValueError(f'config.lora.rank={self.rank!r} must be a positive integer.')
     if self.alpha <= 0:
       raise ValueError(f'config.lora.alpha={self.alpha} must be > 0.')
-    unknown = [t for t in self.targets if t not in TARGETS]
+    if self.family is None:
+      return
+    valid = FAMILY_TARGETS[self.family]
+    unknown = [t for t in self.targets if t not in valid]
     if not self.targets or unknown:
-      raise ValueError(f'config.lora.targets={tuple(self.targets)}: expected a non-empty subset of {TARGETS}.')
-    unknown = [m for m in self.train_modules if m not in TRAIN_MODULES]
+      raise ValueError(f'config.lora.targets={tuple(self.targets)}: expected a non-empty subset of {valid} (the '
+                       f'{self.family} family\'s projections).')
+    valid = FAMILY_TRAIN_MODULES[self.family]
+    unknown = [m for m in self.train_modules if m not in valid]
     if unknown:
       raise ValueError(f'config.lora.train_modules={tuple(self.train_modules)}: unknown module(s) {unknown}; '
-                       f'expected a subset of {TRAIN_MODULES} (or () to train only adapters and gate).')
+                       f'expected a subset of {valid} (the {self.family} family\'s; or () to train only adapters '
+                       'and gate).')
 
   @classmethod
-  def from_config(cls, c) -> LoRAConfig:
-    return cls(rank=c.rank, alpha=float(c.alpha), targets=tuple(c.targets), train_modules=configured_train_modules(c))
+  def from_config(cls, c, family: str | None = 'gpt2') -> LoRAConfig:
+    """`c`: the `config.lora` section; `family`: the trunk's (None: unknown until a hub checkpoint is fetched)."""
+    return cls(rank=c.rank, alpha=float(c.alpha), targets=tuple(c.targets), train_modules=configured_train_modules(c),
+               family=family)
 
 
 def configured_train_modules(c) -> tuple[str, ...]:
@@ -66,7 +84,7 @@ class LoRALinear(nnx.LoRALinear):
 
   def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
     super().__init__(base.in_features, base.out_features, lora_rank=rank, lora_dtype=base.dtype, dtype=base.dtype,
-                     rngs=rngs)
+                     use_bias=base.use_bias, rngs=rngs)
     self.kernel, self.bias = base.kernel, base.bias  # the base's own variables (same values, same paths)
     self.scale = alpha / rank
 
@@ -78,31 +96,34 @@ class LoRALinear(nnx.LoRALinear):
     return self.kernel[...] + self.scale * (self.lora.lora_a[...] @ self.lora.lora_b[...])
 
 
-def _target_modules(gpt2: GPT2, targets):
+def _target_modules(gpt2: GPT2 | Llama, targets):
   """(parent module, attribute name) of each target in each block."""
-  for block in gpt2.h:
+  for block in (gpt2.layers if isinstance(gpt2, Llama) else gpt2.h):
     for target in targets:
       parent, name = target.split('.')
       yield getattr(block, parent), name
 
 
-def apply_lora(gpt2: GPT2, cfg: LoRAConfig, rngs: nnx.Rngs) -> GPT2:
-  """Replaces the target projections of `gpt2` in place by `LoRALinear` around the same weights; returns it."""
+def apply_lora(gpt2: GPT2 | Llama, cfg: LoRAConfig, rngs: nnx.Rngs) -> GPT2 | Llama:
+  """Replaces the target projections of the trunk `gpt2` (either family) in place by `LoRALinear` around the same
+  weights; returns it. The targets must be the trunk's family's (an error naming config.lora.targets otherwise)."""
+  if cfg.family != gpt2.cfg.family:
+    cfg = dataclasses.replace(cfg, family=gpt2.cfg.family)  # checks the names against the trunk's family
   for parent, name in _target_modules(gpt2, cfg.targets):
     setattr(parent, name, LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, rngs=rngs))
   return gpt2
 
 
-def merged(gpt2: GPT2) -> GPT2:
-  """A copy of `gpt2` with every `LoRALinear` folded into a plain `nnx.Linear` (W + (alpha / rank) A B)."""
+def merged(gpt2: GPT2 | Llama) -> GPT2 | Llama:
+  """A copy of the trunk with every `LoRALinear` folded into a plain `nnx.Linear` (W + (alpha / rank) A B)."""
   gpt2 = nnx.clone(gpt2)
-  for parent, name in _target_modules(gpt2, TARGETS):
+  for parent, name in _target_modules(gpt2, FAMILY_TARGETS[gpt2.cfg.family]):
     module = getattr(parent, name)
     if isinstance(module, LoRALinear):
       kernel = module.merged_kernel()
-      setattr(parent, name, nnx.Linear(module.in_features, module.out_features, dtype=module.dtype,
-                                       kernel_init=lambda *_: kernel, bias_init=lambda *_: module.bias[...],
-                                       rngs=nnx.Rngs(0)))
+      setattr(parent, name, nnx.Linear(module.in_features, module.out_features, use_bias=module.bias is not None,
+                                       dtype=module.dtype, kernel_init=lambda *_: kernel,
+                                       bias_init=lambda *_: module.bias[...], rngs=nnx.Rngs(0)))
   return gpt2
 
 
