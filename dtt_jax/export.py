@@ -1,4 +1,6 @@
-"""Export a trained DTT model as a Hugging Face GPT-2 directory that transformers loads as is.
+"""Export a trained DTT model as a Hugging Face directory that transformers loads as is: GPT-2, or the Llama /
+Qwen2 checkpoint of a Llama-family run (`hf_io.export_llama`: LlamaForCausalLM / Qwen2ForCausalLM, with the run's
+GPT-2 tokenizer).
 
     python -m dtt_jax.export --workdir=runs/gsm8k --out=exported/gsm8k [--stage=grpo|bootstrap]
 
@@ -8,13 +10,13 @@ bos/eos/pad ids are the model's <|endoftext|> row), the tokenizer (`tokenizer.js
 `tokens.hf_tokenizer_for_vocab`), `dtt_head.safetensors` (gate head `gate.weight` [1,D] / `gate.bias` [1], and
 `proj.weight`/`proj.bias` when the projection is used, in PyTorch Linear layout; the HRPO gate's `hrpo.*` tensors
 with `config.model.gate='hrpo'`), `dtt_config.json` (gate kind and formula, evaluation temperature) and
-`dtt_vocab.json`. LoRA adapters are merged into the exported GPT-2 weights. With the full vocabulary the token ids
+`dtt_vocab.json`. LoRA adapters are merged into the exported weights. With the full vocabulary the token ids
 are GPT-2's (plus the 4 DTT specials at 50257..50260). With the compact vocabulary the exported rows and the
 tokenizer's ids are the model ids (`dtt_vocab.json` lists the GPT-2 id of each row): the dataset's text tokenizes
 to exactly the ids dtt_jax gives it; text with tokens outside the compact vocabulary gets ids >= vocab_size, which
 the model cannot embed (dtt_jax's tokenizer refuses such text too).
 
-The exported GPT-2 alone decodes as dtt_jax does with the gate off (plain GPT-2); the gate needs `dtt_head`.
+The exported model alone decodes as dtt_jax does with the gate off (the plain trunk); the gate needs `dtt_head`.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ def gate_tensors(model) -> dict[str, np.ndarray]:
 def write_export(model, tokenizer: tokens.Tokenizer, out_dir: str, stage: str, eval_tau: float) -> None:
   """Writes the HF directory of `model` (a `DTTModel` whose rows are `tokenizer.vocab`'s model ids)."""
   vocab = tokenizer.vocab
-  hf_io.export_pretrained(model.gpt2, out_dir, eos_id=vocab.eos)  # LoRA adapters merged into the base
+  if model.gpt2.cfg.family == 'gpt2':  # LoRA adapters merged into the base by either exporter
+    hf_io.export_pretrained(model.gpt2, out_dir, eos_id=vocab.eos)
+  else:
+    hf_io.export_llama(model.gpt2, out_dir, special_ids=dict.fromkeys(('bos_token_id', 'eos_token_id',
+                                                                       'pad_token_id'), vocab.eos))
   tokens.hf_tokenizer_for_vocab(tokenizer.hf, vocab, model.gpt2.cfg.n_positions).save_pretrained(out_dir)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in gate_tensors(model).items()},

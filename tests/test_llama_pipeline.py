@@ -7,14 +7,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from configs import base
-from dtt_jax import parallel, pipeline, tokens
-from dtt_jax.model import build_model, hf_io, llama, output_layer
+from dtt_jax import export, parallel, pipeline, tokens
+from dtt_jax.model import build_model, hf_io, llama, lora, output_layer
 from dtt_jax.model.dtt import DTTConfig, DTTModel
 from dtt_jax.model.gpt2 import causal_bias, positions_from_mask
 from dtt_jax.rl import grpo, rollout
@@ -32,12 +33,32 @@ TINY = llama.LlamaConfig(vocab_rows=VOCAB.num_rows, num_tokens=VOCAB.num_tokens,
 TX = optax.adam(1e-3)  # no warmup: the first update moves every parameter with a gradient
 
 
-def _model_cfg(**overrides):
+def _model_cfg():
   """config.model of a scratch TINY-shaped Llama, gate logit bias 0 (gates spread over (0, 1))."""
   m = base.get_config().model
   m.update(dict(family='llama', n_layer=2, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64, n_positions=64,
-                tie_word_embeddings=False, gate_bias_init=0.0, **overrides))
+                tie_word_embeddings=False, gate_bias_init=0.0))
   return m
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_logits(graphdef, state, ids):
+  trunk = nnx.merge(graphdef, state)
+  mask = jnp.ones(ids.shape, jnp.int32)
+  return trunk.logits(trunk(trunk.embed(ids), positions_from_mask(mask), causal_bias(mask))[0])
+
+
+def _logits(trunk, ids) -> np.ndarray:
+  """ids [B,T] (unpadded) -> the trunk's logits [B,T,V], in one jitted call (eager dispatch compiles each op)."""
+  return np.asarray(_jit_logits(*nnx.split(trunk), jnp.asarray(ids)))
+
+
+@functools.lru_cache(maxsize=None)
+def _scratch_llama():
+  """-> (the DTT model built from `_model_cfg()`, its graphdef, host params), built once for the two steps."""
+  model = build_model(_model_cfg(), VOCAB)
+  graphdef, params = state_lib.split_model(model)
+  return model, graphdef, jax.device_get(params)  # host copy: the steps donate the state's buffers
 
 
 def _moved(before, after, *path) -> bool:
@@ -50,11 +71,9 @@ def _moved(before, after, *path) -> bool:
 def test_bootstrap_step_trains_a_scratch_llama():
   """build_model with config.model.family='llama' gives the configured GQA, untied trunk; one Stage-1 step (fast
   unroll, fused cross-entropy against lm_head) has a finite loss and moves the gate, lm_head and wte."""
-  model = build_model(_model_cfg(), VOCAB)
+  model, graphdef, params = _scratch_llama()
   assert isinstance(model.gpt2, llama.Llama) and model.gpt2.cfg == TINY
   mesh = parallel.make_mesh(1)
-  graphdef, params = state_lib.split_model(model)
-  params = jax.device_get(params)  # host copy: the step donates the state's buffers
   step = bootstrap.make_train_step(graphdef, TX, bootstrap.LossConfig(), mesh)
   state, metrics = step(parallel.replicate(state_lib.init_state(params, TX, seed=0), mesh),
                         parallel.shard_batch(bootstrap_batch(), mesh), 0.8)
@@ -70,8 +89,7 @@ def test_grpo_step_trains_a_scratch_llama():
   lm_head) equal the engine's at the first iteration, the KL to an identical reference is 0, the loss is finite and
   the gate and lm_head move."""
   mesh = parallel.make_mesh(1)
-  graphdef, params = state_lib.split_model(build_model(_model_cfg(), VOCAB))
-  params = jax.device_get(params)
+  _, graphdef, params = _scratch_llama()
   prompt, mask = rollout.repeat_prompts(*grpo_prompts(), G)
   out, ref_logprobs = rollout.make_rollout_fn(graphdef, CFG, VOCAB, mesh)(params, params, prompt, mask,
                                                                          jax.random.key(0), jnp.float32(TAU))
@@ -169,9 +187,7 @@ def test_build_model_takes_the_family_from_config_json(cls, tied, tmp_path):
   ids = np.array([[7, 30, 2, 55, 12]])  # model ids (2: <|eot|>, a copy of '<<')
   with torch.no_grad():
     want = hf_model(input_ids=torch.tensor(source[ids])).logits.numpy()[..., source]
-  mask = jnp.ones(ids.shape, jnp.int32)
-  hidden, _ = trunk(trunk.embed(jnp.asarray(ids)), positions_from_mask(mask), causal_bias(mask))
-  np.testing.assert_allclose(np.asarray(trunk.logits(hidden))[..., :VOCAB.num_tokens], want, atol=1e-4)
+  np.testing.assert_allclose(_logits(trunk, ids)[..., :VOCAB.num_tokens], want, atol=1e-4)
 
 
 @pytest.mark.parametrize('key,value,message', [
@@ -186,3 +202,29 @@ def test_bad_family_and_llama_sizes_are_named(key, value, message):
   config.model[key] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
     pipeline.check_config(config)
+
+
+def test_lora_on_a_llama_exports_merged_weights(hf_tokenizer, tmp_path):
+  """LoRA with the Llama family's target names wraps those projections (biasless kernels, as Llama's); the export of
+  a Llama run (`export.write_export`) is a Llama checkpoint with the adapters merged: `load_model` reads it back to
+  the LoRA model's logits. GPT-2's target names on a Llama are an error naming config.lora.targets and the valid
+  names."""
+  targets = ('self_attn.q_proj', 'self_attn.v_proj', 'mlp.down_proj')
+  lora_cfg = ml_collections.ConfigDict(dict(enabled=True, rank=4, alpha=8.0, targets=targets,
+                                            train_modules=('wte', 'lm_head')))
+  model = build_model(_model_cfg(), VOCAB, lora_cfg=lora_cfg)
+  block = model.gpt2.layers[1]
+  wrapped = [block.self_attn.q_proj, block.self_attn.v_proj, block.mlp.down_proj]
+  assert all(isinstance(m, lora.LoRALinear) for m in wrapped) and not isinstance(block.mlp.up_proj, lora.LoRALinear)
+  for i, m in enumerate(wrapped):  # B = 0 at init: make the adapters change the function
+    m.lora.lora_b.value = 0.3 * jax.random.normal(jax.random.key(i), m.lora.lora_b.value.shape)
+  export.write_export(model, tokens.Tokenizer(hf_tokenizer, VOCAB), str(tmp_path), 'bootstrap', 0.1)
+  reloaded = hf_io.load_model(str(tmp_path))
+  assert isinstance(reloaded, llama.Llama) and reloaded.cfg == TINY
+  ids = np.array([[7, 30, 2, 55, 12]])
+  np.testing.assert_allclose(_logits(reloaded, ids), _logits(model.gpt2, ids), atol=1e-5)
+  gpt2_targets = base.get_config().lora  # the default targets: GPT-2's
+  gpt2_targets.enabled = True
+  with pytest.raises(ValueError, match=r"config.lora.targets=\('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'"
+                                       r"\): expected a non-empty subset of \('self_attn.q_proj', "):
+    lora.apply_lora(model.gpt2, lora.LoRAConfig.from_config(gpt2_targets), nnx.Rngs(0))
