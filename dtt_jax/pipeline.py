@@ -185,7 +185,7 @@ def setup(config, workdir: str) -> Experiment:
 def _generated_test_records(config, valid: list[dict]) -> list[dict]:
   """The test records `config.eval` reads, for a generated dataset evaluated on its test split: their tokens join the
   compact vocabulary (which tokens exist, not their answers), so a small train split still covers every question."""
-  if config.dataset.name in ('addition', 'prosqa_mini') and config.eval.split == 'test' and not config.eval.path:
+  if config.dataset.name in data_lib.GENERATED and config.eval.split == 'test' and not config.eval.path:
     return heldout.eval_records(config, valid)[1]
   return []
 

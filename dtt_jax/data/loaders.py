@@ -35,6 +35,7 @@ from dtt_jax.data import generators
 log = logging.getLogger(__name__)
 
 DATASETS = ('gsm8k', 'prosqa', 'prontoqa', 'addition', 'prosqa_mini')
+GENERATED = ('addition', 'prosqa_mini')  # made by `generators`, every split from one symbol set
 SPLITS = generators.SPLITS
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_DATA_DIR = os.path.join(os.path.dirname(PROJECT_ROOT), 'shared', 'data')

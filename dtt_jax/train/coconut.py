@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 from dtt_jax import parallel
-from dtt_jax.data import answers
+from dtt_jax.data import GENERATED, answers
 from dtt_jax.data import coconut as coconut_data
 from dtt_jax.eval.compare import example_id
 from dtt_jax.eval.evaluate import generate_all, latent_lens
@@ -257,7 +257,7 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
     raise ValueError(f'config.coconut.start_epoch={cfg.start_epoch} skips the first stages (stage 0 is CoT): set '
                      'config.init_from to the workdir of a run that trained them (e.g. --config.method=cot), or set '
                      'config.coconut.start_epoch=0.')
-  generated = c.dataset.name in ('addition', 'prosqa_mini')
+  generated = c.dataset.name in GENERATED
   if (c.eval.split == 'test' or c.eval.path) and c.model.vocab != 'full' and not generated:
     raise ValueError('config.eval.split="test" (or config.eval.path) needs config.model.vocab="full" (the compact '
                      'vocabulary is built from the train and valid records only; the generated addition and prosqa_mini '
