@@ -1,0 +1,193 @@
+"""The CPU-scale method study (issue #18): every method x task x seed, then `docs/study_mini.md`.
+
+    python -m dtt_jax.eval.study_mini --root=runs/study_mini --output=docs/study_mini.md
+
+Each run is `python -m dtt_jax.main --config=configs/coconut.py:<task>,<method> --config.seed=<seed>
+--config.eval.split=test` in `<root>/<task>/<method>/seed<seed>/`: every method of a task gets the same model, data,
+batch and supervised steps (configs/coconut.py); DTT adds its GRPO steps (stated in the table). A run that finished
+(its test evaluation written) is not run again; an interrupted one resumes from its checkpoints and its wall time
+adds up over the attempts (`study_run.json`). `--render_only` writes the report from the runs found.
+
+The report: per task, accuracy on the test split (mean ± std over the seeds that finished), mean generated tokens,
+mean training + evaluation wall time, and a plot of accuracy against generated tokens (one point per method, the
+seed spread as error bars) next to the markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+TASKS = ('addition2', 'addition3', 'addition4', 'prosqa_mini', 'prontoqa', 'prosqa')
+DEFAULT_TASKS = TASKS[:4]  # the real ProntoQA / ProsQA files: `--tasks`, at their current budget
+METHODS = ('no_cot', 'cot', 'icot', 'pause', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_thought',
+           'coconut', 'dtt')
+LABELS = {'cot': 'CoT', 'no_cot': 'No-CoT', 'icot': 'iCoT', 'pause': 'Pause token',
+          'pause_as_thought': 'Pause as thought', 'coconut_no_curriculum': 'COCONUT w/o curriculum',
+          'coconut_no_thought': 'COCONUT w/o thought', 'coconut': 'COCONUT', 'dtt': 'DTT (bootstrap + GRPO)'}
+SEEDS = (0, 1, 2)
+RUN_FILE = 'study_run.json'  # {wall_s, attempts, command, returncode}
+
+
+def workdir(root: str, task: str, method: str, seed: int) -> str:
+  return os.path.join(root, task, method, f'seed{seed}')
+
+
+def command(task: str, method: str, seed: int, out: str, overrides=()) -> list[str]:
+  return [sys.executable, '-m', 'dtt_jax.main', f'--config=configs/coconut.py:{task},{method}', f'--workdir={out}',
+          f'--config.seed={seed}', '--config.eval.split=test', *overrides]
+
+
+def test_metrics(out: str) -> dict | None:
+  """The test-split metrics of a finished run (DTT: its last stage), None before its evaluation."""
+  for stage in ('grpo', 'bootstrap'):
+    path = os.path.join(out, 'eval', 'test', stage, 'metrics.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+  return None
+
+
+def run_one(task: str, method: str, seed: int, root: str, overrides=()) -> dict:
+  """Trains and evaluates one run (unless finished); its log next to the workdir, its wall time in RUN_FILE."""
+  out = workdir(root, task, method, seed)
+  record_path = os.path.join(out, RUN_FILE)
+  record = {'wall_s': 0.0, 'attempts': 0}
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+  if test_metrics(out) is not None and record.get('returncode') == 0:
+    return record
+  os.makedirs(out, exist_ok=True)
+  cmd = command(task, method, seed, out, overrides)
+  start = time.time()
+  with open(out + '.log', 'a') as log:
+    returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+  record = {'wall_s': record['wall_s'] + time.time() - start, 'attempts': record['attempts'] + 1,
+            'command': ' '.join(cmd[1:]), 'returncode': returncode}
+  with open(record_path, 'w') as f:
+    json.dump(record, f, indent=2)
+  return record
+
+
+def collect(root: str, tasks, methods, seeds) -> dict:
+  """{(task, method): [{seed, accuracy, tokens, wall_s, steps, grpo_steps}, ...]} of the finished runs."""
+  found = {}
+  for task in tasks:
+    for method in methods:
+      rows = []
+      for seed in seeds:
+        out = workdir(root, task, method, seed)
+        m = test_metrics(out)
+        if m is None or not os.path.exists(os.path.join(out, RUN_FILE)):
+          continue
+        with open(os.path.join(out, RUN_FILE)) as f:
+          record = json.load(f)
+        with open(os.path.join(out, 'config.json')) as f:
+          config = json.load(f)
+        tokens = m['generated_tokens'] if 'generated_tokens' in m else m['completion_tokens']
+        rows.append({'seed': seed, 'accuracy': m['accuracy'], 'tokens': tokens, 'wall_s': record['wall_s'],
+                     'num_examples': m['num_examples'], 'steps': config['bootstrap']['steps'],
+                     'grpo_steps': config['grpo']['steps'] if method == 'dtt' else 0})
+      if rows:
+        found[task, method] = rows
+  return found
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = np.asarray(values, float)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def plot_task(task: str, runs: dict, methods, path: str) -> None:
+  """Accuracy (%) against mean generated tokens, one point per method, error bars: the seeds' std."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for i, method in enumerate(m for m in methods if (task, m) in runs):
+    rows = runs[task, method]
+    acc, acc_std = _mean_std([100 * r['accuracy'] for r in rows])
+    tok, tok_std = _mean_std([r['tokens'] for r in rows])
+    ax.errorbar(tok, acc, xerr=tok_std, yerr=acc_std, fmt='o', capsize=3, color=f'C{i}',
+                label=f'{LABELS[method]} (n={len(rows)})')
+    ax.scatter([r['tokens'] for r in rows], [100 * r['accuracy'] for r in rows], s=8, color=f'C{i}', alpha=0.4)
+  ax.set(xlabel='generated tokens (mean over the test split)', ylabel='test accuracy (%)', title=task)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc='best')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> str:
+  runs = collect(root, tasks, methods, seeds)
+  total = sum(r['wall_s'] for rows in runs.values() for r in rows)
+  lines = [f'Command: `{command_line}`', '',
+           f'Runs found: {sum(len(v) for v in runs.values())} of {len(tasks) * len(methods) * len(seeds)} '
+           f'({len(tasks)} tasks x {len(methods)} methods x seeds {", ".join(map(str, seeds))}); their total wall '
+           f'time (training + evaluation, one run at a time): {total / 60:.1f} min.', '']
+  for task in tasks:
+    lines += [f'### {task}', '', '| Method | test acc. (%) mean ± std | n | # tokens | wall (s) | steps | per seed (%) |',
+              '|---|---|---|---|---|---|---|']
+    for method in methods:
+      rows = runs.get((task, method))
+      if not rows:
+        lines.append(f'| {LABELS[method]} | not run | 0 | | | | |')
+        continue
+      acc, acc_std = _mean_std([100 * r['accuracy'] for r in rows])
+      steps = f'{rows[0]["steps"]}' + (f' + {rows[0]["grpo_steps"]} GRPO' if rows[0]['grpo_steps'] else '')
+      per_seed = ', '.join(f'{100 * r["accuracy"]:.1f}' for r in rows)
+      lines.append(f'| {LABELS[method]} | {acc:.1f} ± {acc_std:.1f} | {len(rows)} | '
+                   f'{np.mean([r["tokens"] for r in rows]):.1f} | {np.mean([r["wall_s"] for r in rows]):.0f} | '
+                   f'{steps} | {per_seed} |')
+    examples = sorted({r['num_examples'] for (t, _), rows in runs.items() if t == task for r in rows})
+    if examples:
+      plot = f'study_mini_{task}.png'
+      plot_task(task, runs, methods, os.path.join(os.path.dirname(output) or '.', plot))
+      lines += ['', f'Test examples: {", ".join(map(str, examples))}. ![{task}]({plot})']
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--root', default='runs/study_mini', help='directory of the <task>/<method>/seed<k> workdirs')
+  parser.add_argument('--output', default='docs/study_mini.md', help='markdown file to write')
+  parser.add_argument('--notes', default='docs/study_mini_notes.md',
+                      help='markdown appended to the report when it exists (the setup and the analysis of the runs)')
+  parser.add_argument('--tasks', default=','.join(DEFAULT_TASKS), help=f'comma-separated, of {",".join(TASKS)}')
+  parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated')
+  parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='comma-separated')
+  parser.add_argument('--render_only', action='store_true', help='write the report from the runs found')
+  args, overrides = parser.parse_known_args(argv)
+  tasks, methods = args.tasks.split(','), args.methods.split(',')
+  seeds = [int(s) for s in args.seeds.split(',')]
+  for name, chosen, allowed in (('--tasks', tasks, TASKS), ('--methods', methods, METHODS)):
+    if set(chosen) - set(allowed):
+      parser.error(f'{name}: {", ".join(sorted(set(chosen) - set(allowed)))} unknown; expected {", ".join(allowed)}.')
+  if not args.render_only:
+    for seed in seeds:  # a seed of every task and method first: an early report covers the whole table
+      for task in tasks:
+        for method in methods:
+          record = run_one(task, method, seed, args.root, overrides)
+          print(f'{task} {method} seed {seed}: {record["wall_s"]:.0f} s, exit {record["returncode"]}', flush=True)
+  line = ' '.join(['python -m dtt_jax.eval.study_mini'] + (argv if argv is not None else sys.argv[1:]))
+  text = render(args.root, args.output, tasks, methods, seeds, line)
+  if os.path.exists(args.notes):
+    with open(args.notes) as f:
+      text += '\n' + f.read()
+  os.makedirs(os.path.dirname(args.output) or '.', exist_ok=True)
+  with open(args.output, 'w') as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
