@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.span = 'none'  # 'none': empty span, random filler in filler_prob of samples | 'cot': dataset steps
   c.data.filler_prob = 0.15
   c.data.max_filler = 8
+  # span = 'cot', generated addition: 'steps' (the record's steps) | 'answer_digits' | 'column_digits' (data/samples.py)
+  c.data.span_text = 'steps'
+  c.data.digit_tokens = False  # span and answer one token per digit (GPT-2's single-digit ids)
 
   c.bootstrap = ml_collections.ConfigDict()
   c.bootstrap.steps = 1000

@@ -176,15 +176,22 @@ def _matches(key: str, patterns) -> bool:
   return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def differences(saved: dict, current: dict, only=None, ignore=()) -> list[tuple[str, Any, Any]]:
-  """[(key, saved value, current value)] over flattened configs; `only` / `ignore`: key patterns."""
-  old, new = flatten(saved), flatten(current)
+def differences(saved: dict, current: dict, only=None, ignore=(), defaults: dict | None = None
+                ) -> list[tuple[str, Any, Any]]:
+  """[(key, saved value, current value)] over flattened configs; `only` / `ignore`: key patterns.
+
+  defaults (a config as `config_dict` gives it, e.g. `default_config()`): a key the saved config lacks (it was
+  written before the key existed, when the code behaved as its default) counts as unchanged when the current value
+  is its default; absent from `defaults`, or another value, it is a difference as before."""
+  old, new, default = flatten(saved), flatten(current), flatten(defaults or {})
   missing = object()
   out = []
   for key in sorted(set(old) | set(new)):
     if (only is not None and not _matches(key, only)) or _matches(key, ignore):
       continue
     a, b = old.get(key, missing), new.get(key, missing)
+    if a is missing and b is not missing and default.get(key, missing) == b:
+      continue
     if a != b:
       out.append((key, '(absent)' if a is missing else a, '(absent)' if b is missing else b))
   return out
@@ -193,6 +200,12 @@ def differences(saved: dict, current: dict, only=None, ignore=()) -> list[tuple[
 def config_dict(config) -> dict:
   """The config as the JSON files hold it (tuples as lists)."""
   return json.loads(config.to_json_best_effort())
+
+
+def default_config() -> dict:
+  """`configs/base.get_config()` as `config_dict` gives it: the value of each key in runs from before it existed."""
+  from configs import base  # pylint: disable=g-import-not-at-top  (the project root, as every config file needs)
+  return config_dict(base.get_config())
 
 
 def stages_of(config) -> tuple[str, ...]:
@@ -234,14 +247,18 @@ def _format(diffs) -> str:
   return '\n'.join(f'  {key}: {a!r} (saved) -> {b!r} (now)' for key, a, b in diffs)
 
 
-def check_resume(config, workdir: str) -> None:
+def check_resume(config, workdir: str, defaults: dict | None = None) -> None:
   """Before any compute: stops (WorkdirError) when this run's config differs meaningfully from the run whose
   checkpoints it would resume or read; logs harmless differences; with `config.on_config_change='move_aside'`,
-  moves the differing stages (and the stages after them) to `<workdir>/moved-<time>/` instead."""
+  moves the differing stages (and the stages after them) to `<workdir>/moved-<time>/` instead.
+
+  A key that a saved config lacks (a workdir from before the key existed) is no difference when this run keeps
+  its default: `defaults` (default: `default_config()`, configs/base.py)."""
   on_change = config.get('on_config_change', 'stop')
   if on_change not in ('stop', 'move_aside'):
     raise ValueError(f"config.on_config_change={on_change!r}: expected one of 'stop', 'move_aside'.")
   current = config_dict(config)
+  defaults = default_config() if defaults is None else defaults
   stages = stages_of(config)
   trained = trained_stages(config)
   conflicts = {}  # stage -> (saved config path, differences)
@@ -256,13 +273,13 @@ def check_resume(config, workdir: str) -> None:
       continue
     if stage in trained:
       ignore = _sections(stage, config)
-      harmful = differences(saved, current, ignore=ignore + HARMLESS)
-      harmless = differences(saved, current, only=HARMLESS, ignore=ignore + ('stage',))
+      harmful = differences(saved, current, ignore=ignore + HARMLESS, defaults=defaults)
+      harmless = differences(saved, current, only=HARMLESS, ignore=ignore + ('stage',), defaults=defaults)
       if harmless and not harmful:
         log.info('%s: resuming from step %d with changed settings that do not change the run:\n%s', stage,
                  steps[-1], _format(harmless))
     else:
-      harmful = differences(saved, current, only=PARAM_KEYS, ignore=PARAM_HARMLESS)
+      harmful = differences(saved, current, only=PARAM_KEYS, ignore=PARAM_HARMLESS, defaults=defaults)
     if harmful:
       conflicts[stage] = (path, steps, harmful)
   if not conflicts:

@@ -6,6 +6,7 @@ same result."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+from configs import base
+from dtt_jax import workdir as workdir_lib
 from tests.conftest import PROJECT_ROOT
 from tests.test_main import _cmd, _env, _final_state, _metric_lines, _run, _wait_for
 
@@ -220,3 +223,51 @@ def test_kill_9_while_a_checkpoint_is_written_reruns_to_identical_params(tmp_pat
   _, state_b = _final_state(workdir)
   for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(x, y)
+
+
+# A workdir from before these keys existed (#19 item 1 and #17 item 4 added them): its saved config lacks them.
+NEWER_KEYS = ('model.family', 'model.n_kv_head', 'model.intermediate_size', 'model.rope_theta',
+              'model.tie_word_embeddings', 'data.span_text', 'data.digit_tokens')
+
+
+def _old_workdir(tmp_path, config) -> str:
+  """A workdir whose bootstrap has a checkpoint (step 4) and a saved config without NEWER_KEYS."""
+  saved = workdir_lib.config_dict(config)
+  for key in NEWER_KEYS:
+    section, name = key.split('.')
+    del saved[section][name]
+  workdir = tmp_path / 'old'
+  (workdir / 'bootstrap' / 'checkpoints' / '4').mkdir(parents=True)
+  (workdir / 'bootstrap' / 'config.json').write_text(json.dumps(saved))
+  return str(workdir)
+
+
+def test_keys_newer_than_the_workdir_are_no_difference_at_their_defaults(tmp_path):
+  """The saved config lacks NEWER_KEYS and this run keeps their defaults: it resumes (the bootstrap it trains) and
+  reads the bootstrap (config.stage='grpo': compared on the parameter keys). Without the defaults every one of
+  them is a difference, as before the fix."""
+  config = base.get_config()
+  workdir = _old_workdir(tmp_path, config)
+  saved = json.loads(open(os.path.join(workdir, 'bootstrap', 'config.json')).read())
+  current = workdir_lib.config_dict(config)
+  assert [k for k, _, _ in workdir_lib.differences(saved, current)] == sorted(NEWER_KEYS)
+  assert workdir_lib.differences(saved, current, defaults=workdir_lib.default_config()) == []
+  workdir_lib.check_resume(config, workdir)
+  config.stage = 'grpo'
+  workdir_lib.check_resume(config, workdir)
+
+
+@pytest.mark.parametrize('stage,key,value', [('bootstrap', 'data.span_text', 'answer_digits'),
+                                             ('bootstrap', 'model.rope_theta', 5e5),
+                                             ('grpo', 'model.family', 'llama')])
+def test_a_newer_key_away_from_its_default_still_stops(stage, key, value, tmp_path):
+  """A key the saved config lacks, set to another value than its default now, is a difference (the old run
+  computed with the default): the resume stops naming it, for the stage the run trains and for the one it reads."""
+  config = base.get_config()
+  workdir = _old_workdir(tmp_path, config)
+  config.stage = stage
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(workdir_lib.WorkdirError, match=re.escape(f"{key}: '(absent)' (saved) -> {value!r} (now)")) as e:
+    workdir_lib.check_resume(config, workdir)
+  assert sum(k in str(e.value) for k in NEWER_KEYS) == 1  # the others keep their defaults
