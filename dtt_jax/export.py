@@ -1,6 +1,6 @@
 """Export a trained DTT model as a Hugging Face directory that transformers loads as is: GPT-2, or the Llama /
 Qwen2 checkpoint of a Llama-family run (`hf_io.export_llama`: LlamaForCausalLM / Qwen2ForCausalLM, with the run's
-GPT-2 tokenizer).
+tokenizer: the checkpoint's own with the 4 DTT specials last, or GPT-2's).
 
     python -m dtt_jax.export --workdir=runs/gsm8k --out=exported/gsm8k [--stage=grpo|bootstrap]
 
@@ -11,10 +11,12 @@ bos/eos/pad ids are the model's <|endoftext|> row), the tokenizer (`tokenizer.js
 `proj.weight`/`proj.bias` when the projection is used, in PyTorch Linear layout; the HRPO gate's `hrpo.*` tensors
 with `config.model.gate='hrpo'`), `dtt_config.json` (gate kind and formula, evaluation temperature) and
 `dtt_vocab.json`. LoRA adapters are merged into the exported weights. With the full vocabulary the token ids
-are GPT-2's (plus the 4 DTT specials at 50257..50260). With the compact vocabulary the exported rows and the
-tokenizer's ids are the model ids (`dtt_vocab.json` lists the GPT-2 id of each row): the dataset's text tokenizes
-to exactly the ids dtt_jax gives it; text with tokens outside the compact vocabulary gets ids >= vocab_size, which
-the model cannot embed (dtt_jax's tokenizer refuses such text too).
+are the tokenizer's: GPT-2's (plus the 4 DTT specials at 50257..50260), or a checkpoint tokenizer's (the specials
+after its vocabulary; config.json's bos / eos / pad ids its own, `Tokenizer.export_special_ids`). With the
+compact vocabulary the exported rows and the tokenizer's ids are the model ids (`dtt_vocab.json` lists the GPT-2
+id of each row): the dataset's text tokenizes to exactly the ids dtt_jax gives it; text with tokens outside the
+compact vocabulary gets ids >= vocab_size, which the model cannot embed (dtt_jax's tokenizer refuses such text
+too).
 
 The exported model alone decodes as dtt_jax does with the gate off (the plain trunk); the gate needs `dtt_head`.
 """
@@ -29,6 +31,7 @@ from absl import app, flags
 from ml_collections import config_dict
 
 from dtt_jax import pipeline, tokens
+from dtt_jax.methods import base
 from dtt_jax.model import hf_io
 
 FLAGS = flags.FLAGS
@@ -75,8 +78,7 @@ def write_export(model, tokenizer: tokens.Tokenizer, out_dir: str, stage: str, e
   if model.gpt2.cfg.family == 'gpt2':  # LoRA adapters merged into the base by either exporter
     hf_io.export_pretrained(model.gpt2, out_dir, eos_id=vocab.eos)
   else:
-    hf_io.export_llama(model.gpt2, out_dir, special_ids=dict.fromkeys(('bos_token_id', 'eos_token_id',
-                                                                       'pad_token_id'), vocab.eos))
+    hf_io.export_llama(model.gpt2, out_dir, special_ids=tokenizer.export_special_ids())
   tokens.hf_tokenizer_for_vocab(tokenizer.hf, vocab, model.gpt2.cfg.n_positions).save_pretrained(out_dir)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in gate_tensors(model).items()},
@@ -87,7 +89,7 @@ def write_export(model, tokenizer: tokens.Tokenizer, out_dir: str, stage: str, e
   with open(os.path.join(out_dir, 'dtt_config.json'), 'w') as f:
     json.dump({'stage': stage, 'eval_tau': eval_tau, **gate,
                'special_tokens': {name: vocab.model_id(gid) for name, gid in zip(
-                   ('<|endoftext|>',) + tokens.SPECIAL_TOKENS, tokens.SPECIAL_IDS)}}, f, indent=2)
+                   (tokenizer.hf.eos_token,) + tokens.SPECIAL_TOKENS, vocab.special_ids)}}, f, indent=2)
   with open(os.path.join(out_dir, 'dtt_vocab.json'), 'w') as f:
     f.write(vocab.to_json())
 
@@ -99,7 +101,7 @@ def export(workdir: str, out_dir: str, stage: str = '') -> str:
   exp = pipeline.setup(config, workdir)
   if not stage:
     stage = 'grpo' if os.path.isdir(os.path.join(workdir, 'grpo', 'checkpoints')) else 'bootstrap'
-  graphdef, params = pipeline.stage_params(exp, stage)
+  graphdef, params = base.stage_params(exp, stage)
   from flax import nnx  # pylint: disable=g-import-not-at-top
   write_export(nnx.merge(graphdef, params), exp.tokenizer, out_dir, stage, config[stage].tau_min)
   return stage

@@ -6,6 +6,7 @@ import pytest
 
 from dtt_jax import tokens
 from dtt_jax.data import coconut
+from dtt_jax.methods import curriculum
 
 RECORD = {'question': '12 + 34 =', 'steps': ['2+4=6 write 6', '1+3=4 write 4'], 'answer': '46'}
 
@@ -86,7 +87,6 @@ def test_optimizer_resets_follow_the_schedule_the_same_for_every_method():
   'warmup_cosine' (whose warmup + cosine then spans exactly one stage); `start_epoch` (GSM8K: 3) shifts the
   epochs, so a run resumed into the schedule keeps its blocks."""
   from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
-  from dtt_jax import pipeline  # pylint: disable=g-import-not-at-top
   from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
 
   expected = {'coconut': list(range(10, 160, 10)), 'warmup_cosine': list(range(20, 160, 20))}
@@ -94,7 +94,7 @@ def test_optimizer_resets_follow_the_schedule_the_same_for_every_method():
     for method in coconut_configs.METHODS[:-1]:
       c = coconut_configs.get_config(f'prontoqa,{method}')
       c.coconut.optimizer, c.coconut.epochs_per_stage = optimizer, 2
-      schedule = pipeline.curriculum(c)
+      schedule = curriculum.curriculum(c)
       steps = coconut_train.train_steps(c, schedule, steps_per_epoch=10)  # (6 + 2) stages x 2 epochs x 10 steps
       assert steps == 160
       assert schedule.reset_steps(10, steps, coconut_train.reset_every_epochs(c)) == resets, (optimizer, method)

@@ -16,6 +16,7 @@ from configs import coconut as coconut_configs
 from dtt_jax import pipeline, tokens
 from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.eval import study
+from dtt_jax.methods import base, curriculum
 from dtt_jax.model.dtt import DTTConfig, DTTModel
 from dtt_jax.model.gpt2 import GPT2Config
 from dtt_jax.sampling import engine
@@ -75,23 +76,23 @@ def test_run_resets_every_epoch_scores_the_best_checkpoint_and_seeds_a_later_run
   evaluation scores step 8's checkpoint at its stage (1), exactly. A second run from epoch 4 (stage 2) with
   `init_from` the first starts from those weights (lr 0: it ends with them)."""
   del hf_tokenizer  # the shared tokenizer must be present
-  real = pipeline.make_coconut_validate
+  real = curriculum.make_validate
 
   def validate_with_best_at_8(exp, graphdef, stage_at):
     validate = real(exp, graphdef, stage_at)
     return lambda state, step, tau: {**validate(state, step, tau), 'accuracy': float(step == 8)}
 
-  monkeypatch.setattr(pipeline, 'make_coconut_validate', validate_with_best_at_8)
+  monkeypatch.setattr(curriculum, 'make_validate', validate_with_best_at_8)
   first = tmp_path / 'first'
   exp = pipeline.setup(_tiny_config(), str(first))
-  result = pipeline.run_coconut(exp)
+  result = curriculum.run_curriculum(exp)
   assert result.step == 12 and exp.config.bootstrap.steps == 0  # resolved for the run only
   counts = {int(x) for x in jax.tree.leaves(result.state.opt_state) if jnp.issubdtype(x.dtype, jnp.integer)}
   assert counts == {2}
   assert exp.tokenizer.encode('### 46').size == 2  # the compact vocabulary holds COCONUT's layout texts
   assert _logged(first, 'bootstrap/stage') == [0] * 4 + [1] * 4 + [2] * 4
   assert _logged(first, 'bootstrap/epoch') == [e for e in range(6) for _ in range(2)]
-  metrics = pipeline.run_eval(exp)
+  metrics = curriculum.run_eval(exp)
   with open(first / 'eval' / 'valid' / 'bootstrap' / 'metrics.json') as f:
     assert json.load(f) == metrics
   assert (metrics['step'], metrics['curriculum_stage'], metrics['answer_match'], metrics['split']) == (8, 1, 'exact',
@@ -107,8 +108,8 @@ def test_run_resets_every_epoch_scores_the_best_checkpoint_and_seeds_a_later_run
   c = _tiny_config(start_epoch=4, num_epochs=5)  # one epoch at stage 2
   c.init_from, c.bootstrap.lr = str(first), 0.0
   second = tmp_path / 'second'
-  later = pipeline.run_coconut(pipeline.setup(c, str(second)))
-  _, best = pipeline.stage_params(exp, 'bootstrap')
+  later = curriculum.run_curriculum(pipeline.setup(c, str(second)))
+  _, best = base.stage_params(exp, 'bootstrap')
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(later.state.params), jax.device_get(best))
   assert later.step == 2 and _logged(second, 'bootstrap/stage') == [2, 2]
   assert Checkpointer(str(second / 'bootstrap' / 'checkpoints'), async_save=False).steps() == [2]
@@ -121,11 +122,11 @@ def test_budget_follows_the_schedule_and_a_short_one_is_named():
   c = coconut_configs.get_config('prontoqa,coconut')
   c.coconut.steps_per_epoch, c.coconut.epochs_per_stage = 0, 5
   pipeline.check_config(c)  # one pass over the data: its length is known once the data is (run_coconut)
-  assert coconut_train.train_steps(c, pipeline.curriculum(c), steps_per_epoch=281) == 40 * 281
+  assert coconut_train.train_steps(c, curriculum.curriculum(c), steps_per_epoch=281) == 40 * 281
   c.bootstrap.steps = 200
   with pytest.raises(ValueError, match=r'config.bootstrap.steps=200 ends before the last stage .* starts at step '
                                        r'9835: set config.bootstrap.steps=0 \(then num_epochs=40: 11240 steps\)'):
-    coconut_train.train_steps(c, pipeline.curriculum(c), steps_per_epoch=281)
+    coconut_train.train_steps(c, curriculum.curriculum(c), steps_per_epoch=281)
   c.coconut.steps_per_epoch = 25
   with pytest.raises(ValueError, match=r'config.bootstrap.steps=200 ends .* starts at step 875'):
     pipeline.check_config(c)
@@ -149,7 +150,7 @@ def test_paper_settings():
     pipeline.check_config(c)
   c.init_from = 'runs/gsm8k_cot'
   pipeline.check_config(c)
-  schedule = pipeline.curriculum(c)
+  schedule = curriculum.curriculum(c)
   assert (schedule.c_thoughts, schedule.max_stage, schedule.epochs_per_stage, schedule.start_epoch) == (2, 3, 3, 3)
   assert [schedule.stage_at_step(s, 100) for s in (0, 299, 300, 900, 2199)] == [1, 1, 2, 4, 4]
   assert coconut_train.train_steps(c, schedule, 100) == 2200  # epochs 3..24
@@ -183,7 +184,7 @@ def test_study_configs_are_valid(dataset, method):
     assert c.bootstrap.steps == budget and c.model.dropout == 0
   else:
     assert c.bootstrap.steps == 0 and c.model.dropout == 0.1
-    assert coconut_train.train_steps(c, pipeline.curriculum(c), c.coconut.steps_per_epoch) == budget
+    assert coconut_train.train_steps(c, curriculum.curriculum(c), c.coconut.steps_per_epoch) == budget
 
 
 def test_bad_method_and_stage_are_named():

@@ -14,6 +14,8 @@ import pytest
 from flax import nnx
 
 from dtt_jax import parallel, pipeline, tokens
+from dtt_jax.methods import base
+from dtt_jax.methods import dtt as dtt_method
 from dtt_jax.model import build_model, hf_io, lora
 from dtt_jax.model.gpt2 import causal_bias, positions_from_mask
 from dtt_jax.rl import grpo, rollout
@@ -148,7 +150,7 @@ def test_training_moves_only_adapters_gate_and_train_modules(gate, train_modules
   config = importlib.import_module('configs.lora').get_config()
   config.bootstrap.warmup_steps, config.grpo.warmup_steps = 1, 1
   config.lora.train_modules = train_modules
-  tx = pipeline.bootstrap_optimizer(config)
+  tx = dtt_method.bootstrap_optimizer(config)
   state = parallel.replicate(state_lib.init_state(start, tx, seed=0), mesh)
   opt_size = sum(x.size for x in jax.tree.leaves(state.opt_state))
   assert opt_size == 2 * trainable + 4  # mu and nu of the trained leaves + 2 step counts per label (trunk, gate)
@@ -224,14 +226,14 @@ def test_grpo_with_lora_from_a_full_bootstrap(tmp_path):
   evaluation loads them, and loading them into a model without LoRA fails naming config.lora."""
   base_dir, lora_dir = str(tmp_path / 'base'), str(tmp_path / 'lora')
   base_exp = pipeline.setup(_tiny_config(), base_dir)
-  pipeline.run_bootstrap(base_exp)
-  base_graphdef, base_params = jax.device_get(pipeline.stage_params(base_exp, 'bootstrap'))
+  dtt_method.run_bootstrap(base_exp)
+  base_graphdef, base_params = jax.device_get(base.stage_params(base_exp, 'bootstrap'))
   assert not state_lib.has_lora(base_params)
 
   config = _tiny_config(enabled=True, rank=4, alpha=8.0)
   config.stage, config.init_from = 'grpo', base_dir
   exp = pipeline.setup(config, lora_dir)
-  graphdef, start = pipeline.grpo_start_params(exp)
+  graphdef, start = dtt_method.grpo_start_params(exp)
   start = jax.device_get(start)
   assert lora.adapter_shapes(start) and state_lib.has_lora(start)
   base_leaves, start_leaves = _leaves(base_params), _leaves(lora.without_adapters(start))
@@ -259,16 +261,16 @@ def test_grpo_with_lora_from_a_full_bootstrap(tmp_path):
   # The pipeline's GRPO run saves its adapters and evaluation restores them (not fresh ones). Its rewards may all be
   # equal (zero advantages), so weight decay makes sure the trained parameters move in 2 steps (lr 0 at the first).
   exp.config.grpo.steps, exp.config.grpo.weight_decay = 2, 0.5
-  pipeline.run_grpo(exp)
-  trained = _leaves(jax.device_get(pipeline.stage_params(exp, 'grpo'))[1])
+  dtt_method.run_grpo(exp)
+  trained = _leaves(jax.device_get(base.stage_params(exp, 'grpo'))[1])
   start_leaves = _leaves(start)
   moved = {k for k, v in start_leaves.items() if not np.array_equal(v, trained[k])}
   assert any(k.endswith("['lora_a']") for k in moved) and "['gpt2']['wte']['embedding']" in moved
   assert {k for k in moved if labels[k] == 'base'} == set()
-  metrics = pipeline.run_eval(exp)
+  metrics = dtt_method.run_eval(exp)
   assert 0.0 <= metrics['structure_rate'] <= 1.0
   with open(f'{lora_dir}/eval/test/grpo/metrics.json') as f:
     assert '"stage": "grpo"' in f.read()
   plain = dataclasses.replace(exp, config=_tiny_config())
   with pytest.raises(ValueError, match=r'holds LoRA adapters \(rank 4 on .*\) but config.lora gives \(none\)'):
-    pipeline.stage_params(plain, 'grpo')
+    base.stage_params(plain, 'grpo')

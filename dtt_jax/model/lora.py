@@ -8,7 +8,7 @@ adapter adds `h[i].attn.c_attn.lora.lora_a` / `lora_b`. Training: `train.state.p
 labels every other parameter 'base' (a zero update and no optimizer moments in both stages), except the gate and the
 modules of `config.lora.train_modules` (PEFT's `modules_to_save`; default the tied embedding `wte`, without which the
 DTT special tokens, initialised as copies of one pretrained row, keep identical logits), which train fully.
-Fine-tuning a trained model: `pipeline.stage_params` restores a checkpoint without adapters into a model with them
+Fine-tuning a trained model: `methods.base.stage_params` restores a checkpoint without adapters into a model with them
 (`without_adapters` / `with_adapters`); the fresh adapters have B = 0, so the model starts as the checkpoint's.
 Export: `merged` folds W + (alpha / rank) A B back into plain `nnx.Linear` modules (`hf_io.export_pretrained`
 calls it; `export_llama` folds `merged_kernel` itself), so the HF checkpoint is an ordinary GPT-2 / Llama / Qwen2.
@@ -83,7 +83,8 @@ class LoRALinear(nnx.LoRALinear):
   """`nnx.LoRALinear` with the adapter's output scaled by alpha / rank."""
 
   def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
-    super().__init__(base.in_features, base.out_features, lora_rank=rank, lora_dtype=base.dtype, dtype=base.dtype,
+    super().__init__(base.in_features, base.out_features, lora_rank=rank, lora_dtype=base.dtype,
+                     lora_param_dtype=base.param_dtype, dtype=base.dtype, param_dtype=base.param_dtype,
                      use_bias=base.use_bias, rngs=rngs)
     self.kernel, self.bias = base.kernel, base.bias  # the base's own variables (same values, same paths)
     self.scale = alpha / rank
@@ -92,8 +93,9 @@ class LoRALinear(nnx.LoRALinear):
     return nnx.Linear.__call__(self, x) + self.scale * self.lora(x)
 
   def merged_kernel(self) -> jax.Array:
-    """W + (alpha / rank) A B, [in, out] float32."""
-    return self.kernel[...] + self.scale * (self.lora.lora_a[...] @ self.lora.lora_b[...])
+    """W + (alpha / rank) A B, [in, out], computed in float32, in the parameters' dtype."""
+    f32 = lambda v: v[...].astype(jnp.float32)
+    return (f32(self.kernel) + self.scale * (f32(self.lora.lora_a) @ f32(self.lora.lora_b))).astype(self.param_dtype)
 
 
 def _target_modules(gpt2: GPT2 | Llama, targets):
@@ -122,7 +124,8 @@ def merged(gpt2: GPT2 | Llama) -> GPT2 | Llama:
     if isinstance(module, LoRALinear):
       kernel = module.merged_kernel()
       setattr(parent, name, nnx.Linear(module.in_features, module.out_features, use_bias=module.bias is not None,
-                                       dtype=module.dtype, kernel_init=lambda *_: kernel,
+                                       dtype=module.dtype, param_dtype=module.param_dtype,
+                                       kernel_init=lambda *_: kernel,
                                        bias_init=lambda *_: module.bias[...], rngs=nnx.Rngs(0)))
   return gpt2
 

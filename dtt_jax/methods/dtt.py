@@ -1,0 +1,170 @@
+"""Dynamic Thinking Tokens (the paper's method): Stage 1, the supervised bootstrap (`train/bootstrap.py`), then
+Stage 2, GRPO (`rl/grpo.py`, rollouts by `rl/rollout.py`); greedy latent decoding with the engine at evaluation,
+scored by the reward's answer rule (`reward/reward.py`, `eval/evaluate.py`).
+
+Data: Stage 1 builds `<|bot|> span <|eot|> answer` sequences (`data.stage1_iterator`: filler or CoT span with its
+noise), Stage 2 draws prompts (`data.prompt_iterator`) whose completions the policy samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dtt_jax import data as data_lib
+from dtt_jax import parallel
+from dtt_jax import workdir as workdir_lib
+from dtt_jax.eval import evaluate as eval_lib
+from dtt_jax.eval import heldout, report
+from dtt_jax.methods import base
+from dtt_jax.metrics import MetricWriter
+from dtt_jax.model import lora
+from dtt_jax.rl import grpo, rollout
+from dtt_jax.train import bootstrap, loop, state as state_lib
+
+log = logging.getLogger(__name__)
+
+
+class DTT(base.Method):
+  stages = ('bootstrap', 'grpo')
+
+  def check_config(self, c) -> None:
+    if c.bootstrap.steps <= 0:
+      raise ValueError(f'config.bootstrap.steps={c.bootstrap.steps} must be positive.')
+    grpo.check_config(c.grpo)  # raises on bad GRPO values (loss_agg, gate_as_action without gate_noise, ...)
+
+  def train(self, exp: base.Experiment, stage: str) -> loop.LoopResult:
+    return run_bootstrap(exp) if stage == 'bootstrap' else run_grpo(exp)
+
+  def evaluate(self, exp: base.Experiment) -> dict[str, float]:
+    return run_eval(exp)
+
+
+# -------------------------------------------------------------------------------------------------- Stage 1
+
+
+def bootstrap_optimizer(c, schedule_steps: int = 0):
+  """AdamW of `config.bootstrap`, its warmup + cosine over `schedule_steps` (default: the stage's steps)."""
+  b = c.bootstrap
+  return state_lib.make_optimizer(b.lr, schedule_steps or b.steps, b.warmup_steps, b.weight_decay, b.grad_clip,
+                                  b.gate_lr_mult, train_modules=lora.configured_train_modules(c.get('lora')))
+
+
+def run_bootstrap(exp: base.Experiment) -> loop.LoopResult:
+  c, b = exp.config, exp.config.bootstrap
+  parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
+  tx = bootstrap_optimizer(c)
+  graphdef, state = base.initial_state(exp, tx)
+  train_step = bootstrap.make_train_step(graphdef, tx, bootstrap.LossConfig.from_config(b), exp.mesh, b.microbatches)
+  batches = data_lib.stage1_iterator(exp.train, exp.tokenizer, c.data, b.batch_size, seed=c.seed,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+
+  def step_fn(state, batch, tau):
+    return train_step(state, parallel.shard_batch(batch, exp.mesh), tau)
+
+  return base.run_stage(exp, 'bootstrap', state, step_fn, batches, make_validate(exp, graphdef))
+
+
+def make_validate(exp: base.Experiment, graphdef):
+  """validate(state, step, tau) -> greedy-generation metrics on the held-out prompts, plus teacher-forced gate means
+  on the same examples with a filler span in every one (`tf_gate_inner`, `tf_gate_outer`)."""
+  c = exp.config
+  prompts = base.validation_prompts(exp)
+  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think)
+  records = exp.valid[:c.dataset.valid_size]
+  span_cfg = dataclasses.replace(data_lib.SampleConfig.from_config(c.data), filler_prob=1.0)
+  span_batch = data_lib.stage1_batch(records, exp.tokenizer, span_cfg, seed=c.seed)
+
+  def validate(state, step, tau):
+    del step
+    result = eval_lib.evaluate(nnx.merge(graphdef, state.params), prompts.prompt, prompts.prompt_mask,
+                               prompts.questions, prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau,
+                               c.generate.batch_size, exp.mesh)
+    return {**result.metrics, **eval_lib.teacher_forced_gates(graphdef, state.params, span_batch, tau,
+                                                              c.bootstrap.noisy_span_scale)}
+
+  return validate
+
+
+# -------------------------------------------------------------------------------------------------- Stage 2
+
+
+def grpo_start_params(exp: base.Experiment):
+  """GRPO's initial policy and frozen reference: `config.init_from` (a workdir holding a bootstrap result) or this
+  workdir's bootstrap result."""
+  source = exp
+  if exp.config.get('init_from'):
+    source = dataclasses.replace(exp, workdir=exp.config.init_from)
+  return base.stage_params(source, 'bootstrap')
+
+
+def run_grpo(exp: base.Experiment) -> loop.LoopResult:
+  c, g = exp.config, exp.config.grpo
+  cfg = grpo.GRPOConfig.from_config(g)
+  graphdef, start = grpo_start_params(exp)
+  reference = parallel.replicate(jax.device_get(start), exp.mesh) if cfg.beta else None
+  tx = grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora')))
+  state = parallel.replicate(state_lib.init_state(jax.device_get(start), tx, seed=c.seed + 1), exp.mesh)
+  grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
+  collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
+                                       dict(g.reward_weights))
+  prompts = data_lib.prompt_iterator(exp.train, exp.tokenizer, c.data.max_prompt_len, g.prompts_per_step,
+                                     seed=c.seed)
+
+  def step_fn(state, batch, tau):
+    key = state_lib.step_key(state, salt=1)
+    rollout_batch, info = collector.collect(state.params, reference, batch.prompt, batch.prompt_mask, batch.answers,
+                                            key, tau)
+    state, metrics = grpo_step(state, rollout_batch)
+    return state, dict(metrics, **{f'reward_{k}': float(np.mean(info[k])) for k in ('structure', 'correctness',
+                                                                                     'efficiency', 'gate', 'total')})
+
+  return base.run_stage(exp, 'grpo', state, step_fn, prompts, make_validate(exp, graphdef))
+
+
+# ------------------------------------------------------------------------------------------- decoding, scoring
+
+
+def run_eval(exp: base.Experiment) -> dict[str, float]:
+  """Greedy evaluation of each trained stage of `config.eval.stages` (at `config.eval.checkpoint`) on the records of
+  `config.eval` (eval/heldout.py), scored by the reward's answer rule; reports in
+  `<workdir>/eval/<split or file>/<stage>/`. Returns the metrics of the last stage evaluated."""
+  c = exp.config
+  name, records = heldout.eval_records(c, exp.valid)
+  prompts = data_lib.build_prompts(records, exp.tokenizer, c.data.max_prompt_len)
+  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think, return_hidden=True)
+  stages = [s for s in c.eval.stages if workdir_lib.checkpoint_steps(os.path.join(exp.workdir, s))]
+  if not stages:
+    raise FileNotFoundError(f'No checkpoint of {", ".join(c.eval.stages)} in {exp.workdir}: train first '
+                            '(--config.stage=pipeline).')
+  metrics = {}
+  for stage in stages:
+    step, why = base.stage_checkpoint(exp, stage, c.eval.checkpoint)
+    graphdef, params = base.stage_params(exp, stage, str(step))
+    tau = c[stage].tau_min
+    result = eval_lib.evaluate(nnx.merge(graphdef, params), prompts.prompt, prompts.prompt_mask, prompts.questions,
+                               prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
+                               exp.mesh, dict(c.grpo.reward_weights))
+    info = {'method': c.method, 'stage': stage, 'step': step, 'split': name, 'config': heldout.config_hash(c)}
+    heldout.stamp(result.rows, **info)
+    prefix = f'eval/{name}/{stage}'
+    writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
+    writer.write(step, {f'{prefix}/{k}': v for k, v in result.metrics.items()})
+    for key, values in (('gate_inner', result.gates['inner']), ('gate_outer', result.gates['outer']),
+                        ('reasoning_length', result.reasoning_lengths)):
+      writer.histogram(step, f'{prefix}/{key}', values)
+    writer.table(step, f'{prefix}/completions', [{**r, 'gates': ' '.join(f'{g:.2f}' for g in r['gates'])}
+                                                 for r in result.rows[:64]])
+    writer.close()
+    if jax.process_index() == 0:
+      paths = report.write_report(result, heldout.output_dir(exp.workdir, name, stage),
+                                  {**info, 'checkpoint': why, 'tau': tau})
+      log.info('Evaluation of %s step %d (%s) on %s, %d examples: %s. Reports: %s', stage, step, why, name,
+               len(result.rows), result.metrics, os.path.dirname(paths['metrics.json']))
+    metrics = result.metrics
+  return metrics
