@@ -40,11 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   # 'scratch', a hub name ('gpt2') or a local HF directory (GPT-2, Llama or Qwen2: the family from its config.json;
-  # the run's tokenizer is GPT-2's, so a Llama-family checkpoint must have GPT-2's token rows)
+  # a Llama-family checkpoint with a tokenizer of its own brings it: tokens.tokenizer_source, README)
   c.model.init = 'scratch'
   c.model.family = 'gpt2'  # init='scratch' only: 'gpt2' | 'llama' | 'qwen2' (Llama + q/k/v biases); model/llama.py
   c.model.vocab = 'compact'  # 'compact' (ids used by the data + specials; for scratch models) | 'full'
-  c.model.tokenizer = ''  # '' = ../shared/data/gpt2_tokenizer if present, else the hub 'gpt2'
+  c.model.tokenizer = ''  # '' = a Llama-family init's own, else ../shared/data/gpt2_tokenizer if present, else 'gpt2'
   c.model.n_layer = 2
   c.model.n_embd = 128
   c.model.n_head = 4

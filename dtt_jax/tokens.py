@@ -1,9 +1,17 @@
-"""GPT-2 tokenizer with the DTT special tokens, and the model vocabulary.
+"""The tokenizer with the DTT special tokens, and the model vocabulary.
 
-GPT-2 ids are what users see (tokenizer output, datasets, completions). Model ids index the model's embedding
-rows. With the full vocabulary they are the same; with the compact vocabulary (SPEC §2) model ids are a dense
-remapping of the GPT-2 ids that occur in the training data plus the specials, which makes tiny CPU models 10-50x
-cheaper. `Vocab` maps between the two and is saved with every checkpoint.
+The tokenizer (`load_tokenizer`, its source picked by `tokenizer_source`) is GPT-2's, or a Llama / Qwen2
+checkpoint's own (`config.model.init` a directory or hub name holding one: transformers' AutoTokenizer). GPT-2's
+gives the DTT specials the fixed ids 50257..50260 (SPEC §2); a checkpoint's gives them the ids after its whole
+vocabulary (`len(tokenizer)` + k), keeps its own eos and pad, and the checkpoint's embedding (and untied lm_head)
+rows grow to cover them (`hf_io.load_model`).
+
+Tokenizer ids are what users see (tokenizer output, datasets, completions); the code and the saved files still call
+them GPT-2 ids (`gpt2_ids`), which they are for GPT-2. Model ids index the model's embedding rows. With the full
+vocabulary they are the same; with the compact vocabulary (SPEC §2, GPT-2 only) model ids are a dense remapping of
+the GPT-2 ids that occur in the training data plus the specials, which makes tiny CPU models 10-50x cheaper.
+`Vocab` maps between the two, knows where its tokenizer puts eos and the specials, and is saved with every
+checkpoint.
 """
 
 from __future__ import annotations
@@ -35,38 +43,75 @@ SPECIAL_IDS = (EOS_ID, BOT_ID, EOT_ID, LATENT_ID, PAUSE_ID)
 ROW_MULTIPLE = 128  # embedding rows are padded to a multiple of this; padded rows are never sampled
 
 DEFAULT_TOKENIZER = 'gpt2'
+# Files of a transformers tokenizer: a checkpoint directory holding one of these has its own tokenizer.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'vocab.json')
 
 
 def padded_rows(n: int, multiple: int = ROW_MULTIPLE) -> int:
   return -(-n // multiple) * multiple
 
 
-def load_tokenizer(name_or_dir: str = DEFAULT_TOKENIZER):
-  """HF GPT2TokenizerFast with `<|bot|>` 50257, `<|eot|>` 50258, `<|latent|>` 50259, `<|pause|>` 50260.
+def tokenizer_source(model_cfg, gpt2_dir: str) -> str:
+  """Where the run's tokenizer comes from (`load_tokenizer`'s argument), from the `config.model` section:
+  `tokenizer` when set; else the checkpoint `init` itself when it is a Llama / Qwen2 checkpoint with a tokenizer
+  of its own (`TOKENIZER_FILES`; a hub name's are fetched); else GPT-2's (`gpt2_dir` when it exists, else the
+  hub's 'gpt2'). GPT-2 checkpoints, and Llama-family ones without a tokenizer (their rows must then be GPT-2's),
+  use GPT-2's."""
+  if model_cfg.tokenizer:
+    return model_cfg.tokenizer
+  if model_cfg.init != 'scratch' and _has_own_tokenizer(model_cfg.init):
+    return model_cfg.init
+  return gpt2_dir if os.path.isdir(gpt2_dir) else DEFAULT_TOKENIZER
 
-  `name_or_dir`: a hub name ('gpt2'), a directory with vocab.json + merges.txt (HF layout), or a directory with
-  encoder.json + vocab.bpe (OpenAI layout, e.g. ../shared/data/gpt2_tokenizer).
+
+def _has_own_tokenizer(init: str) -> bool:
+  """Whether the checkpoint `init` (a directory or hub name) is of the Llama family and has tokenizer files."""
+  from dtt_jax.model import hf_io  # pylint: disable=g-import-not-at-top  (hf_io imports this module)
+  ckpt_dir = init
+  if not os.path.isdir(init):
+    try:
+      from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+      ckpt_dir = snapshot_download(init, allow_patterns=['config.json', *TOKENIZER_FILES])
+    except Exception:  # pylint: disable=broad-except  (offline or unknown: loading the model names the problem)
+      return False
+  if hf_io.model_family(hf_io.read_config_json(ckpt_dir)) == 'gpt2':
+    return False
+  return any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(name_or_dir: str = DEFAULT_TOKENIZER):
+  """The transformers tokenizer with the DTT specials `<|bot|>`, `<|eot|>`, `<|latent|>`, `<|pause|>`.
+
+  `name_or_dir`: a directory with encoder.json + vocab.bpe (OpenAI's GPT-2 layout, e.g.
+  ../shared/data/gpt2_tokenizer), a directory with vocab.json + merges.txt (GPT-2, HF layout), a directory a
+  transformers tokenizer was saved to (tokenizer.json / tokenizer_config.json: a checkpoint's), or a hub name.
+  GPT-2's vocabulary (`<|endoftext|>` at 50256): GPT2TokenizerFast, the specials at 50257..50260, pad =
+  `<|endoftext|>`. Any other: transformers' AutoTokenizer as is, the specials added after its vocabulary (ids
+  `len(tokenizer)` + k; kept where it already has them last, as a dtt_jax export has), its own eos, its pad (eos
+  when it has none); `full_vocab` of it is its `Vocab`.
   """
-  from transformers import GPT2TokenizerFast  # pylint: disable=g-import-not-at-top
+  from transformers import AutoTokenizer, GPT2TokenizerFast  # pylint: disable=g-import-not-at-top
 
   openai_vocab = os.path.join(name_or_dir, 'encoder.json')
   openai_merges = os.path.join(name_or_dir, 'vocab.bpe')
+  is_dir = os.path.isdir(name_or_dir)
   if os.path.isfile(openai_vocab) and os.path.isfile(openai_merges):
     tok = GPT2TokenizerFast(vocab=openai_vocab, merges=openai_merges)
-  elif os.path.isdir(name_or_dir) and not any(
-      os.path.isfile(os.path.join(name_or_dir, f)) for f in ('vocab.json', 'tokenizer.json')):
-    raise FileNotFoundError(f'Cannot load a GPT-2 tokenizer from {name_or_dir!r}: the directory has neither '
-                            'vocab.json + merges.txt nor encoder.json + vocab.bpe.')
+  elif is_dir and not any(os.path.isfile(os.path.join(name_or_dir, f)) for f in TOKENIZER_FILES):
+    raise FileNotFoundError(f'Cannot load a tokenizer from {name_or_dir!r}: the directory has neither '
+                            'vocab.json + merges.txt, encoder.json + vocab.bpe (GPT-2) nor tokenizer.json / '
+                            'tokenizer_config.json (a checkpoint\'s tokenizer, saved by transformers).')
   else:
-    try:
-      tok = GPT2TokenizerFast.from_pretrained(name_or_dir)
+    hf_saved = any(os.path.isfile(os.path.join(name_or_dir, f)) for f in ('tokenizer.json', 'tokenizer_config.json'))
+    try:  # a bare vocab.json + merges.txt is GPT-2's (AutoTokenizer cannot tell its class)
+      tok = (AutoTokenizer if hf_saved or not is_dir else GPT2TokenizerFast).from_pretrained(name_or_dir)
     except (OSError, ValueError) as e:
       raise OSError(
-          f'Cannot load a GPT-2 tokenizer from {name_or_dir!r}: give a hub name (needs network), a directory with '
-          'vocab.json + merges.txt, or one with encoder.json + vocab.bpe (see ../shared/data/gpt2_tokenizer).'
-      ) from e
+          f'Cannot load a tokenizer from {name_or_dir!r}: give a hub name (needs network), a directory with '
+          'vocab.json + merges.txt or encoder.json + vocab.bpe (GPT-2, see ../shared/data/gpt2_tokenizer), or a '
+          'checkpoint directory with tokenizer.json (transformers\' save_pretrained).') from e
   if len(tok) < GPT2_BASE_VOCAB or tok.convert_tokens_to_ids(EOS) != EOS_ID:
-    raise ValueError(f'{name_or_dir!r} is not the GPT-2 vocabulary (size {len(tok)}, {EOS} not at {EOS_ID}).')
+    return _with_specials_after(tok, name_or_dir)
   tok.add_special_tokens({'additional_special_tokens': list(SPECIAL_TOKENS)})
   ids = tok.convert_tokens_to_ids(list(SPECIAL_TOKENS))
   if tuple(ids) != SPECIAL_IDS[1:]:
@@ -76,18 +121,69 @@ def load_tokenizer(name_or_dir: str = DEFAULT_TOKENIZER):
   return tok
 
 
+def _with_specials_after(tok, source: str):
+  """A checkpoint's own tokenizer `tok` (not GPT-2's) with the DTT specials after its vocabulary; sets
+  `tok.dtt_vocab`, its full `Vocab` (what `full_vocab` returns)."""
+  size = len(tok)
+  vocab = tok.get_vocab()
+  have = [vocab.get(s) for s in SPECIAL_TOKENS]
+  if all(i is None for i in have):
+    tok.add_special_tokens({'additional_special_tokens': list(SPECIAL_TOKENS)}, replace_extra_special_tokens=False)
+    base = size
+  else:
+    base = size - len(SPECIAL_TOKENS)
+  ids = tok.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+  if ids != list(range(base, base + len(SPECIAL_TOKENS))):
+    raise ValueError(f'The tokenizer of {source!r} has the DTT specials {list(SPECIAL_TOKENS)} at ids {have}; '
+                     f'dtt_jax needs them after its vocabulary, at {base}..{base + len(SPECIAL_TOKENS) - 1}: save '
+                     'the tokenizer without them (dtt_jax adds them) or with all four last.')
+  if tok.eos_token_id is None:
+    raise ValueError(f'The tokenizer of {source!r} has no eos token (tokenizer_config.json "eos_token"): dtt_jax '
+                     'ends every completion with it.')
+  if tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+  own_specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+  copy_from = tok.encode('<<', add_special_tokens=False)
+  tok.dtt_vocab = Vocab(None, base=base, eos_id=tok.eos_token_id,
+                        reserved_ids=tuple(sorted(i for i in own_specials if i < base)),
+                        copy_id=int(copy_from[0]), checkpoint_ids=size)
+  return tok
+
+
+def full_vocab(hf_tokenizer) -> Vocab:
+  """The full vocabulary of a tokenizer from `load_tokenizer`: `Vocab.full()` for GPT-2's, the checkpoint
+  tokenizer's own layout otherwise."""
+  return getattr(hf_tokenizer, 'dtt_vocab', None) or Vocab.full()
+
+
 @dataclasses.dataclass(frozen=True)
 class Vocab:
-  """Model-id space. `gpt2_ids[m]` is the GPT-2 id of model id m (None: full vocabulary, identity map).
+  """Model-id space over a tokenizer's ids. `gpt2_ids[m]` is the tokenizer id of model id m (None: full vocabulary,
+  identity map).
 
-  The compact vocabulary puts the specials first: model ids 0..4 are eos, bot, eot, latent, pause.
+  The compact vocabulary (GPT-2's tokenizer only) puts the specials first: model ids 0..4 are eos, bot, eot,
+  latent, pause. The other fields say where the tokenizer puts things; their defaults are GPT-2's:
+  base       the tokenizer's ids before the DTT specials, which follow at base..base+3 (GPT-2: 50257)
+  eos_id     its eos (and the padding id; SPEC §2) (GPT-2: <|endoftext|> 50256)
+  reserved_ids  its own special tokens below base: never text, never filler (GPT-2: eos)
+  copy_id    the row that new special rows start as a copy of: `<<` (GPT-2: 16791; another tokenizer: the first
+             token of `<<`)
+  checkpoint_ids  None: GPT-2's tokenizer (a checkpoint's rows for ids it has are used, SPEC §2); a checkpoint's own
+             tokenizer: its size as the checkpoint was saved with it (base, or base + 4 when it already had the
+             specials): rows of ids below it come from the checkpoint, the rest copy `copy_id`'s
   """
 
   gpt2_ids: tuple[int, ...] | None = None
+  base: int = GPT2_BASE_VOCAB
+  eos_id: int = EOS_ID
+  reserved_ids: tuple[int, ...] = (EOS_ID,)
+  copy_id: int = COPY_EMBEDDING_FROM_ID
+  checkpoint_ids: int | None = None
 
   @classmethod
-  def full(cls) -> Vocab:
-    return cls(None)
+  def full(cls, hf_tokenizer=None) -> Vocab:
+    """The full vocabulary of `hf_tokenizer` (`full_vocab`); None: GPT-2's."""
+    return cls(None) if hf_tokenizer is None else full_vocab(hf_tokenizer)
 
   @classmethod
   def compact(cls, token_ids: Iterable[Iterable[int]]) -> Vocab:
@@ -106,9 +202,26 @@ class Vocab:
     return self.gpt2_ids is None
 
   @property
+  def is_gpt2(self) -> bool:
+    """Whether the tokenizer is GPT-2's (not a checkpoint's own)."""
+    return self.checkpoint_ids is None
+
+  @property
+  def special_ids(self) -> tuple[int, ...]:
+    """Tokenizer ids of eos, bot, eot, latent, pause (GPT-2: SPECIAL_IDS)."""
+    return (self.eos_id,) + tuple(range(self.base, self.base + len(SPECIAL_TOKENS)))
+
+  @property
   def num_tokens(self) -> int:
     """Real (sampleable) rows."""
-    return GPT2_VOCAB if self.gpt2_ids is None else len(self.gpt2_ids)
+    return self.base + len(SPECIAL_TOKENS) if self.gpt2_ids is None else len(self.gpt2_ids)
+
+  def text_ids(self) -> np.ndarray:
+    """[K] int32 model ids of the text tokens: every id but the tokenizer's own specials and the DTT ones."""
+    if self.is_full:
+      return np.setdiff1d(np.arange(self.base), np.asarray(self.reserved_ids, np.int64)).astype(np.int32)
+    special = set(self.special_ids)
+    return np.array([m for m, g in enumerate(self.gpt2_ids) if g not in special], np.int32)
 
   @property
   def num_rows(self) -> int:
@@ -116,7 +229,7 @@ class Vocab:
     return padded_rows(self.num_tokens)
 
   def _to_model_table(self) -> np.ndarray:
-    table = np.full(GPT2_VOCAB, -1, np.int64)
+    table = np.full(self.base + len(SPECIAL_TOKENS), -1, np.int64)
     table[np.asarray(self.gpt2_ids)] = np.arange(len(self.gpt2_ids))
     return table
 
@@ -150,52 +263,87 @@ class Vocab:
 
   @property
   def eos(self) -> int:
-    return self.model_id(EOS_ID)
+    return self.model_id(self.eos_id)
 
   @property
   def bot(self) -> int:
-    return self.model_id(BOT_ID)
+    return self.model_id(self.base)
 
   @property
   def eot(self) -> int:
-    return self.model_id(EOT_ID)
+    return self.model_id(self.base + 1)
 
   @property
   def latent(self) -> int:
-    return self.model_id(LATENT_ID)
+    return self.model_id(self.base + 2)
 
   @property
   def pause(self) -> int:
-    return self.model_id(PAUSE_ID)
+    return self.model_id(self.base + 3)
 
   def to_json(self) -> str:
-    return json.dumps({'gpt2_ids': None if self.gpt2_ids is None else list(self.gpt2_ids)})
+    """{'gpt2_ids': [...] | null}, plus 'tokenizer' (the other fields) for a checkpoint's own tokenizer."""
+    out = {'gpt2_ids': None if self.gpt2_ids is None else list(self.gpt2_ids)}
+    if not self.is_gpt2:
+      out['tokenizer'] = {'base': self.base, 'eos_id': self.eos_id, 'reserved_ids': list(self.reserved_ids),
+                          'copy_id': self.copy_id, 'checkpoint_ids': self.checkpoint_ids}
+    return json.dumps(out)
 
   @classmethod
   def from_json(cls, text: str) -> Vocab:
-    ids = json.loads(text)['gpt2_ids']
-    return cls(None if ids is None else tuple(int(i) for i in ids))
+    spec = json.loads(text)
+    ids, layout = spec['gpt2_ids'], dict(spec.get('tokenizer') or {})
+    if 'reserved_ids' in layout:
+      layout['reserved_ids'] = tuple(layout['reserved_ids'])
+    return cls(None if ids is None else tuple(int(i) for i in ids), **layout)
 
 
 class Tokenizer:
-  """Text <-> model ids: the HF GPT-2 tokenizer followed by the `Vocab` map."""
+  """Text <-> model ids: the HF tokenizer (`load_tokenizer`) followed by the `Vocab` map.
+
+  A full `vocab` (or None) is the full vocabulary of `hf_tokenizer` (`full_vocab`: a checkpoint's own tokenizer
+  has its own layout); a compact one needs GPT-2's tokenizer. Text is encoded without the tokenizer's bos / eos
+  (dtt_jax joins encoded pieces and places eos itself); decoding writes the tokenizer's eos as `<|endoftext|>`, the
+  marker answers end at (SPEC §2), when its eos is another token.
+  """
 
   def __init__(self, hf_tokenizer=None, vocab: Vocab | None = None):
     self.hf = hf_tokenizer if hf_tokenizer is not None else load_tokenizer()
-    self.vocab = vocab if vocab is not None else Vocab.full()
+    full = full_vocab(self.hf)
+    if vocab is None or (vocab.is_full and vocab in (Vocab.full(), full)):
+      vocab = full
+    elif vocab.is_full or not full.is_gpt2:
+      source = getattr(self.hf, 'name_or_path', '')
+      raise ValueError(f'The vocabulary ({vocab.to_json()[:200]}) was not made from this tokenizer ({source!r}, '
+                       f'full vocabulary {full.to_json()[:200]}); the compact vocabulary needs GPT-2\'s tokenizer '
+                       '(config.model.vocab="full" with a checkpoint\'s own).')
+    self.vocab = vocab
 
   def encode_gpt2(self, text: str) -> list[int]:
-    return self.hf.encode(text)
+    """Tokenizer ids (GPT-2's for GPT-2's tokenizer)."""
+    return self.hf.encode(text, add_special_tokens=False)
 
   def encode(self, text: str) -> np.ndarray:
     """[T] int32 model ids."""
-    return self.vocab.to_model(self.hf.encode(text))
+    return self.vocab.to_model(self.encode_gpt2(text))
 
   def decode(self, model_ids: Sequence[int] | np.ndarray, skip_eos: bool = False) -> str:
     ids = self.vocab.to_gpt2(model_ids).tolist()
     if skip_eos:
-      ids = [i for i in ids if i != EOS_ID]
-    return self.hf.decode(ids)
+      ids = [i for i in ids if i != self.vocab.eos_id]
+    text = self.hf.decode(ids)
+    if self.vocab.is_gpt2 or self.hf.eos_token == EOS:
+      return text
+    return text.replace(self.hf.eos_token, EOS)
+
+  def export_special_ids(self) -> dict[str, int | None]:
+    """config.json's bos / eos / pad token ids of an exported model (model ids): the tokenizer's own for a
+    checkpoint's tokenizer (bos None when it has none), the eos row for all three with GPT-2's."""
+    if self.vocab.is_gpt2:
+      return dict.fromkeys(('bos_token_id', 'eos_token_id', 'pad_token_id'), self.vocab.eos)
+    ids = {'bos_token_id': self.hf.bos_token_id, 'eos_token_id': self.vocab.eos_id,
+           'pad_token_id': self.hf.pad_token_id}
+    return {k: None if v is None else self.vocab.model_id(v) for k, v in ids.items()}
 
 
 def hf_tokenizer_for_vocab(hf_tokenizer, vocab: Vocab, model_max_length: int | None = None):
@@ -208,8 +356,13 @@ def hf_tokenizer_for_vocab(hf_tokenizer, vocab: Vocab, model_max_length: int | N
   which the model has no rows for (where `Tokenizer.encode` raises KeyError). Dropping those tokens instead would
   change the split of in-vocabulary text too: BPE reaches a token through merges whose intermediate tokens are
   mostly outside the compact vocabulary. Full vocabulary: the ids stay GPT-2's (plus the 4 specials at 50257..).
-  <|endoftext|> is bos, eos, unk and pad; the DTT specials are additional special tokens.
+  <|endoftext|> is bos, eos, unk and pad; the DTT specials are additional special tokens. A checkpoint's own tokenizer
+  (`vocab.is_gpt2` false, full vocabulary): `hf_tokenizer` itself, its ids already the model's (the specials last).
   """
+  if not vocab.is_gpt2:  # a checkpoint's own tokenizer (full vocabulary): its ids are the model's already
+    if not vocab.is_full or full_vocab(hf_tokenizer) != vocab:
+      raise ValueError('hf_tokenizer_for_vocab: `vocab` is not the full vocabulary of `hf_tokenizer`.')
+    return hf_tokenizer
   from tokenizers import Tokenizer as BackendTokenizer  # pylint: disable=g-import-not-at-top
   from transformers import GPT2TokenizerFast  # pylint: disable=g-import-not-at-top
 

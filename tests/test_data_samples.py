@@ -19,7 +19,8 @@ ALL_FIELDS = samples.BATCH_FIELDS
 class ByteTokenizer:
   """Stand-in for the HF GPT-2 tokenizer: one id per UTF-8 byte (ids 0..255 are GPT-2 text tokens)."""
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    del add_special_tokens  # no bos / eos either way, as GPT-2's
     return list(text.encode('utf-8'))
 
 

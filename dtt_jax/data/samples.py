@@ -37,7 +37,7 @@ from typing import Any
 import flax.struct
 import numpy as np
 
-from dtt_jax.tokens import EOS_ID, SPECIAL_IDS, Tokenizer, Vocab
+from dtt_jax.tokens import Tokenizer, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +174,16 @@ _GPT2_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gpt2_ids(hf_tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-  """GPT-2 ids [n_i] int32 of each text, memoised per tokenizer (the vocabulary, the batches and the prompts
-  encode the same texts, and long ProsQA/ProntoQA questions take seconds to encode)."""
+  """Tokenizer (GPT-2) ids [n_i] int32 of each text, without the tokenizer's bos / eos (`Tokenizer.encode_gpt2`),
+  memoised per tokenizer (the vocabulary, the batches and the prompts encode the same texts, and long
+  ProsQA/ProntoQA questions take seconds to encode)."""
   try:
     cache = _GPT2_CACHE.setdefault(hf_tokenizer, {})
   except TypeError:  # not weak-referenceable
     cache = {}
   for text in dict.fromkeys(texts):
     if text not in cache:
-      cache[text] = np.asarray(hf_tokenizer.encode(text), np.int32)
+      cache[text] = np.asarray(hf_tokenizer.encode(text, add_special_tokens=False), np.int32)
   return [cache[t] for t in texts]
 
 
@@ -195,10 +196,9 @@ def compact_vocab(records: Sequence[dict], tokenizer, extra_texts: Sequence[str]
 
 
 def filler_token_ids(vocab: Vocab) -> np.ndarray:
-  """[K] int32: the model ids of the vocabulary's text tokens (every id but eos, bot, eot, latent, pause)."""
-  if vocab.is_full:
-    return np.arange(EOS_ID, dtype=np.int32)  # GPT-2 text tokens are 0..50255
-  ids = np.array([m for m, g in enumerate(vocab.gpt2_ids) if g not in SPECIAL_IDS], np.int32)
+  """[K] int32: the model ids of the vocabulary's text tokens (every id but eos, bot, eot, latent, pause and the
+  tokenizer's own specials; GPT-2's full vocabulary: 0..50255)."""
+  ids = vocab.text_ids()
   if not ids.size:
     raise ValueError('The compact vocabulary has no text tokens to draw filler from.')
   return ids

@@ -6,6 +6,11 @@ safetensors needs no torch; `pytorch_model.bin` does. A hub name ('gpt2') is fet
 online; a local directory always works offline. `model_family(config_json)` names the family from `model_type`;
 `load_model` picks the loader by it. An exported directory loads with `transformers.GPT2LMHeadModel` /
 `AutoModelForCausalLM.from_pretrained(dir)` and gives the same logits.
+
+Rows for a dtt_jax vocabulary (`vocab_row_source`): with GPT-2's tokenizer a model row takes the checkpoint row of
+its GPT-2 id (the checkpoint must have GPT-2's rows); with a checkpoint's own tokenizer (`tokens.load_tokenizer` of
+a Llama / Qwen2 directory) the row of its tokenizer id. Rows of the DTT specials the checkpoint lacks start as
+copies of the `<<` row.
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ def resize_rows(wte: np.ndarray, vocab: tokens.Vocab) -> np.ndarray:
   are zero (their logits are masked).
   """
   rows = np.zeros((vocab.num_rows, wte.shape[1]), np.float32)
-  rows[:vocab.num_tokens] = wte[gpt2_row_source(vocab, wte.shape[0])]
+  rows[:vocab.num_tokens] = wte[vocab_row_source(vocab, wte.shape[0])]
   return rows
 
 
@@ -119,6 +124,20 @@ def gpt2_row_source(vocab: tokens.Vocab, ckpt_rows: int) -> np.ndarray:
   for ids the checkpoint's `ckpt_rows` lack (the DTT specials)."""
   gpt2_ids = vocab.to_gpt2(np.arange(vocab.num_tokens))
   return np.where(gpt2_ids < ckpt_rows, gpt2_ids, tokens.COPY_EMBEDDING_FROM_ID)
+
+
+def vocab_row_source(vocab: tokens.Vocab, ckpt_rows: int, source: str = 'the checkpoint') -> np.ndarray:
+  """-> [vocab.num_tokens] the checkpoint row each model row starts from. GPT-2's tokenizer: `gpt2_row_source`. A
+  checkpoint's own tokenizer: the row of its tokenizer id for the ids the checkpoint was saved with
+  (`vocab.checkpoint_ids`; its padding rows beyond them are dropped), the `<<` row (`vocab.copy_id`) for the DTT
+  specials its tokenizer lacked."""
+  if vocab.is_gpt2:
+    return gpt2_row_source(vocab, ckpt_rows)
+  if ckpt_rows < vocab.checkpoint_ids:
+    raise ValueError(f'{source}: {ckpt_rows} token rows, but its tokenizer has {vocab.checkpoint_ids} ids: the '
+                     'tokenizer saved with the checkpoint must be the one it was trained with.')
+  ids = vocab.to_gpt2(np.arange(vocab.num_tokens))
+  return np.where(ids < vocab.checkpoint_ids, ids, vocab.copy_id)
 
 
 def load_pretrained(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: str = 'float32',
@@ -219,8 +238,8 @@ def load_model(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: str =
                seed: int = 0) -> GPT2 | Llama:
   """The checkpoint's model, its class picked by `model_family` of its config.json (`config.model.init`).
 
-  vocab: None keeps the checkpoint's vocabulary; a `tokens.Vocab` (GPT-2 token ids, as dtt_jax tokenizes) maps the
-  rows into it as `load_pretrained` does, for either family (`load_llama`'s `vocab`)."""
+  vocab: None keeps the checkpoint's vocabulary; a `tokens.Vocab` (GPT-2's ids, or the checkpoint tokenizer's:
+  `vocab_row_source`) maps the rows into it, the DTT specials' new rows copying `<<`, for either family."""
   ckpt_dir = _resolve_dir(name_or_dir, tuple(sorted(set(_GPT2_FILES) | set(_LLAMA_FILES))))
   family = model_family(read_config_json(ckpt_dir))
   if family == 'gpt2':
@@ -333,8 +352,9 @@ def load_llama(name_or_dir: str, dtype: str = 'float32', seed: int = 0,
 
   Embedding rows (and lm_head rows, untied) are padded to a multiple of 128; padded logits are masked.
   row_source [N] int: model row i copies checkpoint row row_source[i] (a remapped or grown vocabulary: new special
-  tokens as copies of an existing row); num_tokens = N. vocab: the rows of a dtt_jax vocabulary instead, read as
-  GPT-2 token ids (`gpt2_row_source`): the checkpoint must have GPT-2's token rows (dtt_jax's tokenizer is GPT-2's)."""
+  tokens as copies of an existing row); num_tokens = N. vocab: the rows of a dtt_jax vocabulary instead
+  (`vocab_row_source`): with GPT-2's tokenizer read as GPT-2 token ids (the checkpoint must have GPT-2's token rows);
+  with the checkpoint's own tokenizer its ids, grown by the DTT specials (untied: lm_head's rows too)."""
   ckpt_dir = _resolve_dir(name_or_dir, _LLAMA_FILES)
   path = os.path.join(ckpt_dir, 'config.json')
   hf = read_config_json(ckpt_dir)
@@ -344,12 +364,12 @@ def load_llama(name_or_dir: str, dtype: str = 'float32', seed: int = 0,
   if vocab is not None:
     ckpt_rows = tensors['model.embed_tokens.weight'].shape[0]
     most = tokens.padded_rows(tokens.GPT2_VOCAB)
-    if not tokens.GPT2_BASE_VOCAB <= ckpt_rows <= most:
+    if vocab.is_gpt2 and not tokens.GPT2_BASE_VOCAB <= ckpt_rows <= most:
       raise ValueError(f'{ckpt_dir}: {ckpt_rows} token rows, but dtt_jax tokenizes with GPT-2\'s tokenizer, so a '
                        f'{model_family(hf)} checkpoint must have GPT-2\'s rows ({tokens.GPT2_BASE_VOCAB} to {most}: '
-                       'with the DTT specials or padding); checkpoints with their own tokenizer are not supported '
-                       'yet.')
-    row_source = gpt2_row_source(vocab, ckpt_rows)
+                       'with the DTT specials or padding). A checkpoint with its own tokenizer: save the tokenizer '
+                       'in its directory (tokenizer.json) and leave config.model.tokenizer empty.')
+    row_source = vocab_row_source(vocab, ckpt_rows, ckpt_dir)
   num_tokens = tensors['model.embed_tokens.weight'].shape[0] if row_source is None else len(row_source)
   num_rows = tokens.padded_rows(num_tokens)
   if 'tie_word_embeddings' not in hf:  # absent: tied exactly when the checkpoint has no separate output layer
