@@ -7,6 +7,10 @@
 * `unroll`: teacher-forced: the same step scanned over given completion tokens, differentiable.
 * `rescore`: one parallel forward pass that rebuilds the blended inputs from stored hidden states and noise.
 
+The cache machinery under `step` works on a plain trunk too (GPT-2 or Llama family, no gate; the thinking-token
+method's decoding uses it): `prompt_key_bias` (the per-key bias of a cache holding a left-padded prompt),
+`step_bias`, `trunk_step` (one position against the cache), `prefill_trunk`.
+
 Index conventions. The prompt occupies cache positions [0, P) (left-padded); completion token t sits at cache
 position P + t and position id n_real_prompt + t. `hidden_inputs[:, t]` is h_{t-1}, the final hidden state whose
 gate/projection blends into the input of completion position t (h_{-1} is the last prompt position's). The logits
@@ -71,10 +75,31 @@ class Rollout:
   logits: jax.Array | None = None  # [B,N,V] float32, only from `generate(..., return_logits=True)` (tests)
 
 
-def _step_bias(key_bias: jax.Array, index, cache_len: int) -> jax.Array:
-  """key_bias [B,S], current cache index -> [B,1,cache_len] additive bias (keys after `index` masked)."""
+def prompt_key_bias(prompt_mask, max_len: int, completion_key_bias=None) -> jax.Array:
+  """prompt_mask [B,P] (left-padded) -> [B,max_len] additive per-key bias of a cache whose slots [0, P) hold the
+  prompt: NEG_INF at prompt padding, 0 at its real tokens and after it; completion_key_bias [B,T] (e.g. log 0.3 on
+  injected filler) on slots [P, P + T)."""
+  b, p = prompt_mask.shape
+  bias = jnp.zeros((b, max_len), jnp.float32)
+  bias = bias.at[:, :p].set(jnp.where(prompt_mask > 0, 0.0, NEG_INF))
+  if completion_key_bias is not None:
+    bias = bias.at[:, p:p + completion_key_bias.shape[1]].set(completion_key_bias)
+  return bias
+
+
+def step_bias(key_bias: jax.Array, index, cache_len: int) -> jax.Array:
+  """key_bias [B,S] (S >= cache_len), current cache index -> [B,1,cache_len] additive bias of the query at slot
+  `index` (keys after `index` masked)."""
   visible = jnp.arange(cache_len) <= index
   return (key_bias[:, :cache_len] + jnp.where(visible, 0.0, NEG_INF))[:, None, :]
+
+
+def trunk_step(trunk, cache: KVCache, key_bias, x, index, position) -> tuple[jax.Array, KVCache]:
+  """One position of a plain trunk (GPT2 or Llama) against the cache: x [B,D] the input embedding, index its cache
+  slot (scalar), position [B] its position ids. Attends over the whole cache (slots after `index` masked).
+  Returns hidden [B,D] (after the final norm), cache."""
+  h, cache = trunk(x[:, None], position[:, None], step_bias(key_bias, index, cache.length), cache, index)
+  return h[:, 0], cache
 
 
 def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noise, index, position, tau, *,
@@ -93,8 +118,7 @@ def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noi
     x, gate = model.blend_embedding(prev_hidden, token_embedding, gate_noise, tau, hard)
   else:
     x, gate = blend(forced_gate, prev_hidden, token_embedding), forced_gate
-  h, cache = model.gpt2(x[:, None], position[:, None], _step_bias(key_bias, index, cache.length), cache, index)
-  h = h[:, 0]
+  h, cache = trunk_step(model.gpt2, cache, key_bias, x, index, position)
   return (model.gpt2.logits(h, output_kernel) if with_logits else None), h, gate, cache
 
 
@@ -108,20 +132,24 @@ class Prefill:
 
 def prefill(model: DTTModel, prompt, prompt_mask, max_len: int, completion_key_bias=None,
             cache_len: int | None = None) -> Prefill:
+  """`prefill_trunk` on the model's trunk."""
+  return prefill_trunk(model.gpt2, prompt, prompt_mask, max_len, completion_key_bias, cache_len)
+
+
+def prefill_trunk(trunk, prompt, prompt_mask, max_len: int, completion_key_bias=None,
+                  cache_len: int | None = None) -> Prefill:
   """prompt, prompt_mask [B,P] (left-padded) -> cache of `cache_len` slots (default max_len) holding the
-  prompt's keys/values in slots [0, P); key_bias covers all max_len slots.
+  prompt's keys/values in slots [0, P); key_bias (`prompt_key_bias`) covers all max_len slots. trunk: a plain
+  GPT2 or Llama.
 
   completion_key_bias [B,T]: additive bias of completion keys (e.g. log 0.3 on injected filler), default 0.
   """
   b, p = prompt.shape
-  key_bias = jnp.zeros((b, max_len), jnp.float32)
-  key_bias = key_bias.at[:, :p].set(jnp.where(prompt_mask > 0, 0.0, NEG_INF))
-  if completion_key_bias is not None:
-    key_bias = key_bias.at[:, p:p + completion_key_bias.shape[1]].set(completion_key_bias)
-  cache = kv_cache_for(model.gpt2.cfg, b, p)
-  bias = causal_bias(prompt_mask) + key_bias[:, None, :p]
-  h, cache = model.gpt2(model.gpt2.embed(prompt), positions_from_mask(prompt_mask), bias, cache, 0)
-  return Prefill(cache.grow(cache_len or max_len), key_bias, h[:, -1],
+  bias_k = prompt_key_bias(prompt_mask, max_len, completion_key_bias)
+  cache = kv_cache_for(trunk.cfg, b, p)
+  bias = causal_bias(prompt_mask) + bias_k[:, None, :p]
+  h, cache = trunk(trunk.embed(prompt), positions_from_mask(prompt_mask), bias, cache, 0)
+  return Prefill(cache.grow(cache_len or max_len), bias_k, h[:, -1],
                  jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32))
 
 
