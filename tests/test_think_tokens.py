@@ -1,4 +1,4 @@
-"""Learned thinking tokens (`config.method='think_tokens'`, dtt_jax/think_tokens.py): the K untied rows of the
+"""Learned thinking tokens (`config.method='think_tokens'`, dtt_jax/methods/think_tokens/): the K untied rows of the
 model, the two rewards against direct computations, rollout log-probs against re-scoring, the evaluation's
 decoding against teacher forcing, exact thinking statistics, and the variant switched on from its config."""
 
@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dtt_jax import think_tokens as tt
+from dtt_jax.methods.think_tokens import ThinkTokens
+from dtt_jax.methods.think_tokens import decode as tt_decode
+from dtt_jax.methods.think_tokens import evaluate as tt_eval
+from dtt_jax.methods.think_tokens import policy as tt_policy
+from dtt_jax.methods.think_tokens import train as tt_train
 from dtt_jax.model.gpt2 import GPT2, GPT2Config
 
 from conftest import require_shared
@@ -32,7 +36,7 @@ def _model(k=0, seed=0, bias=0.0):
 
 def _hidden_logits(model, ids):
   ids = jnp.asarray(ids)
-  h = tt.forward(model, ids, jnp.ones_like(ids))
+  h = tt_policy.forward(model, ids, jnp.ones_like(ids))
   return h, model.logits(h)
 
 
@@ -92,7 +96,7 @@ def test_teacher_reward_scores_only_the_real_tokens():
   prefix_mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], np.int32)
   actions = np.array([[V + 0, 31, V + 2, 32, 33, EOS], [41, 42, V + 1, V + 1, 43, 44]], np.int32)
   action_mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]], np.int32)  # last slot after the end
-  reward = np.asarray(tt.teacher_reward(teacher, jnp.asarray(prefix), jnp.asarray(prefix_mask),
+  reward = np.asarray(tt_train.teacher_reward(teacher, jnp.asarray(prefix), jnp.asarray(prefix_mask),
                                         jnp.asarray(actions), jnp.asarray(action_mask)))
   for row, (real_prefix, real) in enumerate((([11, 12], [31, 32, 33]), ([21, 22, 23, 24], [41, 42, 43]))):
     lp = _direct_logprobs(teacher, real_prefix + real)
@@ -104,11 +108,11 @@ def test_teacher_reward_scores_only_the_real_tokens():
 @pytest.mark.parametrize('mode', ['teacher', 'next_token'])
 def test_rollouts_rescore_and_next_token_reward(mode):
   policy = _model(K, seed=2, bias=4.0)  # thinking likely: rollouts hold thinking runs
-  cfg = tt.ThinkConfig(num_tokens=K, mode=mode, real_tokens=3, max_think=2, num_generations=2)
+  cfg = tt_policy.ThinkConfig(num_tokens=K, mode=mode, real_tokens=3, max_think=2, num_generations=2)
   prefix = jnp.asarray(np.array([[EOS, 11, 12], [21, 22, 23]] * 4, np.int32))
   prefix_mask = jnp.asarray(np.array([[0, 1, 1], [1, 1, 1]] * 4, np.int32))
   targets = jnp.asarray(np.array([51, 52] * 4, np.int32))
-  roll = tt.generate(policy, prefix, prefix_mask, jax.random.key(0), cfg, EOS, targets)
+  roll = tt_decode.generate(policy, prefix, prefix_mask, jax.random.key(0), cfg, EOS, targets)
   tokens, mask = np.asarray(roll.tokens), np.asarray(roll.mask)
   assert tokens.shape == (8, cfg.rollout_len)
   assert (tokens[mask > 0] >= V).any()
@@ -127,8 +131,8 @@ def test_rollouts_rescore_and_next_token_reward(mode):
       want = jax.nn.log_softmax(logits[0, -1, :V])[targets[row]]
       np.testing.assert_allclose(np.asarray(roll.target_logprob)[row], want, rtol=1e-5, atol=1e-5)
   # the rollout's action log-probs are what one parallel re-scoring pass gives
-  logits = tt.rollout_logits(policy, prefix, prefix_mask, roll.tokens)
-  rescored = tt.action_logprobs(logits, roll.tokens, roll.allowed > 0, V, cfg.temperature, mode == 'next_token')
+  logits = tt_train.rollout_logits(policy, prefix, prefix_mask, roll.tokens)
+  rescored = tt_policy.action_logprobs(logits, roll.tokens, roll.allowed > 0, V, cfg.temperature, mode == 'next_token')
   np.testing.assert_allclose(np.asarray(rescored) * mask, np.asarray(roll.logprobs), rtol=1e-4, atol=1e-4)
 
 
@@ -137,11 +141,11 @@ def test_next_token_stop_action_is_the_real_mass():
   allowed = jnp.asarray([True])
   p = np.exp(np.array([1.0, 2.0, 0.5, 3.0, -1.0]))
   p /= p.sum()
-  stop = tt.action_logprobs(logits, jnp.asarray([1]), allowed, 3, 1.0, stop_action=True)
-  think = tt.action_logprobs(logits, jnp.asarray([3]), allowed, 3, 1.0, stop_action=True)
+  stop = tt_policy.action_logprobs(logits, jnp.asarray([1]), allowed, 3, 1.0, stop_action=True)
+  think = tt_policy.action_logprobs(logits, jnp.asarray([3]), allowed, 3, 1.0, stop_action=True)
   np.testing.assert_allclose(np.asarray(stop), np.log(p[:3].sum()), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(think), np.log(p[3]), rtol=1e-6)
-  banned = tt.action_logprobs(logits, jnp.asarray([1]), jnp.asarray([False]), 3, 1.0, stop_action=False)
+  banned = tt_policy.action_logprobs(logits, jnp.asarray([1]), jnp.asarray([False]), 3, 1.0, stop_action=False)
   np.testing.assert_allclose(np.asarray(banned), np.log(p[1] / p[:3].sum()), rtol=1e-6)  # thinking masked
 
 
@@ -151,10 +155,10 @@ def test_next_token_stop_action_is_the_real_mass():
 def test_think_stats_exact():
   tokens = np.array([[5, V + 0, V + 2, 7, V + 2], [V + 1, 9, V + 2, 0, 0]])
   mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # the last row's V + 2 counts, padding does not
-  frequency, counts = tt.think_stats(tokens, mask, V, K)
+  frequency, counts = tt_eval.think_stats(tokens, mask, V, K)
   assert frequency == 5 / 8
   np.testing.assert_array_equal(counts, [1, 1, 3])
-  frequency, counts = tt.think_stats(tokens, np.zeros_like(mask), V, K)
+  frequency, counts = tt_eval.think_stats(tokens, np.zeros_like(mask), V, K)
   assert frequency == 0.0 and counts.tolist() == [0, 0, 0]
 
 
@@ -163,13 +167,14 @@ def test_interleaved_decoding_without_thinking_is_teacher_forcing():
   tokens = np.array([[11, 12, 13, 14, 15, 0], [21, 22, 23, 0, 0, 0]], np.int32)
   lengths = np.array([6, 4])
   mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int32)
-  forced = np.asarray(tt.lm_logprobs(policy, jnp.asarray(tokens), jnp.asarray(mask)))
-  out = tt.interleaved_decode(policy, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), 0, 1.0, 6, EOS)
+  forced = np.asarray(tt_policy.lm_logprobs(policy, jnp.asarray(tokens), jnp.asarray(mask)))
+  out = tt_decode.interleaved_decode(policy, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), 0, 1.0, 6,
+                                    EOS)
   np.testing.assert_allclose(np.asarray(out.target_logprob), forced, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(out.fed)[0], tokens[0])
   # with thinking: the real tokens keep their order, runs of thoughts are at most max_think long
-  out = tt.interleaved_decode(policy, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), 2, 1.0,
-                              tt.eval_capacity(6, 2, 64), EOS)
+  out = tt_decode.interleaved_decode(policy, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), 2, 1.0,
+                                    tt_decode.eval_capacity(6, 2, 64), EOS)
   fed, fed_mask = np.asarray(out.fed), np.asarray(out.fed_mask)
   for row in range(2):
     seq = fed[row][fed_mask[row] > 0]
@@ -184,7 +189,7 @@ def test_rows_only_optimizer_freezes_the_teacher_weights():
                                      train='rows', grad_clip=1.0))
   params = {'wte': jnp.ones((4, 2)), 'think_in': jnp.ones((2, 2)), 'think_out': jnp.ones((2, 2)),
             'think_bias': jnp.zeros((2,))}
-  tx = tt.think_optimizer(t)
+  tx = tt_train.think_optimizer(t)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   for _ in range(2):
@@ -201,10 +206,10 @@ def test_bad_think_values_are_named():
   config = importlib.import_module('configs.think_tokens').get_config()
   config.think.mode = 'x'
   with pytest.raises(ValueError, match=r"config.think.mode='x': expected one of 'teacher', 'next_token'"):
-    tt.check_config(config)
+    ThinkTokens().check_config(config)
   config.think.mode, config.think.init_prob = 'teacher', 1.0
   with pytest.raises(ValueError, match=r'config.think.init_prob=1.0 must be in \(0, 1\)'):
-    tt.check_config(config)
+    ThinkTokens().check_config(config)
 
 
 def _tiny(config, mode):
