@@ -11,7 +11,8 @@ Memory before a run (no weights needed, CPU is enough; build, shard, report, exi
 
 What follows HRPO: Qwen2.5-Instruct weights from the hub (`model.init`; a local HF directory works too, the
 tokenizer comes from it with the DTT specials added), HRPO's thinking-residual gate (`model.gate='hrpo'`, a in
-[0.99, 0.999] at the start), LoRA rank 32 (alpha 64) on every attention and MLP projection, GRPO with groups of 4,
+[0.99, 0.999] at the start), LoRA rank 32 (alpha 64) on every attention and MLP projection (and the tied
+embedding trained, so the DTT specials' rows, which start as copies, can move apart), GRPO with groups of 4,
 sampling temperature 0.5, KL beta 0.005, lr 5e-6, bf16 compute with fp32 master weights and Adam state. The HRPO
 repository was not reachable from the machine that wrote this file; these values are the paper's as we read them,
 so check them before a like-for-like comparison. What is this project's: a short supervised bootstrap (the
@@ -49,7 +50,7 @@ def get_config(arg: str = ''):
   c.lora.rank, c.lora.alpha = 32, 64.0
   c.lora.targets = ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj',
                     'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj')
-  c.lora.train_modules = ()
+  c.lora.train_modules = ('wte',)  # the tied embedding: the DTT specials' rows start as copies and must move apart
   c.num_devices = 4
   c.parallel.fsdp = 4
   c.data.span = 'cot'  # the bootstrap's span: GSM8K's worked solution

@@ -42,8 +42,7 @@ HARMLESS = ('stage', 'num_devices', 'on_config_change', 'wandb.*', '*.steps', '*
 PARAM_KEYS = ('model.*', 'lora.*', 'think.num_tokens')
 PARAM_HARMLESS = ('model.dtype',)  # reading a stage's parameters at another compute precision is allowed
 # The training stages of each method, in order: a later one starts from the earlier one's result.
-STAGES = {'dtt': ('bootstrap', 'grpo'), 'think_tokens': ('teacher', 'think')}
-COCONUT_STAGES = ('bootstrap',)
+STAGE_SECTIONS = ('bootstrap', 'grpo', 'think')  # config sections of one stage: another stage's are ignored
 
 
 class WorkdirError(RuntimeError):
@@ -208,16 +207,6 @@ def default_config() -> dict:
   return config_dict(base.get_config())
 
 
-def stages_of(config) -> tuple[str, ...]:
-  return STAGES.get(config.method, COCONUT_STAGES)
-
-
-def trained_stages(config) -> tuple[str, ...]:
-  """The stages this run trains (resumes): by `config.stage`."""
-  stages = stages_of(config)
-  return {'bootstrap': stages[:1], 'grpo': stages[1:], 'eval': (), 'pipeline': stages}[config.stage]
-
-
 def checkpoint_steps(stage_dir: str) -> list[int]:
   """Finished checkpoint steps in `<stage_dir>/checkpoints` (Orbax renames a step's folder to its number last)."""
   ckpt = os.path.join(stage_dir, 'checkpoints')
@@ -232,15 +221,10 @@ def _saved_config(workdir: str, stage: str) -> tuple[dict | None, str]:
   return None, ''
 
 
-def _sections(stage: str, config) -> tuple[str, ...]:
+def _other_sections(method, stage: str) -> tuple[str, ...]:
   """Config sections a stage does not use (another stage's own section): ignored when it resumes."""
-  return tuple(f'{other}.*' for other in ('bootstrap', 'grpo', 'think') if other not in _own_sections(stage, config))
-
-
-def _own_sections(stage: str, config) -> tuple[str, ...]:
-  if config.method == 'think_tokens':
-    return ('think',)
-  return ('bootstrap',) if stage == 'bootstrap' else ('grpo',)
+  own = method.config_sections(stage)
+  return tuple(f'{other}.*' for other in STAGE_SECTIONS if other not in own)
 
 
 def _format(diffs) -> str:
@@ -259,8 +243,9 @@ def check_resume(config, workdir: str, defaults: dict | None = None) -> None:
     raise ValueError(f"config.on_config_change={on_change!r}: expected one of 'stop', 'move_aside'.")
   current = config_dict(config)
   defaults = default_config() if defaults is None else defaults
-  stages = stages_of(config)
-  trained = trained_stages(config)
+  from dtt_jax import methods  # pylint: disable=g-import-not-at-top  (methods use this module)
+  method = methods.get(config.method)
+  stages, trained = method.stages, method.stages_to_train(config.stage)
   conflicts = {}  # stage -> (saved config path, differences)
   for stage in stages:
     stage_dir = os.path.join(workdir, stage)
@@ -272,7 +257,7 @@ def check_resume(config, workdir: str, defaults: dict | None = None) -> None:
       log.warning('%s has checkpoints but no saved config: the run cannot be compared with this one.', stage_dir)
       continue
     if stage in trained:
-      ignore = _sections(stage, config)
+      ignore = _other_sections(method, stage)
       harmful = differences(saved, current, ignore=ignore + HARMLESS, defaults=defaults)
       harmless = differences(saved, current, only=HARMLESS, ignore=ignore + ('stage',), defaults=defaults)
       if harmless and not harmful:

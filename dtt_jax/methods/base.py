@@ -72,6 +72,10 @@ class Method(abc.ABC):
     """Decodes the records of `config.eval` with the trained stages and writes the reports under
     `<workdir>/eval/<split or file>/<stage>/`; returns the metrics of the last stage evaluated."""
 
+  def config_sections(self, stage: str) -> tuple[str, ...]:
+    """The config sections of `stage` among `workdir.STAGE_SECTIONS` (the others' changes do not stop a resume)."""
+    return (stage,)
+
   def stages_to_train(self, config_stage: str) -> tuple[str, ...]:
     """The stages `config.stage` trains: 'bootstrap' the first, 'grpo' the second, 'pipeline' all, 'eval' none."""
     return {'pipeline': self.stages, 'eval': (), 'bootstrap': self.stages[:1], 'grpo': self.stages[1:2]}[config_stage]
