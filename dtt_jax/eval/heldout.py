@@ -3,7 +3,8 @@
 * Records: `eval.path` (a file in the dataset's formats; reports named after the file), else `eval.split`: 'valid'
   (the validation records the run trained beside) or 'test' (the dataset's test file; for generated addition, every
   problem of the test bucket at the configured digit counts, enumerated in order, or with `eval.size` a fixed random
-  sample of them; beyond 3 digits `eval.size` problems generated from the bucket). Repeated questions are dropped
+  sample of them; beyond 3 digits `eval.size` problems generated from the bucket; a generated test split is the same
+  for every `config.seed`, which changes the training data and initialisation only). Repeated questions are dropped
   (the first is kept), then the first `eval.size` records are taken (0: all).
 * Reports: `<workdir>/eval/<split or file name>/<stage>/` (`report.write_report`). Every row carries the example's
   `id` (a hash of its question, `compare.example_id`), the `stage`, the checkpoint `step`, the `split` and a hash of
@@ -47,8 +48,8 @@ def eval_records(config, valid: list[dict]) -> tuple[str, list[dict]]:
   else:
     name = 'test'
     records = data_lib.get_dataset(d.name, 'test', d.get('test_path') or None, data_dir=d.get('data_dir') or None,
-                                   size=e.size or None, seed=config.seed, min_digits=d.min_digits,
-                                   max_digits=d.max_digits)
+                                   size=e.size or None, seed=0, min_digits=d.min_digits,
+                                   max_digits=d.max_digits)  # generated: the same test problems for every seed
   seen = set()
   distinct = [r for r in records if not (r['question'] in seen or seen.add(r['question']))]  # first of each
   if len(distinct) < len(records):
