@@ -16,6 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   # thinking-token vocabulary, config.think)
   c.method = 'dtt'
   c.num_devices = 0  # 0: every device of every process
+  c.parallel = ml_collections.ConfigDict()
+  # The mesh is (num_devices // fsdp) 'data' x fsdp 'fsdp': parameters, gradients and optimizer state are split
+  # fsdp ways (dtt_jax/parallel.py has the rule table), batches num_devices ways. 1: replicated (data parallel)
+  c.parallel.fsdp = 1
   c.init_from = ''  # GRPO: a workdir whose bootstrap result gives the initial policy and the reference ('' = this one)
   # A rerun whose config differs from the checkpoints in the workdir beyond steps / intervals / logging:
   # 'stop' (an error listing the differences) | 'move_aside' (old stages to <workdir>/moved-<time>/, start anew)

@@ -11,6 +11,9 @@ Promises:
   keep-latest policy), and the newest good one is used. When none restores, `CheckpointError` lists them all and
   nothing is moved.
 * A failed write (a full disk) raises `CheckpointWriteError` naming the finished checkpoints, which stay intact.
+* Arrays are saved as they are laid out (sharded or not) and restored with the shardings of the abstract tree
+  asked for (`jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, e.g. `parallel.state_shardings`), so a
+  checkpoint written on one mesh shape (fsdp = 4) restores onto another (data = 4, or 2 x 2).
 """
 
 from __future__ import annotations

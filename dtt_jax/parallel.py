@@ -1,6 +1,30 @@
-"""Data parallelism: a 1-D ('data',) mesh over all devices (all hosts), batch sharded on it, params replicated."""
+"""Data and fully-sharded data parallelism on a 2-D ('data', 'fsdp') mesh over all devices (all hosts).
+
+* Batches: the leading (row) axis is split over both axes, P(('data', 'fsdp')): `num_shards(mesh)` = data * fsdp
+  shards, row-major (device (d, f) holds shard d * fsdp + f), so each shard is a contiguous block of rows.
+* State (parameters, gradients, optimizer state): each array is laid out by the rule table below along 'fsdp' and
+  replicated along 'data'. With fsdp = 1 every array is replicated: plain data parallelism.
+
+Rule table (`param_spec`, shapes only; optax states mirror the parameters' shapes, so they follow the same rule):
+
+    array                                           spec
+    -----------------------------------------------------------------------------------------------------
+    fsdp == 1                                       P()             replicated
+    fewer than MIN_SHARDED_SIZE (2**10) elements    P()             biases, norms, step counters, RNG key data
+    no dimension divisible by fsdp                  P()
+    otherwise                                       'fsdp' on the largest dimension divisible by fsdp (the
+                                                    first of equal ones): [D,4D] -> P(None,'fsdp'),
+                                                    [V,D] -> P('fsdp',None) (D when V is not divisible)
+
+The jitted steps take these layouts as in/out shardings (`jit_sharded`), gather the parameters before the forward
+pass (`gather`: XLA's all-gather) and lay the gradients out like the parameters (`scatter`: a reduce-scatter), so
+between steps each device holds 1/fsdp of the parameters and optimizer state; inside a step the whole parameters
+(and their gradient) exist for a moment on every device. `spec_table` prints the table of a given tree.
+"""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import numpy as np
@@ -8,15 +32,24 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch's leading axis is split over both
+MIN_SHARDED_SIZE = 2**10  # smaller arrays stay replicated: sharding them saves little and costs a collective
+STATE = 'state'  # `jit_sharded` marker: an argument (output) laid out by `state_shardings`
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """Mesh over the first `num_devices` devices (default: every device of every process)."""
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> jax.sharding.Mesh:
+  """('data', 'fsdp') mesh over the first `num_devices` devices (default: every device of every process), with
+  data = num_devices // fsdp."""
   devices = jax.devices()
   n = len(devices) if num_devices is None else num_devices
   if not 0 < n <= len(devices):
-    raise ValueError(f'num_devices={num_devices} but {len(devices)} devices are available.')
-  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
+    raise ValueError(f'config.num_devices={num_devices} but {len(devices)} devices are available.')
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f'config.parallel.fsdp={fsdp} must divide the number of devices, {n} (config.num_devices, '
+                     '0 = all): set config.parallel.fsdp to a divisor of it.')
+  return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices[:n])
 
 
 def replicated(mesh) -> NamedSharding:
@@ -24,16 +57,107 @@ def replicated(mesh) -> NamedSharding:
 
 
 def data_sharded(mesh) -> NamedSharding:
-  """Leading (batch) axis split over devices."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over both mesh axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def num_shards(mesh) -> int:
-  return mesh.shape[DATA_AXIS]
+  """The number of batch shards: data * fsdp."""
+  return mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
+
+
+# --------------------------------------------------------------------------------------------------- state layout
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  """The rule table (module docstring): the PartitionSpec of an array of `shape` on an fsdp-way axis."""
+  if fsdp == 1 or math.prod(shape) < MIN_SHARDED_SIZE:
+    return P()
+  divisible = [i for i, n in enumerate(shape) if n % fsdp == 0]
+  if not divisible:
+    return P()
+  axis = max(divisible, key=lambda i: (shape[i], -i))  # largest, the first of equal ones
+  return P(*(FSDP_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def state_shardings(tree, mesh):
+  """NamedShardings of a pytree of arrays or ShapeDtypeStructs (params, optimizer state, a TrainState) by the rule
+  table; fsdp = 1: all replicated."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+
+
+def shard_state(tree, mesh):
+  """device_put by `state_shardings` (an array already laid out so is returned as is, not copied)."""
+  return jax.device_put(tree, state_shardings(tree, mesh))
+
+
+def gather(tree, mesh):
+  """Inside a jitted step: sharded parameters replicated on every device before use (FSDP's all-gather), so the
+  forward and backward passes are those of data parallelism."""
+  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
+def scatter(tree, mesh):
+  """Inside a jitted step: gradients laid out by the rule table (summed over the batch shards and split: XLA's
+  reduce-scatter), so the optimizer update runs on each device's shard only."""
+  return jax.lax.with_sharding_constraint(tree, state_shardings(tree, mesh))
+
+
+def spec_table(tree, mesh) -> str:
+  """One line per array: 'path [shape] -> spec'."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  return '\n'.join(f'{jax.tree_util.keystr(path)} {list(np.shape(x))} -> {param_spec(np.shape(x), fsdp)}'
+                   for path, x in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def state_bytes(tree, mesh) -> tuple[int, int]:
+  """(bytes per device, bytes replicated) of a pytree: placed arrays by their sharding, others by the rule table."""
+  per_device = total = 0
+  for x, planned in zip(jax.tree.leaves(tree), jax.tree.leaves(state_shardings(tree, mesh))):
+    sharding = x.sharding if isinstance(x, jax.Array) else planned
+    itemsize = np.dtype(x.dtype).itemsize
+    per_device += math.prod(sharding.shard_shape(np.shape(x))) * itemsize
+    total += math.prod(np.shape(x)) * itemsize
+  return per_device, total
+
+
+def describe_memory(state, mesh) -> str:
+  """The line logged at the start of a stage: per-device MiB of a TrainState's params + optimizer state, and the
+  replicated figure."""
+  (p_dev, p_all), (o_dev, o_all) = state_bytes(state.params, mesh), state_bytes(state.opt_state, mesh)
+  mib = lambda b: f'{b / 2**20:.4g} MiB'
+  return (f'Per device (data={mesh.shape[DATA_AXIS]}, fsdp={mesh.shape[FSDP_AXIS]}): params {mib(p_dev)} + '
+          f'optimizer state {mib(o_dev)} = {mib(p_dev + o_dev)}; replicated {mib(p_all)} + {mib(o_all)} = '
+          f'{mib(p_all + o_all)} ({(p_dev + o_dev) / max(p_all + o_all, 1):.2f}x).')
+
+
+def jit_sharded(fn, mesh, in_shardings, out_shardings, donate_argnums=()):
+  """jax.jit(fn) where the marker STATE in `in_shardings` stands for `state_shardings` of that argument (known at
+  the call) and in `out_shardings` for those of the first STATE argument (a step returns its state laid out as it
+  came). A None argument marked STATE (no reference model) is replicated. One jit per shapes of the STATE
+  arguments."""
+  compiled = {}
+
+  def call(*args):
+    marked = [a for a, s in zip(args, in_shardings) if s is STATE]
+    key = tuple((jax.tree.structure(a), tuple(np.shape(x) for x in jax.tree.leaves(a))) for a in marked)
+    if key not in compiled:
+      layout = lambda a: replicated(mesh) if a is None else state_shardings(a, mesh)
+      ins = tuple(layout(a) if s is STATE else s for a, s in zip(args, in_shardings))
+      first = layout(marked[0]) if marked else None
+      outs = jax.tree.map(lambda s: first if s is STATE else s, out_shardings, is_leaf=lambda s: s is STATE)
+      compiled[key] = jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=donate_argnums)
+    return compiled[key](*args)
+
+  return call
+
+
+# ---------------------------------------------------------------------------------------------------------- batches
 
 
 def shard_batch(batch, mesh):
-  """Host numpy batch (this process's rows, leading axis) -> global jax arrays sharded on 'data'.
+  """Host numpy batch (this process's rows, leading axis) -> global jax arrays sharded over ('data', 'fsdp').
 
   Single process: the batch is the global batch. Multi-process: each process passes its own slice, in process
   order, and the global batch is their concatenation.
@@ -51,7 +175,7 @@ def shard_batch(batch, mesh):
 
 def to_global(tree, mesh):
   """Host arrays that every process holds in full (e.g. prompts all processes built the same way) -> global
-  arrays sharded on 'data' (each device takes its rows)."""
+  arrays sharded over ('data', 'fsdp') (each device takes its rows)."""
   sharding = data_sharded(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i, x=np.asarray(x): x[i]),
                       tree)
@@ -73,4 +197,5 @@ def replicate(tree, mesh):
 def check_divisible(batch_size: int, mesh, what: str = 'batch_size') -> None:
   n = num_shards(mesh)
   if batch_size % n:
-    raise ValueError(f'{what}={batch_size} must be divisible by the number of devices ({n}).')
+    raise ValueError(f'{what}={batch_size} must be divisible by the number of batch shards ({n} = '
+                     f'data {mesh.shape[DATA_AXIS]} x fsdp {mesh.shape[FSDP_AXIS]}).')

@@ -339,7 +339,8 @@ def batch_metrics(batch: RolloutBatch, advantages: jax.Array, zero_std: jax.Arra
 def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, mesh):
   """-> jitted `grpo_step(state, batch: RolloutBatch) -> (state, metrics)`.
 
-  The state is donated and replicated; the batch is sharded on 'data' by whole groups (`rollout.collect`).
+  The state is donated and laid out by `parallel.state_shardings`; the batch is sharded over ('data', 'fsdp') by
+  whole groups (`rollout.collect`).
   `cfg.mu` optimizer steps on the same batch inside the call; metrics average them (except `logprob_mismatch*`, of
   the first iteration, whose parameters generated the rollout).
   """
@@ -348,12 +349,13 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, 
     n, t = batch.completion.shape
     advantages, zero_std = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_rewards)
     mask = loss_mask(batch, zero_std, cfg)
-    grad_fn = jax.grad(grpo_loss, has_aux=True)
+    loss_fn = lambda params, *args: grpo_loss(parallel.gather(params, mesh), *args)  # FSDP: whole params
 
     def iteration(carry, i):
       params, opt_state, old = carry
-      grads, (aux, new_old) = grad_fn(params, graphdef, batch, advantages, mask, old['logprobs'],
-                                      old['gate_logits'], i == 0, cfg)
+      grads, (aux, new_old) = jax.grad(loss_fn, has_aux=True)(params, graphdef, batch, advantages, mask,
+                                                              old['logprobs'], old['gate_logits'], i == 0, cfg)
+      grads = parallel.scatter(grads, mesh)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       old = jax.tree.map(lambda new, prev: jnp.where(i == 0, new, prev), new_old, old)
@@ -369,5 +371,5 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, 
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  return jax.jit(grpo_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                 donate_argnums=0)
+  return parallel.jit_sharded(grpo_step, mesh, (parallel.STATE, sharded), (parallel.STATE, replicated),
+                              donate_argnums=0)

@@ -1,9 +1,9 @@
 """GRPO rollouts: B prompts x G completions from the generation engine with the policy's params, scored by the reward.
 
 Each prompt is repeated G times contiguously (row i of the N = B*G rows belongs to prompt i // G), and the N axis
-is sharded on the ('data',) mesh with B divisible by the number of devices, so every device holds whole groups and
-group statistics never cross devices. The rollout stores everything the update needs to re-score it in one
-parallel pass: tokens, the rollout's log-probs, gates, gate noise, the hidden states used as inputs, the
+is sharded over the ('data', 'fsdp') mesh with B divisible by the number of batch shards, so every device holds
+whole groups and group statistics never cross devices. The rollout stores everything the update needs to re-score
+it in one parallel pass: tokens, the rollout's log-probs, gates, gate noise, the hidden states used as inputs, the
 temperature it was generated with, and (beta > 0) the frozen reference model's log-probs of the same completions,
 re-scored from the same stored hidden states and noise with the reference's own gate head.
 
@@ -58,15 +58,16 @@ def repeat_prompts(prompt: np.ndarray, prompt_mask: np.ndarray, num_generations:
 def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh):
   """-> jitted `rollout(params, ref_params, prompt, prompt_mask, key, tau) -> (engine.Rollout, ref_logprobs [N,T])`.
 
-  prompt, prompt_mask [N,P] sharded on 'data'; params, ref_params (None when beta == 0), key, tau replicated.
-  The reference parameters are only read.
+  prompt, prompt_mask [N,P] sharded over ('data', 'fsdp'); params, ref_params (None when beta == 0) laid out by
+  `parallel.state_shardings` (gathered inside); key, tau replicated. The reference parameters are only read.
   """
   gen_cfg = generate_config(cfg, vocab)
 
   def rollout(params, ref_params, prompt, prompt_mask, key, tau):
-    out = engine.generate_traced(nnx.merge(graphdef, params), prompt, prompt_mask, key, tau, gen_cfg, False)
+    model = nnx.merge(graphdef, parallel.gather(params, mesh))
+    out = engine.generate_traced(model, prompt, prompt_mask, key, tau, gen_cfg, False)
     if cfg.beta:
-      ref = nnx.merge(graphdef, ref_params)
+      ref = nnx.merge(graphdef, parallel.gather(ref_params, mesh))
       target_hidden, _ = engine.rescore(ref, prompt, prompt_mask, out.tokens, out.hidden_inputs, out.gate_noise, tau,
                                         hard=cfg.hard_gate)
       ref_logprobs, _ = output_layer.token_logprobs(ref.gpt2, target_hidden, out.tokens, cfg.temperature,
@@ -77,8 +78,8 @@ def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh):
     return out, ref_logprobs
 
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  return jax.jit(rollout, in_shardings=(replicated, replicated, sharded, sharded, replicated, replicated),
-                 out_shardings=sharded)
+  return parallel.jit_sharded(rollout, mesh, (parallel.STATE, parallel.STATE, sharded, sharded, replicated,
+                                              replicated), sharded)
 
 
 def shard_rollout(batch: RolloutBatch, mesh, num_generations: int) -> RolloutBatch:

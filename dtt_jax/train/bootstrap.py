@@ -10,10 +10,10 @@ Two exact speed-ups, both on by default (`LossConfig`): `fast_unroll` (the recur
 `train/fast_unroll.py`; same values and gradients as autodiff through `engine.unroll`) and `fused_output` (the output
 layer, cross-entropy and argmax in vocabulary tiles, `model/output_layer.py`: no [B,T,V] logits).
 
-The step is one pure jitted function `(state, batch, tau) -> (state, metrics)`: the state is donated, the batch is
-sharded over the ('data',) mesh, parameters are replicated. Gradient accumulation over `microbatches` keeps the
-effective batch constant on any device count: every microbatch's loss is normalised by the whole batch's counts,
-so the summed gradient equals the full-batch gradient.
+The step is one pure jitted function `(state, batch, tau) -> (state, metrics)`: the state is donated and laid out
+by `parallel.state_shardings` (replicated at fsdp = 1), the batch is sharded over the ('data', 'fsdp') mesh.
+Gradient accumulation over `microbatches` keeps the effective batch constant on any device count: every
+microbatch's loss is normalised by the whole batch's counts, so the summed gradient equals the full-batch gradient.
 """
 
 from __future__ import annotations
@@ -111,14 +111,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig,
 
 
 def make_step(graphdef, tx: optax.GradientTransformation, loss_fn, fields, mesh, microbatches: int = 1):
-  """-> jitted `train_step(state, batch, tau) -> (state, metrics)` (state donated, batch sharded on 'data').
+  """-> jitted `train_step(state, batch, tau) -> (state, metrics)` (state donated and laid out by
+  `parallel.state_shardings`, batch sharded over ('data', 'fsdp')).
 
   `loss_fn(model, batch, key, tau, counts) -> (loss, metrics)` sums its terms over `batch` and divides by the
   whole-batch `counts` (`_counts`), so microbatch gradients add up to the full-batch gradient; `fields`: the batch
   entries the step takes."""
 
   def grads_and_metrics(params, batch, key, tau, counts):
-    return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch, key, tau, counts), has_aux=True)(params)
+    loss = lambda p: loss_fn(nnx.merge(graphdef, parallel.gather(p, mesh)), batch, key, tau, counts)
+    grads, metrics = jax.grad(loss, has_aux=True)(params)
+    return parallel.scatter(grads, mesh), metrics
 
   def train_step(state: TrainState, batch, tau):
     batch = {k: batch[k] for k in fields}
@@ -143,5 +146,5 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn, fields, mesh,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  return jax.jit(train_step, in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
-                 donate_argnums=0)
+  return parallel.jit_sharded(train_step, mesh, (parallel.STATE, sharded, replicated), (parallel.STATE, replicated),
+                              donate_argnums=0)
