@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.intermediate_size = 0  # SwiGLU MLP width; 0: 4 * n_embd
   c.model.rope_theta = 10000.0
   c.model.tie_word_embeddings = True  # False: a separate output layer `lm_head` (GPT-2 is always tied)
-  c.model.dtype = 'float32'  # compute dtype: 'bfloat16' on accelerators
+  c.model.dtype = 'float32'  # compute dtype of matmuls / attention: 'bfloat16' on accelerators (softmax, norms, loss,
+  # log-probs and the gate stay float32)
+  c.model.param_dtype = 'float32'  # stored parameters: float32 master weights; 'bfloat16' for inference only
   c.model.gate_bias_init = -4.0  # gate sigmoid(-4 / tau) starts near 0 (0.12 at tau0 = 2, 0.02 at tau = 1)
   c.model.use_projection = False
   c.model.gate = 'dtt'  # 'dtt' (Gumbel-sigmoid gate head) | 'hrpo' (HRPO's thinking-residual gate; model/dtt.py)

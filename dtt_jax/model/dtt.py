@@ -102,18 +102,20 @@ def normalized_soft_embedding(logits: jax.Array, embedding: jax.Array, tau) -> j
 class HRPOGate(nnx.Module):
   """HRPO's thinking-residual gate (module docstring): parameters gate_r, gate_i (Linear D->D) and lam [D]."""
 
-  def __init__(self, d: int, c: float, a_init: tuple[float, float], *, rngs: nnx.Rngs):
+  def __init__(self, d: int, c: float, a_init: tuple[float, float], *, rngs: nnx.Rngs, param_dtype='float32'):
     self.c = c
-    self.gate_r = nnx.Linear(d, d, kernel_init=nnx.initializers.zeros, rngs=rngs)
-    self.gate_i = nnx.Linear(d, d, kernel_init=nnx.initializers.zeros, rngs=rngs)
+    # computed in float32 whatever the parameters' dtype (they are float32 unless stored for inference in bfloat16)
+    linear = lambda: nnx.Linear(d, d, dtype=jnp.float32, param_dtype=param_dtype, kernel_init=nnx.initializers.zeros,
+                                rngs=rngs)
+    self.gate_r, self.gate_i = linear(), linear()
     a0 = jnp.linspace(*a_init, d, dtype=jnp.float32)  # a at r = 1/2: sigmoid(lam) = a0^(2/c), lam = logit of that
-    self.lam = nnx.Param(-jnp.log(jnp.expm1(-(2.0 / c) * jnp.log(a0))))
+    self.lam = nnx.Param(-jnp.log(jnp.expm1(-(2.0 / c) * jnp.log(a0))).astype(param_dtype))
 
   def coefficients(self, token_embedding: jax.Array):
     """e [..., D] -> (a, sqrt(1 - a^2), i), each [..., D] float32."""
     e = token_embedding.astype(jnp.float32)
     r = jax.nn.sigmoid(self.gate_r(e))
-    log_a = self.c * r * jax.nn.log_sigmoid(self.lam[...])  # <= 0
+    log_a = self.c * r * jax.nn.log_sigmoid(self.lam[...].astype(jnp.float32))  # <= 0
     latent_weight = jnp.sqrt(jnp.maximum(-jnp.expm1(2.0 * log_a), 1e-12))  # sqrt(1 - a^2) without cancellation
     return jnp.exp(log_a), latent_weight, jax.nn.sigmoid(self.gate_i(e))
 
@@ -136,14 +138,18 @@ class DTTModel(nnx.Module):
     `cfg.gpt2`. The attribute is `gpt2` for both families: checkpoints address the trunk's parameters by it."""
     self.cfg = cfg
     self.gpt2 = gpt2 if gpt2 is not None else build_trunk(cfg.gpt2, rngs)
-    d = self.gpt2.cfg.n_embd
+    trunk = self.gpt2.cfg  # the gate's parameters are stored like the trunk's (param_dtype)
+    d, param_dtype = trunk.n_embd, trunk.param_dtype
     dtt = cfg.gate == 'dtt'
-    self.gate_head = nnx.data(nnx.Linear(d, 1, kernel_init=nnx.initializers.zeros,
+    self.gate_head = nnx.data(nnx.Linear(d, 1, dtype=jnp.float32, param_dtype=param_dtype,
+                                         kernel_init=nnx.initializers.zeros,
                                          bias_init=nnx.initializers.constant(cfg.gate_bias_init), rngs=rngs)
-                              if dtt else None)
+                              if dtt else None)  # the gate logit and sigmoid in float32
     identity = lambda _, shape, dtype: jnp.eye(*shape, dtype=dtype)
-    self.proj = nnx.data(nnx.Linear(d, d, kernel_init=identity, rngs=rngs) if cfg.use_projection else None)
-    self.hrpo = nnx.data(None if dtt else HRPOGate(d, cfg.hrpo_c, cfg.hrpo_a_init, rngs=rngs))
+    self.proj = nnx.data(nnx.Linear(d, d, dtype=trunk.dtype, param_dtype=param_dtype, kernel_init=identity,
+                                    rngs=rngs) if cfg.use_projection else None)  # a matmul: the compute dtype
+    self.hrpo = nnx.data(None if dtt else HRPOGate(d, cfg.hrpo_c, cfg.hrpo_a_init, rngs=rngs,
+                                                   param_dtype=param_dtype))
 
   def gate_logit(self, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] -> gate logit [...] (float32). The deterministic HRPO gate samples nothing and has no

@@ -18,6 +18,13 @@ the same rate after the embedding sum, on the attention probabilities, and on th
 each residual add. A mask depends only on the key, the site and the sequence column of its query (the cache slot),
 never on which call computes that column, so a sequence computed in pieces over a KV cache (COCONUT's n + 1
 passes) draws exactly the masks of one parallel pass over it.
+
+Precision (both families; `config.model.dtype`, `config.model.param_dtype`): parameters are stored in `param_dtype`
+(float32 master weights by default, so gradients and optimizer state are float32); matmuls, attention products,
+the residual stream and the KV cache run in the compute `dtype` ('bfloat16' on accelerators). In float32 whatever
+`dtype` is: attention scores and their softmax, LayerNorm / RMSNorm statistics, RoPE angles, the logits (float32
+accumulation of compute-dtype operands, `output_logits`) and everything computed from them (`output_layer.py`'s
+loss, log-probs and log-sum-exp), and the DTT gate's logit and sigmoid (`dtt.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 NEG_INF = -1e9  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
+DTYPES = ('float32', 'bfloat16')  # config.model.dtype (compute) and config.model.param_dtype (stored parameters)
+
+
+def check_precision(dtype: str, param_dtype: str) -> None:
+  """Raises a ValueError naming `config.model.dtype` / `config.model.param_dtype` unless each is in DTYPES."""
+  for key, value in (('dtype', dtype), ('param_dtype', param_dtype)):
+    if value not in DTYPES:
+      raise ValueError(f'config.model.{key}={value!r}: expected one of {", ".join(map(repr, DTYPES))} ('
+                       + ('the compute dtype of matmuls and attention' if key == 'dtype' else
+                          'the stored parameter dtype; "bfloat16" for inference only, training keeps float32 master '
+                          'weights') + ').')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +61,8 @@ class GPT2Config:
   n_head: int = 12
   layer_norm_epsilon: float = 1e-5
   initializer_range: float = 0.02
-  dtype: str = 'float32'  # compute dtype ('bfloat16' on accelerators); params stay float32
+  dtype: str = 'float32'  # compute dtype of matmuls and attention ('bfloat16' on accelerators)
+  param_dtype: str = 'float32'  # stored parameters: float32 master weights ('bfloat16': inference only)
   extra_tokens: int = 0  # K thinking tokens: ids vocab_rows + j (j < K), untied rows think_in / think_out
 
   @property
@@ -67,6 +86,7 @@ class GPT2Config:
       raise ValueError(f'num_tokens={self.num_tokens} must be in (0, vocab_rows={self.vocab_rows}].')
     if self.extra_tokens < 0:
       raise ValueError(f'extra_tokens={self.extra_tokens} (config.think.num_tokens) must be >= 0.')
+    check_precision(self.dtype, self.param_dtype)
 
 
 @flax.struct.dataclass
@@ -160,9 +180,9 @@ class Attention(nnx.Module):
   def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
     d, std = cfg.n_embd, cfg.initializer_range
     self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-    self.c_attn = nnx.Linear(d, 3 * d, dtype=cfg.dtype, kernel_init=_normal(std), rngs=rngs)
-    self.c_proj = nnx.Linear(d, d, dtype=cfg.dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)),
-                             rngs=rngs)
+    self.c_attn = nnx.Linear(d, 3 * d, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_normal(std), rngs=rngs)
+    self.c_proj = nnx.Linear(d, d, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                             kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)), rngs=rngs)
 
   def __call__(self, x, bias, layer, cache, cache_index, dropout: Dropout | None = None, columns=None):
     """x [B,T,D], bias [B,T,Tk] -> [B,T,D], cache. Tk = T without a cache (self-attention over x), else the
@@ -187,17 +207,20 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
     d, std = cfg.n_embd, cfg.initializer_range
-    self.c_fc = nnx.Linear(d, 4 * d, dtype=cfg.dtype, kernel_init=_normal(std), rngs=rngs)
-    self.c_proj = nnx.Linear(4 * d, d, dtype=cfg.dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)),
-                             rngs=rngs)
+    self.c_fc = nnx.Linear(d, 4 * d, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_normal(std),
+                           rngs=rngs)
+    self.c_proj = nnx.Linear(4 * d, d, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                             kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)), rngs=rngs)
 
   def __call__(self, x):
     return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # gelu_new
 
 
 def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, use_fast_variance=False,
-                       rngs=rngs)
+  """Mean and variance in float32 whatever the compute dtype (flax's LayerNorm promotes them); the output is cast
+  to cfg.dtype."""
+  return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       use_fast_variance=False, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -221,15 +244,15 @@ class GPT2(nnx.Module):
   def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
     self.cfg = cfg
     std = cfg.initializer_range
-    self.wte = nnx.Embed(cfg.vocab_rows, cfg.n_embd, dtype=cfg.dtype, embedding_init=_normal(std), rngs=rngs)
-    self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, embedding_init=_normal(std), rngs=rngs)
+    self.wte = nnx.Embed(cfg.vocab_rows, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=_normal(std), rngs=rngs)
+    self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=_normal(std), rngs=rngs)
     self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
     self.ln_f = _layer_norm(cfg, rngs)
     if cfg.extra_tokens:  # created last: the other parameters draw the same random numbers as with K = 0
       k = cfg.extra_tokens
-      self.think_in = nnx.Param(_normal(std)(rngs.params(), (k, cfg.n_embd), jnp.float32))  # [K,D]
-      self.think_out = nnx.Param(_normal(std)(rngs.params(), (k, cfg.n_embd), jnp.float32))  # [K,D]
-      self.think_bias = nnx.Param(jnp.zeros((k,), jnp.float32))  # [K]
+      self.think_in, self.think_out, self.think_bias = think_params(cfg, rngs)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens [...] int -> token embeddings [..., D] (no position embedding). Thinking ids (>= vocab_rows) read
@@ -245,7 +268,7 @@ class GPT2(nnx.Module):
   def __call__(self, inputs_embeds, positions, bias, cache=None, cache_index=0, dropout: Dropout | None = None):
     """inputs_embeds [B,T,D], positions [B,T], bias [B,T,Tk] -> hidden [B,T,D] after ln_f, updated cache.
     The inputs are sequence columns [cache_index, cache_index + T) (`dropout`: training mode, else none)."""
-    x = inputs_embeds + self.wpe(positions)
+    x = (inputs_embeds + self.wpe(positions)).astype(self.cfg.dtype)
     columns = None
     if dropout is not None:
       columns = cache_index + jnp.arange(x.shape[1])
@@ -255,7 +278,8 @@ class GPT2(nnx.Module):
     return self.ln_f(x), cache
 
   def output_table(self) -> jax.Array:
-    """The output layer's rows [vocab_rows, D] (float32 parameters): the tied `wte` (Llama: `wte` or `lm_head`)."""
+    """The output layer's rows [vocab_rows, D] (the parameters, float32 master weights by default): the tied `wte`
+    (Llama: `wte` or `lm_head`)."""
     return self.wte.embedding[...]
 
   def output_kernel(self) -> jax.Array:
@@ -269,19 +293,33 @@ class GPT2(nnx.Module):
     """hidden [..., D] -> float32 logits [..., vocab_rows + K]; padded rows are NEG_INF (never sampled). The last
     K columns (thinking tokens) are `hidden @ think_out.T + think_bias`. kernel: `output_kernel()`, made once by a
     caller that computes logits many times (same products, a faster dot layout on CPU)."""
-    if kernel is None:
-      logits = self.wte.attend(hidden).astype(jnp.float32)
-    else:
-      logits = jnp.dot(hidden.astype(kernel.dtype), kernel).astype(jnp.float32)
-    if self.cfg.extra_tokens:
-      dtype = self.cfg.dtype
-      think = jnp.dot(hidden.astype(dtype), self.think_out[...].astype(dtype).T, preferred_element_type=jnp.float32)
-      logits = jnp.concatenate([logits, think + self.think_bias[...]], axis=-1)  # [..., vocab_rows + K]
-    if self.cfg.num_tokens < self.cfg.vocab_rows:
-      column = jnp.arange(self.cfg.total_rows)
-      valid = (column < self.cfg.num_tokens) | (column >= self.cfg.vocab_rows)
-      logits = jnp.where(valid, logits, NEG_INF)
-    return logits
+    return output_logits(self, hidden, kernel)
+
+
+def think_params(cfg, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param, nnx.Param]:
+  """The K thinking tokens' untied rows in cfg.param_dtype: think_in [K,D], think_out [K,D], think_bias [K]."""
+  k, std, dtype = cfg.extra_tokens, cfg.initializer_range, jnp.dtype(cfg.param_dtype)
+  return (nnx.Param(_normal(std)(rngs.params(), (k, cfg.n_embd), dtype)),
+          nnx.Param(_normal(std)(rngs.params(), (k, cfg.n_embd), dtype)), nnx.Param(jnp.zeros((k,), dtype)))
+
+
+def output_logits(trunk, hidden: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+  """`logits` of either family's trunk: hidden [..., D] -> float32 [..., vocab_rows + K]. The products take their
+  operands in the compute dtype and accumulate in float32 (a bfloat16 logit would be off by ~0.03 at |logit| ~ 8,
+  enough to flip greedy choices and GRPO's importance ratios)."""
+  cfg = trunk.cfg
+  if kernel is None:
+    kernel = trunk.output_kernel()
+  logits = jnp.dot(hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+  if cfg.extra_tokens:
+    dtype = cfg.dtype
+    think = jnp.dot(hidden.astype(dtype), trunk.think_out[...].astype(dtype).T, preferred_element_type=jnp.float32)
+    logits = jnp.concatenate([logits, think + trunk.think_bias[...].astype(jnp.float32)], axis=-1)
+  if cfg.num_tokens < cfg.vocab_rows:
+    column = jnp.arange(cfg.total_rows)
+    valid = (column < cfg.num_tokens) | (column >= cfg.vocab_rows)
+    logits = jnp.where(valid, logits, NEG_INF)
+  return logits
 
 
 def causal_bias(key_mask: jax.Array, num_queries: int | None = None) -> jax.Array:

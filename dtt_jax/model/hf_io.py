@@ -141,7 +141,7 @@ def vocab_row_source(vocab: tokens.Vocab, ckpt_rows: int, source: str = 'the che
 
 
 def load_pretrained(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: str = 'float32',
-                    seed: int = 0) -> GPT2:
+                    seed: int = 0, param_dtype: str = 'float32') -> GPT2:
   """A `GPT2` with the checkpoint's weights.
 
   vocab: None keeps the checkpoint's vocabulary as is (rows padded to a multiple of 128); a `tokens.Vocab` maps the
@@ -162,7 +162,7 @@ def load_pretrained(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: 
   tensors['wte.weight'] = rows
   cfg = GPT2Config(vocab_rows=rows.shape[0], num_tokens=num_tokens, n_positions=hf['n_positions'],
                    n_embd=hf['n_embd'], n_layer=hf['n_layer'], n_head=hf['n_head'],
-                   layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5), dtype=dtype)
+                   layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5), dtype=dtype, param_dtype=param_dtype)
   model = GPT2(cfg, rngs=nnx.Rngs(seed))
   assign_hf_tensors(model, tensors, source=ckpt_dir)
   return model
@@ -235,16 +235,17 @@ def read_config_json(ckpt_dir: str) -> dict:
 
 
 def load_model(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: str = 'float32',
-               seed: int = 0) -> GPT2 | Llama:
-  """The checkpoint's model, its class picked by `model_family` of its config.json (`config.model.init`).
+               seed: int = 0, param_dtype: str = 'float32') -> GPT2 | Llama:
+  """The checkpoint's model, its class picked by `model_family` of its config.json (`config.model.init`), computing
+  in `dtype` with its parameters stored in `param_dtype` (`config.model.dtype`, `config.model.param_dtype`).
 
   vocab: None keeps the checkpoint's vocabulary; a `tokens.Vocab` (GPT-2's ids, or the checkpoint tokenizer's:
   `vocab_row_source`) maps the rows into it, the DTT specials' new rows copying `<<`, for either family."""
   ckpt_dir = _resolve_dir(name_or_dir, tuple(sorted(set(_GPT2_FILES) | set(_LLAMA_FILES))))
   family = model_family(read_config_json(ckpt_dir))
   if family == 'gpt2':
-    return load_pretrained(ckpt_dir, vocab=vocab, dtype=dtype, seed=seed)
-  return load_llama(ckpt_dir, dtype=dtype, seed=seed, vocab=vocab)
+    return load_pretrained(ckpt_dir, vocab=vocab, dtype=dtype, seed=seed, param_dtype=param_dtype)
+  return load_llama(ckpt_dir, dtype=dtype, seed=seed, vocab=vocab, param_dtype=param_dtype)
 
 
 def _rope_items(hf: dict, path: str) -> tuple[float, tuple[tuple[str, object], ...]]:
@@ -266,7 +267,7 @@ def _rope_items(hf: dict, path: str) -> tuple[float, tuple[tuple[str, object], .
 
 
 def llama_config(hf: dict, vocab_rows: int, num_tokens: int, dtype: str = 'float32',
-                 path: str = 'config.json') -> LlamaConfig:
+                 path: str = 'config.json', param_dtype: str = 'float32') -> LlamaConfig:
   """An HF Llama / Qwen2 config.json (dict) -> LlamaConfig; unsupported settings raise naming their key."""
   family = model_family(hf)
   if family not in _LLAMA_ARCHITECTURES:
@@ -288,7 +289,7 @@ def llama_config(hf: dict, vocab_rows: int, num_tokens: int, dtype: str = 'float
       rope_scaling=scaling, tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
       qkv_bias=family == 'qwen2' or attention_bias, o_bias=attention_bias,
       mlp_bias=family == 'llama' and hf.get('mlp_bias', False), family=family,
-      initializer_range=hf.get('initializer_range', 0.02), dtype=dtype)
+      initializer_range=hf.get('initializer_range', 0.02), dtype=dtype, param_dtype=param_dtype)
 
 
 def _llama_entries(model: Llama) -> Iterator[tuple[str, nnx.Module, str, bool]]:
@@ -347,7 +348,8 @@ def _rows(table: np.ndarray, num_rows: int, row_source: np.ndarray | None) -> np
 
 
 def load_llama(name_or_dir: str, dtype: str = 'float32', seed: int = 0,
-               row_source: np.ndarray | None = None, vocab: tokens.Vocab | None = None) -> Llama:
+               row_source: np.ndarray | None = None, vocab: tokens.Vocab | None = None,
+               param_dtype: str = 'float32') -> Llama:
   """A `Llama` (Llama or Qwen2 checkpoint) with the checkpoint's weights.
 
   Embedding rows (and lm_head rows, untied) are padded to a multiple of 128; padded logits are masked.
@@ -374,7 +376,7 @@ def load_llama(name_or_dir: str, dtype: str = 'float32', seed: int = 0,
   num_rows = tokens.padded_rows(num_tokens)
   if 'tie_word_embeddings' not in hf:  # absent: tied exactly when the checkpoint has no separate output layer
     hf = dict(hf, tie_word_embeddings='lm_head.weight' not in tensors)
-  cfg = llama_config(hf, num_rows, num_tokens, dtype, path)
+  cfg = llama_config(hf, num_rows, num_tokens, dtype, path, param_dtype)
   for name in ('model.embed_tokens.weight', 'lm_head.weight'):
     if name in tensors:
       tensors[name] = _rows(tensors[name], num_rows, row_source)

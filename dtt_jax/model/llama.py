@@ -9,8 +9,9 @@ What callers (the engine, the DTT gate, both training stages) rely on is exactly
   * `logits(hidden [..., D], kernel=None) -> float32 [..., vocab_rows + K]` (padded rows NEG_INF), `output_kernel()`
     (the output layer as [D, vocab_rows]); `output_table()` gives its [vocab_rows, D] rows: `wte` when the
     checkpoint ties embeddings, `lm_head` when not (GPT-2 is always tied, so its callers read `wte.embedding`).
-  * `cfg` fields: vocab_rows, num_tokens, n_positions, n_embd, n_layer, n_head, head_dim, dtype, extra_tokens,
-    total_rows. The token embedding is named `wte` (HF `model.embed_tokens`) because callers address it by name.
+  * `cfg` fields: vocab_rows, num_tokens, n_positions, n_embd, n_layer, n_head, head_dim, dtype, param_dtype,
+    extra_tokens, total_rows. The token embedding is named `wte` (HF `model.embed_tokens`) because callers address
+    it by name.
 
 Architecture (HF LlamaForCausalLM, Qwen2ForCausalLM), pre-norm blocks and a final `norm`:
     x += o_proj(attention(rope(q_proj(a)), rope(k_proj(a)), v_proj(a))),  a = input_layernorm(x)
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dtt_jax.model.gpt2 import NEG_INF, KVCache
+from dtt_jax.model.gpt2 import KVCache, check_precision, output_logits, think_params
 
 FAMILIES = ('llama', 'qwen2')
 ROPE_TYPES = ('default', 'linear', 'llama3')
@@ -69,7 +70,8 @@ class LlamaConfig:
   mlp_bias: bool = False
   family: str = 'llama'  # 'llama' | 'qwen2': the HF class an export names
   initializer_range: float = 0.02
-  dtype: str = 'float32'  # compute dtype; params stay float32
+  dtype: str = 'float32'  # compute dtype of matmuls and attention ('bfloat16' on accelerators)
+  param_dtype: str = 'float32'  # stored parameters: float32 master weights ('bfloat16': inference only)
   extra_tokens: int = 0  # K thinking tokens: ids vocab_rows + j (j < K), untied rows think_in / think_out
 
   @property
@@ -90,6 +92,7 @@ class LlamaConfig:
     if self.extra_tokens < 0:
       raise ValueError(f'extra_tokens={self.extra_tokens} (config.think.num_tokens) must be >= 0.')
     rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # a bad rope_scaling fails here, by name
+    check_precision(self.dtype, self.param_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,16 +148,16 @@ def _normal(std: float):
 
 
 def _linear(cfg: LlamaConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=cfg.dtype, kernel_init=_normal(cfg.initializer_range),
-                    rngs=rngs)
+  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=_normal(cfg.initializer_range), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
-  """HF LlamaRMSNorm: normalised in float32, cast back, times `weight` [D]."""
+  """HF LlamaRMSNorm: normalised in float32 (whatever the compute dtype), cast back, times `weight` [D]."""
 
   def __init__(self, cfg: LlamaConfig):
     self.eps = cfg.rms_norm_eps
-    self.weight = nnx.Param(jnp.ones((cfg.n_embd,), jnp.float32))
+    self.weight = nnx.Param(jnp.ones((cfg.n_embd,), cfg.param_dtype))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -231,18 +234,16 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     std = cfg.initializer_range
-    self.wte = nnx.Embed(cfg.vocab_rows, cfg.n_embd, dtype=cfg.dtype, embedding_init=_normal(std), rngs=rngs)
+    self.wte = nnx.Embed(cfg.vocab_rows, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=_normal(std), rngs=rngs)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
     self.norm = RMSNorm(cfg)
-    # HF's lm_head.weight [V, D] as an Embed table: `attend` is then the same product as the tied case's
+    # HF's lm_head.weight [V, D] as an Embed table: the output layer reads it as the tied case reads `wte`
     self.lm_head = nnx.data(None if cfg.tie_word_embeddings else
-                            nnx.Embed(cfg.vocab_rows, cfg.n_embd, dtype=cfg.dtype, embedding_init=_normal(std),
-                                      rngs=rngs))
+                            nnx.Embed(cfg.vocab_rows, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                      embedding_init=_normal(std), rngs=rngs))
     if cfg.extra_tokens:  # created last, as in GPT2
-      k = cfg.extra_tokens
-      self.think_in = nnx.Param(_normal(std)(rngs.params(), (k, cfg.n_embd), jnp.float32))  # [K,D]
-      self.think_out = nnx.Param(_normal(std)(rngs.params(), (k, cfg.n_embd), jnp.float32))  # [K,D]
-      self.think_bias = nnx.Param(jnp.zeros((k,), jnp.float32))  # [K]
+      self.think_in, self.think_out, self.think_bias = think_params(cfg, rngs)  # [K,D], [K,D], [K]
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens [...] int -> token embeddings [..., D]. Thinking ids (>= vocab_rows) read `think_in`."""
@@ -275,7 +276,7 @@ class Llama(nnx.Module):
     return self.wte if self.lm_head is None else self.lm_head
 
   def output_table(self) -> jax.Array:
-    """The output layer's rows [vocab_rows, D] (float32 parameters), e.g. for a tiled cross-entropy."""
+    """The output layer's rows [vocab_rows, D] (the parameters), e.g. for a tiled cross-entropy."""
     return self.output_embed().embedding[...]
 
   def output_kernel(self) -> jax.Array:
@@ -284,16 +285,4 @@ class Llama(nnx.Module):
 
   def logits(self, hidden: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
     """hidden [..., D] -> float32 logits [..., vocab_rows + K]; padded rows are NEG_INF (as GPT2.logits)."""
-    if kernel is None:
-      logits = self.output_embed().attend(hidden).astype(jnp.float32)
-    else:
-      logits = jnp.dot(hidden.astype(kernel.dtype), kernel).astype(jnp.float32)
-    if self.cfg.extra_tokens:
-      dtype = self.cfg.dtype
-      think = jnp.dot(hidden.astype(dtype), self.think_out[...].astype(dtype).T, preferred_element_type=jnp.float32)
-      logits = jnp.concatenate([logits, think + self.think_bias[...]], axis=-1)  # [..., vocab_rows + K]
-    if self.cfg.num_tokens < self.cfg.vocab_rows:
-      column = jnp.arange(self.cfg.total_rows)
-      valid = (column < self.cfg.num_tokens) | (column >= self.cfg.vocab_rows)
-      logits = jnp.where(valid, logits, NEG_INF)
-    return logits
+    return output_logits(self, hidden, kernel)

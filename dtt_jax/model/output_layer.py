@@ -22,6 +22,11 @@ Kernels (custom gradients, tested against the plain log-softmax in tests/test_ou
 
 The tile width is `tile_width(V)`: a divisor of V near VOCAB_TILE, so the table reshapes into tiles without a copy.
 
+Precision: the hidden states come in the model's compute dtype (bfloat16 or float32), the table in its parameter
+dtype (float32 master weights). Every logit is the product of the hidden state and the table row both in the compute
+dtype (`_compute`), accumulated in float32; the max, log-sum-exp, loss, log-probs, entropy and all gradient products
+are float32; the gradients return in the dtypes of hidden and table.
+
 Model-level entry points take the trunk (`GPT2` or `Llama`) and [B,T,D] hidden states; `fused=False` is the plain
 [B,T,V] logits of its `logits`, the reference the kernels are tested against:
   cross_entropy(gpt2, hidden, targets, weights, fused, groups) -> (weighted NLL sum, argmax [B,T])
@@ -67,6 +72,11 @@ def vocab_tiles(table: jax.Array, num_tokens: int):
   return tiles.reshape(n, tile, d), (jnp.arange(n * tile) < num_tokens).reshape(n, tile)
 
 
+def _compute(rows, dtype):
+  """Table rows [..., D] -> float32 values of the rows rounded to the compute `dtype` (what each logit multiplies)."""
+  return rows.astype(dtype).astype(jnp.float32)
+
+
 def _scaled_logits(hidden, table, temperature, valid):
   """hidden [M,D], table [C,D] -> logits / temperature [M,C] float32, NEG_INF where not `valid` [C]."""
   logits = jnp.dot(hidden, table.astype(hidden.dtype).T, preferred_element_type=jnp.float32) / temperature
@@ -101,7 +111,7 @@ def _ce_block(hidden, tiles, valid, targets, weights, with_grad: bool):
   init = (jnp.full((m,), -jnp.inf, jnp.float32), jnp.zeros((m,), jnp.int32), jnp.zeros((m,), jnp.float32))
   (top, arg, sum_e), logits = jax.lax.scan(tile_step, init, (tiles, valid, jnp.arange(n, dtype=jnp.int32)))
   lse = top + jnp.log(sum_e)
-  target_logits = jnp.sum(h * tiles.reshape(n * width, -1)[targets].astype(jnp.float32), -1)
+  target_logits = jnp.sum(h * _compute(tiles.reshape(n * width, -1)[targets], hidden.dtype), -1)
   total = jnp.sum(weights * (lse - target_logits))
   if not with_grad:
     return total, arg, None, None
@@ -110,7 +120,7 @@ def _ce_block(hidden, tiles, valid, targets, weights, with_grad: bool):
     x, tile, j = xs
     onehot = targets[:, None] == j * width + jnp.arange(width)[None]
     d_logits = weights[:, None] * (jnp.exp(x - lse[:, None]) - onehot)  # [R,C]
-    return d_hidden + jnp.dot(d_logits, tile.astype(jnp.float32)), jnp.dot(d_logits.T, h)  # [R,D], [C,D]
+    return d_hidden + jnp.dot(d_logits, _compute(tile, hidden.dtype)), jnp.dot(d_logits.T, h)  # [R,D], [C,D]
 
   d_hidden, d_tiles = jax.lax.scan(grad_step, jnp.zeros(h.shape, jnp.float32),
                                    (logits, tiles, jnp.arange(n, dtype=jnp.int32)))
@@ -209,7 +219,7 @@ def _fused_forward(hidden, table, targets, temperature, num_tokens):
   (top, sum_e, sum_ex), _ = jax.lax.scan(tile_step, init, (tiles, valid))
   lse = top + jnp.log(sum_e)
   entropy = lse - sum_ex / sum_e
-  target_logits = jnp.sum(hidden.astype(jnp.float32) * table[targets].astype(jnp.float32), -1) / temperature
+  target_logits = jnp.sum(hidden.astype(jnp.float32) * _compute(table[targets], hidden.dtype), -1) / temperature
   return (target_logits - lse, entropy), lse
 
 
@@ -240,17 +250,19 @@ def _fused_bwd(temperature, num_tokens, residuals, cotangents):
   # Tile j holds rows j, j + n, j + 2n, ...: with rows sharded over devices, every tile stays spread over all.
   split = lambda x: jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(rows, n, *x.shape[1:]).swapaxes(0, 1)
   valid = jnp.arange(table.shape[0]) < num_tokens
+  table_values = _compute(table, hidden.dtype)  # [V,D] float32 (the table itself when both are float32)
 
   def tile_step(d_table, xs):
     h, lse_t, g_t = xs
     softmax = jnp.exp(_scaled_logits(h, table, temperature, valid) - lse_t[:, None])  # [rows, V]
     d_logits = -g_t[:, None] * softmax
     d_table = d_table + jnp.dot(d_logits.T, h.astype(jnp.float32))
-    return d_table, jnp.dot(d_logits, table.astype(jnp.float32))
+    return d_table, jnp.dot(d_logits, table_values)
 
   d_table, d_hidden = jax.lax.scan(tile_step, jnp.zeros(table.shape, jnp.float32),
                                    (split(hidden), split(lse), split(g)))
-  d_hidden = d_hidden.swapaxes(0, 1).reshape(n * rows, d)[:m] + g[:, None] * table[targets].astype(jnp.float32)
+  d_hidden = (d_hidden.swapaxes(0, 1).reshape(n * rows, d)[:m]
+              + g[:, None] * table_values[targets])
   d_table = d_table.at[targets].add(g[:, None] * hidden.astype(jnp.float32))
   return d_hidden.astype(hidden.dtype), d_table.astype(table.dtype), None
 

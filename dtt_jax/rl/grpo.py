@@ -66,7 +66,7 @@ import optax
 from flax import nnx
 
 from dtt_jax import parallel
-from dtt_jax.model import output_layer
+from dtt_jax.model import check_master_weights, output_layer
 from dtt_jax.sampling import engine
 from dtt_jax.train import state as state_lib
 from dtt_jax.train.state import TrainState
@@ -346,6 +346,7 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, 
   """
 
   def grpo_step(state: TrainState, batch: RolloutBatch):
+    check_master_weights(state.params)  # at trace time: float32 master weights (config.model.param_dtype)
     n, t = batch.completion.shape
     advantages, zero_std = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_rewards)
     mask = loss_mask(batch, zero_std, cfg)

@@ -29,7 +29,7 @@ from flax import nnx
 
 from dtt_jax import parallel
 from dtt_jax.data.samples import BATCH_FIELDS
-from dtt_jax.model import output_layer
+from dtt_jax.model import check_master_weights, output_layer
 from dtt_jax.model.dtt import DTTModel, logistic_noise
 from dtt_jax.sampling import engine
 from dtt_jax.train import fast_unroll
@@ -124,6 +124,7 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn, fields, mesh,
     return parallel.scatter(grads, mesh), metrics
 
   def train_step(state: TrainState, batch, tau):
+    check_master_weights(state.params)  # at trace time: float32 master weights (config.model.param_dtype)
     batch = {k: batch[k] for k in fields}
     counts = _counts(batch)
     key = step_key(state)
