@@ -36,8 +36,8 @@ NEXT[IDS] = np.random.RandomState(0).permutation(IDS)
 P, T = 4, 8  # prompt and completion lengths (training and generation)
 TRAIN_STEPS = 60
 AGREEMENT = 0.95  # greedy tokens equal, bfloat16 vs float32 (measured: 1.0 for both families)
-LOGIT_RTOL = 3e-2  # engine logits while both runs saw the same tokens, / max |logit| (measured: 0.5% and 1.4%)
-LOSS_RTOL = 2e-2  # bootstrap loss, bfloat16 vs float32 (measured: 2e-3)
+LOGIT_RTOL = 3e-2  # engine logits while both runs saw the same tokens, / max |logit| (measured: 0.5%, 1.0%)
+LOSS_RTOL = 2e-2  # bootstrap loss, bfloat16 vs float32 (measured: 1.3e-3)
 
 
 def _model_cfg(family: str, dtype: str, param_dtype: str = 'float32'):
