@@ -134,7 +134,7 @@ def setup(config, workdir: str) -> Experiment:
       f.write(vocab.to_json())
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  mesh = parallel.make_mesh(config.num_devices or None)
+  mesh = parallel.make_mesh(config.num_devices or None, config.get('parallel', {}).get('fsdp', 1))
   log.info('%s: %d train / %d valid records, vocabulary %d tokens (%d rows), %d devices.', config.dataset.name,
            len(train), len(valid), vocab.num_tokens, vocab.num_rows, parallel.num_shards(mesh))
   return Experiment(config, workdir, mesh, tokens.Tokenizer(hf, vocab), train, valid)

@@ -94,8 +94,15 @@ def initial_state(exp: Experiment, tx):
   """(graphdef, train state) of a fresh model of `config.model`, placed on the mesh."""
   model = build_model(exp.config.model, exp.vocab, seed=exp.config.seed, lora_cfg=exp.config.get('lora'))
   graphdef, params = state_lib.split_model(model)
-  state = parallel.replicate(state_lib.init_state(params, tx, seed=exp.config.seed), exp.mesh)
-  return graphdef, state
+  return graphdef, place_state(exp, state_lib.init_state(params, tx, seed=exp.config.seed))
+
+
+def place_state(exp: Experiment, state):
+  """A train state (host or device arrays) laid out on the mesh by `parallel`'s rule table (`config.parallel.fsdp`
+  ways; 1: replicated), with the per-device memory logged."""
+  state = parallel.shard_state(state, exp.mesh)
+  log.info('%s', parallel.describe_memory(state, exp.mesh))
+  return state
 
 
 def run_stage(exp: Experiment, stage: str, state, step_fn, data, validate, section: str | None = None,
@@ -154,14 +161,14 @@ def stage_params(exp: Experiment, stage: str, which='best', model=None):
     raise ValueError(f'{path} holds LoRA adapters ({lora.describe_adapters(saved)}) but config.lora gives '
                      f'({lora.describe_adapters(wanted)}): set config.lora.enabled, .rank and .targets as in the run '
                      'that trained it (its workdir\'s config.json).')
-  replicated = parallel.replicated(exp.mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          lora.without_adapters(params) if fresh_adapters else params)
+  wanted_params = lora.without_adapters(params) if fresh_adapters else params
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), wanted_params,
+                          parallel.state_shardings(wanted_params, exp.mesh))  # restored on this mesh's layout
   restored = ckpt.restore_params(step, abstract)
   ckpt.close()
   log.info('Loaded %s parameters from %s: %s.', stage, path, why)
   if fresh_adapters:
-    restored = jax.device_put(lora.with_adapters(restored, params), replicated)  # restored ones: no copy
+    restored = parallel.shard_state(lora.with_adapters(restored, params), exp.mesh)  # restored ones: no copy
     log.info('The checkpoint has no LoRA adapters: fresh ones (%s, B = 0) on its weights.',
              lora.describe_adapters(wanted))
   return graphdef, restored

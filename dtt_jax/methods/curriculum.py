@@ -82,7 +82,7 @@ def run_curriculum(exp: base.Experiment) -> loop.LoopResult:
   resets = set(batches.reset_steps(steps, coconut_train.reset_every_epochs(c)))
   if c.get('init_from'):
     graphdef, params = base.stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap')
-    state = parallel.replicate(state_lib.init_state(jax.device_get(params), tx, seed=c.seed), exp.mesh)
+    state = base.place_state(exp, state_lib.init_state(jax.device_get(params), tx, seed=c.seed))
   else:
     graphdef, state = base.initial_state(exp, tx)
   train_step = coconut_train.make_train_step(graphdef, tx, exp.mesh, b.microbatches, c.model.get('dropout', 0.0))
@@ -93,7 +93,7 @@ def run_curriculum(exp: base.Experiment) -> loop.LoopResult:
   def step_fn(state, batch, tau):
     step = batches.step - 1  # this batch's step
     if step in resets:
-      state = state.replace(opt_state=parallel.replicate(tx.init(state.params), exp.mesh))
+      state = state.replace(opt_state=parallel.shard_state(tx.init(state.params), exp.mesh))
     state, metrics = train_step(state, batch, tau)
     return state, dict(metrics, stage=float(batches.stage(step)), epoch=float(schedule.epoch_at_step(step, per_epoch)))
 

@@ -107,9 +107,9 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   c, g = exp.config, exp.config.grpo
   cfg = grpo.GRPOConfig.from_config(g)
   graphdef, start = grpo_start_params(exp)
-  reference = parallel.replicate(jax.device_get(start), exp.mesh) if cfg.beta else None
+  reference = parallel.shard_state(jax.device_get(start), exp.mesh) if cfg.beta else None  # laid out as the policy
   tx = grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora')))
-  state = parallel.replicate(state_lib.init_state(jax.device_get(start), tx, seed=c.seed + 1), exp.mesh)
+  state = base.place_state(exp, state_lib.init_state(jax.device_get(start), tx, seed=c.seed + 1))
   grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
                                        dict(g.reward_weights))
