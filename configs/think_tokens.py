@@ -1,11 +1,11 @@
-"""Learned thinking tokens (seed 003, `config.method='think_tokens'`, dtt_jax/think_tokens.py) at tiny scale on CPU:
-a 2-layer d=128 teacher trained from scratch on generated 2-digit addition (text with its carry steps), then GRPO
-on K=8 thinking tokens, then the evaluation in <workdir>/eval/valid/think/. A few minutes on 2 CPU cores.
+"""Learned thinking tokens (seed 003, `config.method='think_tokens'`, dtt_jax/methods/think_tokens/) at tiny scale
+on CPU: a 2-layer d=128 teacher trained from scratch on generated 2-digit addition (text with its carry steps), then
+GRPO on K=8 thinking tokens, then the evaluation in <workdir>/eval/valid/think/. A few minutes on 2 CPU cores.
 
 python -m dtt_jax.main --config=configs/think_tokens.py --workdir=runs/think_tokens
 Variants from the command line: --config.think.mode=next_token; --config.dataset.name=prontoqa (the shipped
 ProntoQA files; sequences of ~320 tokens, so slower); --config.think.train=rows (only the thinking rows train).
-The suffix picks the stage: `:bootstrap` (teacher only), `:grpo`, `:eval`.
+The suffix picks the stage: `:bootstrap` (the teacher), `:grpo` (the thinking stage, from that teacher), `:eval`.
 """
 
 from configs import base

@@ -239,3 +239,12 @@ def test_config_switch_runs_end_to_end(mode, tmp_path):
     assert metrics[key] > 0
   assert (out / 'think_histogram.png').stat().st_size > 0 and (out / 'samples.jsonl').read_text()
   assert (tmp_path / 'teacher' / 'checkpoints').is_dir() and (tmp_path / 'think' / 'checkpoints').is_dir()
+
+
+def test_think_stage_without_a_teacher_says_which_stage_to_run(tmp_path):
+  require_shared('gpt2_tokenizer')
+  from dtt_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = _tiny(importlib.import_module('configs.think_tokens').get_config(), 'teacher')
+  config.stage = 'grpo'  # the think stage only
+  with pytest.raises(FileNotFoundError, match=r'No teacher checkpoint in .*--config.stage=bootstrap'):
+    pipeline.run(config, str(tmp_path))

@@ -119,7 +119,7 @@ def train_teacher(exp: base.Experiment, train: data.Texts, valid: data.Texts) ->
   graphdef, params = state_lib.split_model(policy.build_teacher(c, exp.vocab))
   parallel.check_divisible(t.batch_size, exp.mesh, 'think.batch_size')
   tx = state_lib.make_optimizer(t.teacher_lr, t.teacher_steps, t.warmup_steps, t.weight_decay, t.grad_clip)
-  state = parallel.replicate(state_lib.init_state(params, tx, seed=c.seed), exp.mesh)
+  state = base.place_state(exp, state_lib.init_state(params, tx, seed=c.seed))
   lm_step = train_lib.make_lm_step(graphdef, tx, exp.mesh)
   batches = data.lm_iterator(train, t.batch_size, seed=c.seed, process_index=jax.process_index(),
                              process_count=jax.process_count())
@@ -143,7 +143,7 @@ def _init_from(exp: base.Experiment) -> base.Experiment:
 
 
 def restore_teacher(exp: base.Experiment):
-  """-> (graphdef, params replicated on the mesh, trunk config) of the frozen teacher: the latest teacher/
+  """-> (graphdef, params laid out on the mesh, trunk config) of the frozen teacher: the latest teacher/
   checkpoint of `config.init_from` or of this workdir, or `model.init` as is with `think.teacher_steps=0`."""
   c = exp.config
   model = policy.build_teacher(c, exp.vocab)
@@ -151,7 +151,7 @@ def restore_teacher(exp: base.Experiment):
     return (*base.stage_params(_init_from(exp), 'teacher', 'latest', model=model), model.cfg)
   if c.think.teacher_steps == 0:
     graphdef, params = state_lib.split_model(model)
-    return graphdef, parallel.replicate(params, exp.mesh), model.cfg
+    return graphdef, parallel.shard_state(params, exp.mesh), model.cfg
   _require(exp, 'teacher', 'train the teacher first: --config.stage=bootstrap (or pipeline), or set '
                            'config.init_from to a workdir that has one')
   return (*base.stage_params(exp, 'teacher', 'latest', model=model), model.cfg)
@@ -191,9 +191,9 @@ def train_think(exp: base.Experiment, cfg: policy.ThinkConfig, train: data.Texts
   teacher = restore_teacher(exp)
   graphdef, start = initial_policy(exp, teacher, train)
   start = jax.device_get(start)  # host copies: the donated state must not share buffers with the reference
-  reference = parallel.replicate(start, exp.mesh)
+  reference = parallel.shard_state(start, exp.mesh)  # laid out as the policy
   tx = train_lib.think_optimizer(t)
-  state = parallel.replicate(state_lib.init_state(start, tx, seed=c.seed + 1), exp.mesh)
+  state = base.place_state(exp, state_lib.init_state(start, tx, seed=c.seed + 1))
   step = train_lib.make_think_step(graphdef, teacher[0], tx, cfg, exp.vocab.eos, exp.mesh)
   prefixes = data.prefix_iterator(train, t.prompts_per_step, t.cut, seed=c.seed, process_index=jax.process_index(),
                                   process_count=jax.process_count())

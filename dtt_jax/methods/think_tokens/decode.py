@@ -144,7 +144,8 @@ def interleaved_decode(model: GPT2, tokens, lengths, key, max_think: int, temper
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def interleaved_jit(graphdef, params, tokens, lengths, max_think, temperature, capacity, eos_id, key):
-  """`interleaved_decode` of the policy (graphdef, params), jitted."""
-  return interleaved_decode(nnx.merge(graphdef, params), tokens, lengths, key, max_think, temperature, capacity,
-                            eos_id)
+def interleaved_jit(graphdef, params, tokens, lengths, max_think, temperature, capacity, eos_id, key_data):
+  """`interleaved_decode` of the policy (graphdef, params), jitted; key_data: `jax.random.key_data` of the key (a
+  plain array, which the mesh of several processes takes as it takes the tokens)."""
+  return interleaved_decode(nnx.merge(graphdef, params), tokens, lengths, jax.random.wrap_key_data(key_data),
+                            max_think, temperature, capacity, eos_id)

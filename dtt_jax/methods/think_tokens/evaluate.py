@@ -45,7 +45,7 @@ def evaluate(teacher, policy, policy_cfg: GPT2Config, texts: Texts, max_think: i
   """Next-token losses on `texts` without thinking (teacher; policy with thinking masked) and with thinking
   (`interleaved_decode`), each over every real token after the first and over the answer tokens; thinking
   frequency (thinking / all decoded tokens), thinking tokens per real token, count of each thinking id.
-  teacher, policy: (graphdef, params) with the params replicated on `mesh`."""
+  teacher, policy: (graphdef, params) with the params on `mesh`."""
   vr, k = policy_cfg.vocab_rows, policy_cfg.extra_tokens
   capacity = eval_capacity(texts.max_len, max_think, policy_cfg.n_positions)
   eos = tokenizer.vocab.eos
@@ -53,9 +53,9 @@ def evaluate(teacher, policy, policy_cfg: GPT2Config, texts: Texts, max_think: i
   feds, fed_masks = [], []
   for start in range(0, len(texts), batch_size):
     chunk = texts.take(np.arange(start, min(start + batch_size, len(texts))))
-    tok, mask, lengths, chunk_key = parallel.replicate(
-        (chunk.tokens, chunk.mask(), chunk.lengths, jax.random.fold_in(key, start)), mesh)
-    out = interleaved_jit(*policy, tok, lengths, max_think, float(temperature), capacity, eos, chunk_key)
+    key_data = np.asarray(jax.random.key_data(jax.random.fold_in(key, start)))
+    tok, mask, lengths, key_data = parallel.replicate((chunk.tokens, chunk.mask(), chunk.lengths, key_data), mesh)
+    out = interleaved_jit(*policy, tok, lengths, max_think, float(temperature), capacity, eos, key_data)
     out = parallel.to_host({'teacher': lm_logprobs_jit(*teacher, tok, mask),
                             'no_think': lm_logprobs_jit(*policy, tok, mask), 'think': out.target_logprob,
                             'fed': out.fed, 'fed_mask': out.fed_mask})

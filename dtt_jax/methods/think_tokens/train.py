@@ -7,7 +7,8 @@
   group-normalised advantages, then `mu` updates of rl/grpo.py's clipped objective with k3 KL (`think_loss`), the
   actions re-scored in one parallel pass (`rollout_logits`).
 
-Both steps are jitted with the state replicated and the batch sharded over the mesh; the state is donated.
+Both steps are jitted with the batch sharded over the mesh and the state, the reference and the teacher laid out
+by `parallel`'s rule table (`config.parallel.fsdp`; 1: replicated); the state is donated.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def make_lm_step(graphdef, tx: optax.GradientTransformation, mesh):
                           opt_state=opt_state), {'loss': loss, 'grad_norm': optax.global_norm(grads)})
 
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  return jax.jit(lm_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                 donate_argnums=0)
+  return parallel.jit_sharded(lm_step, mesh, (parallel.STATE, sharded), (parallel.STATE, replicated),
+                              donate_argnums=0)
 
 
 # --------------------------------------------------------------------------------------------------- think stage
@@ -156,8 +157,9 @@ def make_think_step(graphdef, teacher_graphdef, tx: optax.GradientTransformation
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  return jax.jit(think_step, in_shardings=(replicated, replicated, replicated, sharded),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  state = parallel.STATE
+  return parallel.jit_sharded(think_step, mesh, (state, state, state, sharded), (state, replicated),
+                              donate_argnums=0)
 
 
 def think_optimizer(t) -> optax.GradientTransformation:
