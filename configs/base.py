@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   # A rerun whose config differs from the checkpoints in the workdir beyond steps / intervals / logging:
   # 'stop' (an error listing the differences) | 'move_aside' (old stages to <workdir>/moved-<time>/, start anew)
   c.on_config_change = 'stop'
+  c.dry_run = False  # True: report per-device memory and the steps' FLOPs for this config, then exit (dtt_jax/dry_run.py)
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.enabled = False  # also log to Weights & Biases
@@ -60,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_word_embeddings = True  # False: a separate output layer `lm_head` (GPT-2 is always tied)
   c.model.dtype = 'float32'  # compute dtype of matmuls / attention: 'bfloat16' on accelerators (softmax, norms, loss,
   # log-probs and the gate stay float32)
+  c.model.vocab_size = 0  # dry_run of a hub checkpoint not on this machine: its tokenizer's size (0: GPT-2's)
   c.model.param_dtype = 'float32'  # stored parameters: float32 master weights; 'bfloat16' for inference only
   c.model.gate_bias_init = -4.0  # gate sigmoid(-4 / tau) starts near 0 (0.12 at tau0 = 2, 0.02 at tau = 1)
   c.model.use_projection = False

@@ -139,7 +139,7 @@ def jit_sharded(fn, mesh, in_shardings, out_shardings, donate_argnums=()):
   arguments."""
   compiled = {}
 
-  def call(*args):
+  def jitted(args):
     marked = [a for a, s in zip(args, in_shardings) if s is STATE]
     key = tuple((jax.tree.structure(a), tuple(np.shape(x) for x in jax.tree.leaves(a))) for a in marked)
     if key not in compiled:
@@ -148,8 +148,10 @@ def jit_sharded(fn, mesh, in_shardings, out_shardings, donate_argnums=()):
       first = layout(marked[0]) if marked else None
       outs = jax.tree.map(lambda s: first if s is STATE else s, out_shardings, is_leaf=lambda s: s is STATE)
       compiled[key] = jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=donate_argnums)
-    return compiled[key](*args)
+    return compiled[key]
 
+  call = lambda *args: jitted(args)(*args)
+  call.lower = lambda *args: jitted(args).lower(*args)  # abstract arguments (ShapeDtypeStructs): dtt_jax/dry_run.py
   return call
 
 

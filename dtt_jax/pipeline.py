@@ -20,7 +20,7 @@ import os
 import jax
 
 from dtt_jax import data as data_lib
-from dtt_jax import methods, parallel, tokens
+from dtt_jax import dry_run, methods, parallel, tokens
 from dtt_jax import workdir as workdir_lib
 from dtt_jax.eval import heldout
 from dtt_jax.eval import summary
@@ -149,6 +149,10 @@ def _generated_test_records(config, valid: list[dict]) -> list[dict]:
 
 
 def run(config, workdir: str) -> None:
+  if config.get('dry_run'):  # nothing in the workdir changes
+    check_config(config)
+    print(dry_run.report(config), flush=True)
+    return
   with workdir_lib.hold(workdir):
     _run(config, workdir)
 

@@ -32,16 +32,16 @@ def _has_wandb() -> bool:
     return False
 
 
-def _env():
+def _env(devices: int = 1):
   env = dict(os.environ, WANDB_SILENT='true', WANDB_MODE='offline')
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env.setdefault('JAX_PLATFORMS', 'cpu')
   return env
 
 
-def _run(workdir, *overrides, stage='bootstrap', check=True):
-  proc = subprocess.run(_cmd(workdir, *overrides, stage=stage), cwd=PROJECT_ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=900)
+def _run(workdir, *overrides, stage='bootstrap', check=True, devices=1):
+  proc = subprocess.run(_cmd(workdir, *overrides, stage=stage), cwd=PROJECT_ROOT, env=_env(devices),
+                        capture_output=True, text=True, timeout=900)
   if check and proc.returncode != 0:
     raise AssertionError(f'exit {proc.returncode}\n{proc.stderr[-4000:]}')
   return proc

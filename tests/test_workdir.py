@@ -55,11 +55,11 @@ def _ckpts(workdir, stage='bootstrap'):
   return sorted(os.listdir(os.path.join(workdir, stage, 'checkpoints')))
 
 
-def _faulty(workdir, fault, marker, *overrides, stage='bootstrap'):
+def _faulty(workdir, fault, marker, *overrides, stage='bootstrap', devices=1):
   """Popen of the CLI with `fault` injected (tests/cli_faults.py)."""
   cmd = _cmd(workdir, *overrides, stage=stage)
   cmd[1:3] = ['-m', 'tests.cli_faults']
-  env = dict(_env(), DTT_FAULT=fault, DTT_FAULT_MARKER=str(marker))
+  env = dict(_env(devices), DTT_FAULT=fault, DTT_FAULT_MARKER=str(marker))
   return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -147,34 +147,36 @@ def test_workdir_in_use_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
 
 def test_grpo_interrupted_anywhere_ends_bit_identical(finished, tmp_path):
   """kill -9 and SIGTERM during rollouts, then a full disk at the last checkpoint, then a plain rerun: the
-  parameters equal an uninterrupted run's."""
-  common = (*GRPO, f'--config.init_from={finished}')
+  parameters equal an uninterrupted run's. Both with parameters and optimizer state sharded over 2 devices (FSDP),
+  started from a bootstrap trained replicated: checkpoints are saved sharded and restored onto another layout."""
+  common = (*GRPO, f'--config.init_from={finished}', '--config.parallel.fsdp=2')
   straight = str(tmp_path / 'straight')
-  _run(straight, *common, stage='grpo')
+  _run(straight, *common, stage='grpo', devices=2)
   workdir, marker = str(tmp_path / 'run'), tmp_path / 'marker'
 
-  proc = _faulty(workdir, 'rollout:3:600', marker, *common, stage='grpo')  # step 3's rollout, after ckpt 2
+  # step 3's rollout, after checkpoint 2
+  proc = _faulty(workdir, 'rollout:3:600', marker, *common, stage='grpo', devices=2)
   _wait_for(lambda: marker.exists() and '2' in os.listdir(os.path.join(workdir, 'grpo', 'checkpoints')), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert _ckpts(workdir, 'grpo') == ['2']
   marker.unlink()
 
-  proc = _faulty(workdir, 'rollout:1:3', marker, *common, stage='grpo')  # resumed at 2: step 3's rollout
+  proc = _faulty(workdir, 'rollout:1:3', marker, *common, stage='grpo', devices=2)  # resumed at 2: step 3's rollout
   _wait_for(marker.exists, proc)
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr[-3000:]
   assert _ckpts(workdir, 'grpo') == ['2', '3']
 
-  proc = _faulty(workdir, 'full_disk:4', marker, *common, stage='grpo')
+  proc = _faulty(workdir, 'full_disk:4', marker, *common, stage='grpo', devices=2)
   _, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 1 and 'Writing checkpoint' in stderr.rstrip().splitlines()[-1]  # ours, last
   assert 'checkpoints/4 failed (OSError: [Errno 28] No space left on device). Finished checkpoints, intact: 2, 3.' \
       in stderr
   assert _ckpts(workdir, 'grpo')[:2] == ['2', '3']
 
-  _run(workdir, *common, stage='grpo')
+  _run(workdir, *common, stage='grpo', devices=2)
   step_a, state_a = _final_state(straight, stage='grpo')
   step_b, state_b = _final_state(workdir, stage='grpo')
   assert step_a == step_b == 4 and _ckpts(workdir, 'grpo') == ['3', '4']
