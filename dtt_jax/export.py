@@ -98,6 +98,7 @@ def export(workdir: str, out_dir: str, stage: str = '') -> str:
   """Writes the HF directory for `stage`'s best checkpoint; returns the stage exported."""
   config = load_run_config(workdir)
   config.num_devices = 1
+  config.parallel = config_dict.ConfigDict({'fsdp': 1})  # one device: nothing to shard
   exp = pipeline.setup(config, workdir)
   if not stage:
     stage = 'grpo' if os.path.isdir(os.path.join(workdir, 'grpo', 'checkpoints')) else 'bootstrap'

@@ -135,8 +135,9 @@ def setup(config, workdir: str) -> Experiment:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = parallel.make_mesh(config.num_devices or None, config.get('parallel', {}).get('fsdp', 1))
-  log.info('%s: %d train / %d valid records, vocabulary %d tokens (%d rows), %d devices.', config.dataset.name,
-           len(train), len(valid), vocab.num_tokens, vocab.num_rows, parallel.num_shards(mesh))
+  log.info('%s: %d train / %d valid records, vocabulary %d tokens (%d rows), %d devices (data %d x fsdp %d).',
+           config.dataset.name, len(train), len(valid), vocab.num_tokens, vocab.num_rows, parallel.num_shards(mesh),
+           mesh.shape['data'], mesh.shape['fsdp'])
   return Experiment(config, workdir, mesh, tokens.Tokenizer(hf, vocab), train, valid)
 
 

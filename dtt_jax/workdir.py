@@ -36,12 +36,11 @@ HEARTBEAT_S = 15.0
 STALE_AFTER_S = 300.0
 CONFIG_FILE = 'config.json'
 # Keys whose change does not change what a resumed run computes up to its current step.
-HARMLESS = ('stage', 'num_devices', 'on_config_change', 'wandb.*', '*.steps', '*.teacher_steps', '*.eval_every',
-            '*.checkpoint_every', '*.log_every', '*.keep_checkpoints', 'generate.batch_size')
+HARMLESS = ('stage', 'num_devices', 'parallel.*', 'on_config_change', 'wandb.*', '*.steps', '*.teacher_steps',
+            '*.eval_every', '*.checkpoint_every', '*.log_every', '*.keep_checkpoints', 'generate.batch_size')
 # Keys that fix the parameters a later stage reads from an earlier one (shapes, layout, the method that made them).
 PARAM_KEYS = ('model.*', 'lora.*', 'think.num_tokens')
 PARAM_HARMLESS = ('model.dtype',)  # reading a stage's parameters at another compute precision is allowed
-# The training stages of each method, in order: a later one starts from the earlier one's result.
 STAGE_SECTIONS = ('bootstrap', 'grpo', 'think')  # config sections of one stage: another stage's are ignored
 
 

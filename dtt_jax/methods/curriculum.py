@@ -82,7 +82,7 @@ def run_curriculum(exp: base.Experiment) -> loop.LoopResult:
   resets = set(batches.reset_steps(steps, coconut_train.reset_every_epochs(c)))
   if c.get('init_from'):
     graphdef, params = base.stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap')
-    state = base.place_state(exp, state_lib.init_state(jax.device_get(params), tx, seed=c.seed))
+    state = base.place_state(exp, state_lib.init_state(params, tx, seed=c.seed))
   else:
     graphdef, state = base.initial_state(exp, tx)
   train_step = coconut_train.make_train_step(graphdef, tx, exp.mesh, b.microbatches, c.model.get('dropout', 0.0))

@@ -13,6 +13,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -107,9 +108,10 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   c, g = exp.config, exp.config.grpo
   cfg = grpo.GRPOConfig.from_config(g)
   graphdef, start = grpo_start_params(exp)
-  reference = parallel.shard_state(jax.device_get(start), exp.mesh) if cfg.beta else None  # laid out as the policy
+  reference = start if cfg.beta else None  # laid out by stage_params like the policy; only read, never donated
   tx = grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora')))
-  state = base.place_state(exp, state_lib.init_state(jax.device_get(start), tx, seed=c.seed + 1))
+  policy = jax.tree.map(jnp.copy, start)  # its own buffers: the step donates the state, not the reference
+  state = base.place_state(exp, state_lib.init_state(policy, tx, seed=c.seed + 1))
   grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
                                        dict(g.reward_weights))
