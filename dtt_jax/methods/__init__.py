@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from dtt_jax.data import coconut as coconut_data
 from dtt_jax.methods import base, curriculum, dtt
-try:  # TEMPORARY while the package is written
-  from dtt_jax.methods.think_tokens import ThinkTokens
-except ImportError:
-  ThinkTokens = dtt.DTT
+from dtt_jax.methods.think_tokens import ThinkTokens
 
 REGISTRY: dict[str, base.Method] = {
     'dtt': dtt.DTT(),

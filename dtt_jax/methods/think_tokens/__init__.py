@@ -73,6 +73,10 @@ class ThinkTokens(base.Method):
 
   stages = ('teacher', 'think')
 
+  def config_sections(self, stage: str) -> tuple[str, ...]:
+    del stage
+    return ('think',)  # both stages read config.think
+
   def check_config(self, c) -> None:
     policy.check_config(c)
 
