@@ -153,7 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.coconut.icot_pretrain_epochs = 0
   c.coconut.icot_remove_all_beyond = 0
 
-  # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/think_tokens.py)
+  # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/methods/think_tokens/)
   c.think = ml_collections.ConfigDict()
   c.think.num_tokens = 8  # K extra vocabulary rows <think_0> ... <think_{K-1}>
   c.think.mode = 'teacher'  # 'teacher' (frozen teacher's log-likelihood of the real tokens) | 'next_token'

@@ -103,27 +103,37 @@ class StepMemory:
     return self.params + self.grads + self.optimizer + self.reference + self.temporaries
 
 
+def _abstract_model(c, m, vocab):
+  """(graphdef, abstract params) of the model `m` (a `config.model` section) for `vocab`."""
+  graphdef, params = state_lib.split_model(
+      nnx.eval_shape(lambda: build_model(m, vocab, seed=c.seed, lora_cfg=c.get('lora'))))
+  return graphdef, _abstract(params)
+
+
+def _step_costs(c, m, vocab, steps) -> list[tuple[float, int]]:
+  """[(FLOPs, temporary bytes)] of each (optimizer, make_step, batch) of `steps` on model `m`, one device."""
+  graphdef, params = _abstract_model(c, m, vocab)
+  mesh = parallel.make_mesh(1)
+  out = []
+  for tx, make_step, batch in steps:
+    state = jax.eval_shape(lambda p, tx=tx: state_lib.init_state(p, tx, seed=c.seed), params)
+    out.append(_step_cost(make_step(graphdef, tx, mesh), state, batch))
+  return out
+
+
 def estimate(c, compile_steps: bool = True) -> tuple[str, int, list[StepMemory]]:
   """(a line describing the run, its number of parameters, the bootstrap and GRPO steps' `StepMemory`); without
-  `compile_steps`, their temporaries and FLOPs are 0."""
+  `compile_steps`, their temporaries and FLOPs are 0. Beyond 2 layers the steps are compiled at 1 and 2 layers and
+  their FLOPs and temporaries extended linearly to `n_layer` (every block costs the same), which keeps the dry run
+  of a large model to a few small compilations."""
   m, base = model_section(c)
   num_devices = c.num_devices or jax.device_count()
   fsdp = c.get('parallel', {}).get('fsdp', 1)
   if fsdp < 1 or num_devices % fsdp:
     raise ValueError(f'config.parallel.fsdp={fsdp} must divide config.num_devices={num_devices}.')
   vocab = abstract_vocab(base)
-  graphdef, params = state_lib.split_model(
-      nnx.eval_shape(lambda: build_model(m, vocab, seed=c.seed, lora_cfg=c.get('lora'))))
-  params = _abstract(params)
-  mesh = parallel.make_mesh(1)  # the compiled steps: one device's share of the batch
+  _, params = _abstract_model(c, m, vocab)
   param_bytes = _bytes(params, fsdp, np.dtype(m.param_dtype).itemsize)
-
-  def step_memory(name, tx, step, batch, reference: bool, batches_per_step: int) -> StepMemory:
-    state = jax.eval_shape(lambda p: state_lib.init_state(p, tx, seed=c.seed), params)
-    flops, temp = _step_cost(step(graphdef, tx, mesh), state, batch) if compile_steps else (0.0, 0)
-    return StepMemory(name, param_bytes, grads=_bytes(params, fsdp, 4),  # every parameter's: the norm reads them
-                      optimizer=_bytes(state.opt_state, fsdp), reference=param_bytes if reference else 0,
-                      temporaries=temp, flops=flops * num_devices * batches_per_step)
 
   b, g = c.bootstrap, c.grpo
   p, t = c.data.max_prompt_len, c.data.max_completion_len
@@ -133,14 +143,26 @@ def estimate(c, compile_steps: bool = True) -> tuple[str, int, list[StepMemory]]
   loss_cfg = bootstrap.LossConfig.from_config(b)
   cfg = grpo.GRPOConfig.from_config(g)
   completions = max(g.prompts_per_step * g.num_generations // num_devices, 1)
-  steps = [
-      step_memory('bootstrap', dtt_method.bootstrap_optimizer(c),
-                  lambda gd, tx, mesh: bootstrap.make_train_step(gd, tx, loss_cfg, mesh, 1), boot_batch,
-                  reference=False, batches_per_step=b.microbatches),
-      step_memory('grpo', grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora'))),
-                  lambda gd, tx, mesh: grpo.make_grpo_step(gd, tx, cfg, mesh),
-                  _rollout_batch(completions, p, g.max_new_tokens, m.n_embd), reference=bool(cfg.beta),
-                  batches_per_step=1)]
+  boot_tx = dtt_method.bootstrap_optimizer(c)
+  grpo_tx = grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora')))
+  specs = [(boot_tx, lambda gd, tx, mesh: bootstrap.make_train_step(gd, tx, loss_cfg, mesh, 1), boot_batch),
+           (grpo_tx, lambda gd, tx, mesh: grpo.make_grpo_step(gd, tx, cfg, mesh),
+            _rollout_batch(completions, p, g.max_new_tokens, m.n_embd))]
+  if not compile_steps:
+    costs = [(0.0, 0)] * len(specs)
+  elif m.n_layer <= 2:
+    costs = _step_costs(c, m, vocab, specs)
+  else:
+    one, two = (_step_costs(c, _with_layers(m, k), vocab, specs) for k in (1, 2))
+    costs = [(f1 + (m.n_layer - 1) * (f2 - f1), t1 + (m.n_layer - 1) * (t2 - t1))
+             for (f1, t1), (f2, t2) in zip(one, two)]
+  steps = []
+  for (name, tx, reference, per_step), (flops, temp) in zip(
+      (('bootstrap', boot_tx, False, b.microbatches), ('grpo', grpo_tx, bool(cfg.beta), 1)), costs):
+    opt_state = jax.eval_shape(tx.init, params)
+    steps.append(StepMemory(name, param_bytes, grads=_bytes(params, fsdp, 4),  # every parameter's: the norm reads them
+                            optimizer=_bytes(opt_state, fsdp), reference=param_bytes if reference else 0,
+                            temporaries=temp, flops=flops * num_devices * per_step))
   compact = ' (compact vocabulary: counted as the full one, an upper bound)' if c.model.vocab == 'compact' else ''
   kv = f' ({m.n_kv_head or m.n_head} kv)' if m.family != 'gpt2' else ''
   line = (f'{m.family}, {m.n_layer} layers, d={m.n_embd}, {m.n_head} heads{kv}, {vocab.num_rows} vocabulary '
@@ -148,6 +170,12 @@ def estimate(c, compile_steps: bool = True) -> tuple[str, int, list[StepMemory]]
           f'data={num_devices // fsdp} x fsdp={fsdp}. Per device and step: bootstrap {rows} rows x {p}+{t} tokens '
           f'x {b.microbatches} microbatches, GRPO {completions} completions x {p}+{g.max_new_tokens} tokens.')
   return line, sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)), steps
+
+
+def _with_layers(m, n_layer: int):
+  m = m.copy_and_resolve_references()
+  m.n_layer = n_layer
+  return m
 
 
 def report(c) -> str:

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from dtt_jax.workdir import checkpoint_steps
+
 TASKS = ('addition2', 'addition3', 'addition4', 'prosqa_mini', 'prontoqa', 'prosqa')
 DEFAULT_TASKS = TASKS[:4]  # the real ProntoQA / ProsQA files: `--tasks`, at their current budget
 METHODS = ('no_cot', 'cot', 'icot', 'pause', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_thought',
@@ -89,12 +91,10 @@ def collect(root: str, tasks, methods, seeds) -> dict:
           continue
         with open(os.path.join(out, RUN_FILE)) as f:
           record = json.load(f)
-        with open(os.path.join(out, 'config.json')) as f:
-          config = json.load(f)
         tokens = m['generated_tokens'] if 'generated_tokens' in m else m['completion_tokens']
+        trained = {stage: (checkpoint_steps(os.path.join(out, stage)) or [0])[-1] for stage in ('bootstrap', 'grpo')}
         rows.append({'seed': seed, 'accuracy': m['accuracy'], 'tokens': tokens, 'wall_s': record['wall_s'],
-                     'num_examples': m['num_examples'], 'steps': config['bootstrap']['steps'],
-                     'grpo_steps': config['grpo']['steps'] if method == 'dtt' else 0})
+                     'num_examples': m['num_examples'], 'steps': trained['bootstrap'], 'grpo_steps': trained['grpo']})
       if rows:
         found[task, method] = rows
   return found

@@ -7,7 +7,7 @@ Attention takes an additive bias `[B, Tq, Tk]` (0 = attend, NEG_INF = masked, lo
 by the caller, and an optional preallocated KV cache (per layer `[B, heads, cache_len, head_dim]`) that the layer
 writes its new keys/values into at `cache_index` before attending over all `cache_len` cache positions (Tk).
 
-Learned thinking tokens (`extra_tokens = K > 0`, `config.method='think_tokens'`, `dtt_jax/think_tokens.py`): K extra
+Learned thinking tokens (`extra_tokens = K > 0`, `config.method='think_tokens'`, `dtt_jax/methods/think_tokens/`): K extra
 ids `vocab_rows + j` (j < K) with their own untied rows, `think_in` [K, D] (input embedding), `think_out` [K, D]
 and `think_bias` [K] (output layer); the original `wte` rows stay tied. `embed` looks thinking ids up in
 `think_in`, `logits` returns [..., vocab_rows + K] whose last K columns are `h @ think_out.T + think_bias`. With

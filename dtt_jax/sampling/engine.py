@@ -153,7 +153,7 @@ def prefill_trunk(trunk, prompt, prompt_mask, max_len: int, completion_key_bias=
                  jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32))
 
 
-def _segments(n_steps: int, prompt_len: int, segment: int, max_len: int):
+def step_segments(n_steps: int, prompt_len: int, segment: int, max_len: int):
   """[(first step, end step, cache length)]: step t writes cache slot prompt_len + t, so a segment ending at step
   e needs the first prompt_len + e slots."""
   return [(s, min(s + segment, n_steps), min(max_len, prompt_len + min(s + segment, n_steps)))
@@ -165,7 +165,7 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
   b, p = prompt.shape
   n = cfg.max_new_tokens
   max_len = p + n
-  segments = _segments(n, p, cfg.segment, max_len)
+  segments = step_segments(n, p, cfg.segment, max_len)
   pre = prefill(model, prompt, prompt_mask, max_len, cache_len=segments[0][2])
   d = pre.last_hidden.shape[-1]
   kernel = output_kernel
@@ -299,7 +299,7 @@ def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *,
   b, p = prompt.shape
   t_len = completion.shape[1]
   max_len = p + t_len
-  segments = _segments(t_len, p, segment, max_len)
+  segments = step_segments(t_len, p, segment, max_len)
   pre = prefill(model, prompt, prompt_mask, max_len, completion_key_bias, cache_len=segments[0][2])
   cache, hidden = pre.cache, pre.last_hidden
   hiddens, gates = [], []

@@ -32,24 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dtt_jax.model.dtt import DTTModel
-from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, kv_cache_for, positions_from_mask
+from dtt_jax.model.gpt2 import KVCache, causal_bias, kv_cache_for, positions_from_mask
 from dtt_jax.sampling import engine
-
-
-def _segments(n_steps: int, prompt_len: int, segment: int, max_len: int):
-  """[(first step, end step, cache length)] as in `engine.unroll`: a segment ending at step e needs P + e slots."""
-  return [(s, min(s + segment, n_steps), min(max_len, prompt_len + min(s + segment, n_steps)))
-          for s in range(0, n_steps, segment)]
-
-
-def _key_bias(prompt_mask, max_len: int, completion_key_bias):
-  """[B,max_len] additive per-key bias, as `engine.prefill` builds it."""
-  b, p = prompt_mask.shape
-  key_bias = jnp.zeros((b, max_len), jnp.float32)
-  key_bias = key_bias.at[:, :p].set(jnp.where(prompt_mask > 0, 0.0, NEG_INF))
-  if completion_key_bias is not None:
-    key_bias = key_bias.at[:, p:p + completion_key_bias.shape[1]].set(completion_key_bias)
-  return key_bias
 
 
 def _prefill(model: DTTModel, prompt_embedding, prompt_mask, key_bias):
@@ -94,7 +78,7 @@ def _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau
                         num_real + t, tau)
     return (cache, h), (h, g)
 
-  for start, end, cache_len in _segments(t_len, p, segment, p + t_len):
+  for start, end, cache_len in engine.step_segments(t_len, p, segment, p + t_len):
     xs = (embeddings[:, start:end].swapaxes(0, 1), noise[:, start:end].T,
           None if forced is None else forced[:, start:end].T, jnp.arange(start, end))
     (cache, hidden), (h_seg, g_seg) = jax.lax.scan(body, (cache.grow(cache_len), hidden), xs)
@@ -133,7 +117,7 @@ def _core_bwd(static, res, cotangents):
   d_kv = _zeros_like(cache)
   d_embeddings = []
 
-  for start, end, cache_len in reversed(_segments(t_len, p, segment, p + t_len)):
+  for start, end, cache_len in reversed(engine.step_segments(t_len, p, segment, p + t_len)):
     seg_cache = _truncate(cache, cache_len)
     d_kv = _truncate(d_kv, cache_len)  # slots >= P + end were consumed by later segments: zero
 
@@ -173,7 +157,7 @@ def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *,
     return engine.unroll(model, prompt, prompt_mask, completion, gate_noise, tau, hard=hard,
                          completion_key_bias=completion_key_bias, segment=segment, forced_gates=forced_gates)
   p = prompt.shape[1]
-  key_bias = _key_bias(prompt_mask, p + completion.shape[1], completion_key_bias)
+  key_bias = engine.prompt_key_bias(prompt_mask, p + completion.shape[1], completion_key_bias)
   prompt_embedding = model.gpt2.embed(prompt)
   embeddings = model.gpt2.embed(completion)  # [B,T,D], looked up once (one gradient scatter)
   graphdef, wte, rest = nnx.split(model, nnx.PathContains('wte'), ...)

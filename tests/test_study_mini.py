@@ -1,0 +1,40 @@
+"""The study runner's report (dtt_jax/eval/study_mini.py) from finished run directories."""
+
+import json
+import os
+
+from dtt_jax.eval import study_mini
+
+
+def _fake_run(root, task, method, seed, accuracy, tokens, wall, stages=(('bootstrap', 500),)):
+  out = study_mini.workdir(str(root), task, method, seed)
+  for stage, step in stages:
+    os.makedirs(os.path.join(out, stage, 'checkpoints', str(step)))
+  last = stages[-1][0]
+  os.makedirs(os.path.join(out, 'eval', 'test', last))
+  metric = {'accuracy': accuracy, 'num_examples': 414,
+            ('completion_tokens' if method == 'dtt' else 'generated_tokens'): tokens}
+  with open(os.path.join(out, 'eval', 'test', last, 'metrics.json'), 'w') as f:
+    json.dump(metric, f)
+  with open(os.path.join(out, study_mini.RUN_FILE), 'w') as f:
+    json.dump({'wall_s': wall, 'attempts': 1, 'returncode': 0}, f)
+
+
+def test_report_gives_mean_std_tokens_wall_time_and_a_plot(tmp_path):
+  root, out = tmp_path / 'runs', tmp_path / 'docs' / 'study.md'
+  for seed, acc in enumerate((0.70, 0.80, 0.90)):
+    _fake_run(root, 'addition2', 'cot', seed, acc, 25.0 + seed, 100.0)
+  _fake_run(root, 'addition2', 'dtt', 0, 0.5, 12.0, 60.0, stages=(('bootstrap', 500), ('grpo', 20)))
+  os.makedirs(out.parent)
+  text = study_mini.render(str(root), str(out), ['addition2'], ['no_cot', 'cot', 'dtt'], [0, 1, 2], 'cmd')
+  assert '| CoT | 80.0 ± 10.0 | 3 | 26.0 | 100 | 500 | 70.0, 80.0, 90.0 |' in text
+  assert '| DTT (bootstrap + GRPO) | 50.0 ± 0.0 | 1 | 12.0 | 60 | 500 + 20 GRPO | 50.0 |' in text
+  assert '| No-CoT | not run | 0 |' in text
+  assert 'Runs found: 4 of 9' in text and 'total wall time (training + evaluation, one run at a time): 6.0 min' in text
+  assert os.path.getsize(out.parent / 'study_mini_addition2.png') > 0
+
+
+def test_a_finished_run_is_not_run_again(tmp_path, monkeypatch):
+  _fake_run(tmp_path, 'addition2', 'cot', 0, 0.7, 25.0, 100.0)
+  monkeypatch.setattr(study_mini.subprocess, 'run', lambda *a, **k: (_ for _ in ()).throw(AssertionError('ran')))
+  assert study_mini.run_one('addition2', 'cot', 0, str(tmp_path))['wall_s'] == 100.0
