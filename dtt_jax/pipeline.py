@@ -25,7 +25,7 @@ from dtt_jax import workdir as workdir_lib
 from dtt_jax.eval import heldout
 from dtt_jax.eval import summary
 from dtt_jax.methods.base import Experiment
-from dtt_jax.model import FAMILIES, configured_family, lora
+from dtt_jax.model import FAMILIES, configured_family, lora, precision
 from dtt_jax.model import dtt as dtt_lib
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     dropout_methods = ', '.join(name for name, m in methods.REGISTRY.items() if m.uses_dropout)
     raise ValueError(f'config.model.dropout={c.model.dropout} applies only to the COCONUT methods '
                      f'({dropout_methods}): set it to 0 for config.method={c.method!r}.')
-  method.check_config(c)  # the method's own keys
   expect('dataset.name', c.dataset.name, data_lib.DATASETS)
   expect('model.vocab', c.model.vocab, ('compact', 'full'))
   expect('model.family', c.model.get('family', 'gpt2'), FAMILIES)  # runs from before the key: GPT-2
@@ -91,6 +90,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.bootstrap.batch_size % c.bootstrap.microbatches:
     raise ValueError(f'config.bootstrap.batch_size={c.bootstrap.batch_size} must be divisible by '
                      f'config.bootstrap.microbatches={c.bootstrap.microbatches}.')
+  precision(c.model)  # raises naming config.model.dtype / param_dtype
+  method.check_config(c)  # the method's own keys, after the shared ones
 
 
 def _check_llama_sizes(m) -> None:

@@ -134,7 +134,8 @@ def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> 
            f'({len(tasks)} tasks x {len(methods)} methods x seeds {", ".join(map(str, seeds))}); their total wall '
            f'time (training + evaluation, one run at a time): {total / 60:.1f} min.', '']
   for task in tasks:
-    lines += [f'### {task}', '', '| Method | test acc. (%) mean ± std | n | # tokens | wall (s) | steps | per seed (%) |',
+    lines += [f'### {task}', '',
+              '| Method | test acc. (%) mean ± std | n | # tokens | wall (s) | steps | per seed (%) |',
               '|---|---|---|---|---|---|---|']
     for method in methods:
       rows = runs.get((task, method))

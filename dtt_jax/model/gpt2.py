@@ -7,8 +7,8 @@ Attention takes an additive bias `[B, Tq, Tk]` (0 = attend, NEG_INF = masked, lo
 by the caller, and an optional preallocated KV cache (per layer `[B, heads, cache_len, head_dim]`) that the layer
 writes its new keys/values into at `cache_index` before attending over all `cache_len` cache positions (Tk).
 
-Learned thinking tokens (`extra_tokens = K > 0`, `config.method='think_tokens'`, `dtt_jax/methods/think_tokens/`): K extra
-ids `vocab_rows + j` (j < K) with their own untied rows, `think_in` [K, D] (input embedding), `think_out` [K, D]
+Learned thinking tokens (`extra_tokens = K > 0`, `config.method='think_tokens'`, `dtt_jax/methods/think_tokens/`):
+K extra ids `vocab_rows + j` (j < K) with their own untied rows, `think_in` [K, D] (input embedding), `think_out` [K, D]
 and `think_bias` [K] (output layer); the original `wte` rows stay tied. `embed` looks thinking ids up in
 `think_in`, `logits` returns [..., vocab_rows + K] whose last K columns are `h @ think_out.T + think_bias`. With
 K = 0 (the default) the model has none of these parameters and computes exactly what it did before they existed.
@@ -180,7 +180,8 @@ class Attention(nnx.Module):
   def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
     d, std = cfg.n_embd, cfg.initializer_range
     self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-    self.c_attn = nnx.Linear(d, 3 * d, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_normal(std), rngs=rngs)
+    self.c_attn = nnx.Linear(d, 3 * d, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_normal(std),
+                             rngs=rngs)
     self.c_proj = nnx.Linear(d, d, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                              kernel_init=_normal(std / math.sqrt(2 * cfg.n_layer)), rngs=rngs)
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from dtt_jax import parallel
-from dtt_jax.model import hf_io, output_layer, trunk_config
+from dtt_jax.model import hf_io, output_layer, precision, trunk_config
 from dtt_jax.model.dtt import build_trunk
 from dtt_jax.model.gpt2 import GPT2, NEG_INF, GPT2Config, causal_bias, positions_from_mask
 from dtt_jax.rl import grpo
@@ -103,7 +103,8 @@ def build_teacher(c, vocab) -> GPT2:
   m = c.model
   if m.init == 'scratch':
     return build_trunk(trunk_config(m, vocab), nnx.Rngs(c.seed))
-  return hf_io.load_model(m.init, vocab=vocab, dtype=m.dtype, seed=c.seed)
+  dtype, param_dtype = precision(m)
+  return hf_io.load_model(m.init, vocab=vocab, dtype=dtype, param_dtype=param_dtype, seed=c.seed)
 
 
 def policy_model(teacher_cfg: GPT2Config, num_tokens: int, seed: int) -> GPT2:

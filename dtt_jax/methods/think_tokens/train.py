@@ -21,8 +21,9 @@ from flax import nnx
 from dtt_jax import parallel
 from dtt_jax.methods.think_tokens.data import PrefixBatch
 from dtt_jax.methods.think_tokens.decode import Rollout, generate
-from dtt_jax.methods.think_tokens.policy import ROWS, ThinkConfig, action_logprobs, forward, lm_logprobs, real_logprobs
-from dtt_jax.model import output_layer
+from dtt_jax.methods.think_tokens.policy import (ROWS, ThinkConfig, action_logprobs, forward, lm_logprobs,
+                                                 real_logprobs)
+from dtt_jax.model import check_master_weights, output_layer
 from dtt_jax.model.gpt2 import GPT2
 from dtt_jax.rl import grpo
 from dtt_jax.train import state as state_lib
@@ -38,6 +39,7 @@ def make_lm_step(graphdef, tx: optax.GradientTransformation, mesh):
     return -jnp.sum(lp) / jnp.maximum(jnp.sum(batch['mask'][:, 1:]), 1)
 
   def lm_step(state, batch):
+    check_master_weights(state.params)  # at trace time: float32 master weights (config.model.param_dtype)
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return (state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -118,6 +120,7 @@ def make_think_step(graphdef, teacher_graphdef, tx: optax.GradientTransformation
   per prefix, rewards, advantages, then `mu` optimizer updates. The state is donated."""
 
   def think_step(state, reference, teacher, batch: PrefixBatch):
+    check_master_weights(state.params)
     g = cfg.num_generations
     prefix, prefix_mask, target = (jnp.repeat(x, g, axis=0) for x in (batch.prefix, batch.prefix_mask, batch.target))
     policy = nnx.merge(graphdef, state.params)
