@@ -6,8 +6,11 @@ The model and both training states are built as abstract arrays (`jax.eval_shape
 and the bootstrap and GRPO steps are compiled for one device's share of their batches. Reported per device:
 parameters (`model.param_dtype`), gradients and optimizer state of the trained parameters, the frozen GRPO
 reference (beta > 0), and the step's temporary buffers as XLA's buffer assignment on this backend gives them (an
-estimate of activations: another backend fuses and schedules differently); the compiled steps' FLOPs (XLA's cost
-analysis, scaled to the global batch).
+estimate of activations: another backend fuses and schedules differently, and XLA's CPU backend keeps bf16
+intermediates in float32 and rematerializes nothing, so on an accelerator expect less). FLOPs per step: the model
+estimate 6 x parameters x tokens of the global batch (GRPO: times `mu`), with XLA's cost analysis of the compiled
+step beside it, which counts the body of a loop once (the bootstrap's recurrent unroll, the output layer's tiles),
+so it is a lower bound there.
 
 The trunk's sizes: `config.model` (scratch, or a hub checkpoint not on this machine: `model.family`, `n_embd`,
 `n_layer`, `n_head`, `n_kv_head`, `intermediate_size`, `vocab_size`, ...), or the `config.json` of a local
@@ -96,7 +99,8 @@ class StepMemory:
   optimizer: int
   reference: int
   temporaries: int
-  flops: float
+  flops: float  # XLA's cost analysis of the compiled step, scaled to the global batch (loop bodies counted once)
+  model_flops: float  # 6 x parameters x tokens of the global batch
 
   @property
   def total(self) -> int:
@@ -157,19 +161,22 @@ def estimate(c, compile_steps: bool = True) -> tuple[str, int, list[StepMemory]]
     costs = [(f1 + (m.n_layer - 1) * (f2 - f1), t1 + (m.n_layer - 1) * (t2 - t1))
              for (f1, t1), (f2, t2) in zip(one, two)]
   steps = []
-  for (name, tx, reference, per_step), (flops, temp) in zip(
-      (('bootstrap', boot_tx, False, b.microbatches), ('grpo', grpo_tx, bool(cfg.beta), 1)), costs):
+  n_params = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
+  tokens = (b.batch_size * (p + t), g.prompts_per_step * g.num_generations * (p + g.max_new_tokens) * cfg.mu)
+  for (name, tx, reference, per_step), (flops, temp), n_tokens in zip(
+      (('bootstrap', boot_tx, False, b.microbatches), ('grpo', grpo_tx, bool(cfg.beta), 1)), costs, tokens):
     opt_state = jax.eval_shape(tx.init, params)
     steps.append(StepMemory(name, param_bytes, grads=_bytes(params, fsdp, 4),  # every parameter's: the norm reads them
                             optimizer=_bytes(opt_state, fsdp), reference=param_bytes if reference else 0,
-                            temporaries=temp, flops=flops * num_devices * per_step))
+                            temporaries=temp, flops=flops * num_devices * per_step,
+                            model_flops=6.0 * n_params * n_tokens))
   compact = ' (compact vocabulary: counted as the full one, an upper bound)' if c.model.vocab == 'compact' else ''
   kv = f' ({m.n_kv_head or m.n_head} kv)' if m.family != 'gpt2' else ''
   line = (f'{m.family}, {m.n_layer} layers, d={m.n_embd}, {m.n_head} heads{kv}, {vocab.num_rows} vocabulary '
           f'rows{compact}; compute {m.dtype}, parameters {m.param_dtype}; {num_devices} devices as '
           f'data={num_devices // fsdp} x fsdp={fsdp}. Per device and step: bootstrap {rows} rows x {p}+{t} tokens '
           f'x {b.microbatches} microbatches, GRPO {completions} completions x {p}+{g.max_new_tokens} tokens.')
-  return line, sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)), steps
+  return line, n_params, steps
 
 
 def _with_layers(m, n_layer: int):
@@ -184,9 +191,10 @@ def report(c) -> str:
   gib = lambda x: f'{x / GIB:.2f}'
   lines = [f'Dry run ({jax.devices()[0].platform}): {n_params / 1e6:.1f}M parameters, {line}', '',
            '| step | params | grads | optimizer | GRPO reference | temporaries | total (GiB per device) | '
-           'TFLOPs per step |', '|---|---|---|---|---|---|---|---|']
+           'TFLOPs per step: 6 N tokens | XLA (loops once) |', '|---|---|---|---|---|---|---|---|---|']
   lines += [f'| {r.step} | {gib(r.params)} | {gib(r.grads)} | {gib(r.optimizer)} | {gib(r.reference)} | '
-            f'{gib(r.temporaries)} | {gib(r.total)} | {r.flops / 1e12:.3g} |' for r in steps]
+            f'{gib(r.temporaries)} | {gib(r.total)} | {r.model_flops / 1e12:.3g} | {r.flops / 1e12:.3g} |'
+            for r in steps]
   return '\n'.join(lines)
 
 
