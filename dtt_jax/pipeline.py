@@ -18,6 +18,7 @@ import logging
 import os
 
 import jax
+import ml_collections
 
 from dtt_jax import data as data_lib
 from dtt_jax import dry_run, methods, parallel, tokens

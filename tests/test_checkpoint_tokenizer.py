@@ -9,20 +9,17 @@ tokenizer trained here (311 tokens + <|endoftext|>, <|im_start|>, <|im_end|>; eo
 Qwen2-Instruct's) saved to the same directory; the embedding has 3 padding rows beyond the tokenizer.
 """
 
-import functools
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import base
 from dtt_jax import export, pipeline, tokens
 from dtt_jax.data import samples
 from dtt_jax.model import build_model, llama
-from dtt_jax.model.gpt2 import causal_bias, positions_from_mask
+from tests.test_llama_pipeline import _logits  # one jitted trunk forward
 
 torch = pytest.importorskip('torch', reason='torch (CPU) is the parity reference: pip install -r requirements-dev.txt')
 transformers = pytest.importorskip('transformers')
@@ -77,17 +74,6 @@ def _model_cfg(init):
   m = base.get_config().model
   m.init, m.vocab = str(init), 'full'
   return m
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_logits(graphdef, state, ids):
-  trunk = nnx.merge(graphdef, state)
-  mask = jnp.ones(ids.shape, jnp.int32)
-  return trunk.logits(trunk(trunk.embed(ids), positions_from_mask(mask), causal_bias(mask))[0])
-
-
-def _logits(trunk, ids) -> np.ndarray:
-  return np.asarray(_jit_logits(*nnx.split(trunk), jnp.asarray(ids)))
 
 
 def _checkpoint_tables(path) -> dict[str, np.ndarray]:

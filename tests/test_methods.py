@@ -4,7 +4,7 @@ new method is one module (here a class defined in the test) plus one config."""
 import pytest
 
 from configs import quickstart
-from dtt_jax import methods, pipeline, tokens
+from dtt_jax import methods, pipeline
 from dtt_jax.data import coconut as coconut_data
 from dtt_jax.methods import base
 from dtt_jax.train import loop

@@ -252,7 +252,6 @@ class GPT2(nnx.Module):
     self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
     self.ln_f = _layer_norm(cfg, rngs)
     if cfg.extra_tokens:  # created last: the other parameters draw the same random numbers as with K = 0
-      k = cfg.extra_tokens
       self.think_in, self.think_out, self.think_bias = think_params(cfg, rngs)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
