@@ -20,7 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   # The mesh is (num_devices // fsdp) 'data' x fsdp 'fsdp': parameters, gradients and optimizer state are split
   # fsdp ways (dtt_jax/parallel.py has the rule table), batches num_devices ways. 1: replicated (data parallel)
   c.parallel.fsdp = 1
-  c.init_from = ''  # GRPO: a workdir whose bootstrap result gives the initial policy and the reference ('' = this one)
+  # A workdir whose bootstrap result starts the first stage this run trains: a COCONUT method's or DTT's bootstrap
+  # (e.g. from a CoT run), or with --config.stage=grpo GRPO's policy and reference ('': from scratch / this workdir)
+  c.init_from = ''
+  c.init_checkpoint = 'best'  # which bootstrap checkpoint of init_from: 'best' (by its validation), 'latest' or a step
   # A rerun whose config differs from the checkpoints in the workdir beyond steps / intervals / logging:
   # 'stop' (an error listing the differences) | 'move_aside' (old stages to <workdir>/moved-<time>/, start anew)
   c.on_config_change = 'stop'
@@ -130,6 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.coconut.c_thoughts = 1  # continuous thoughts per replaced step (paper: 1 on ProsQA/ProntoQA, 2 on GSM8K)
   c.coconut.max_stage = 6  # K: stages 0..K replace the first k steps, then one stage with every step latent
   c.coconut.epochs_per_stage = 5
+  c.coconut.first_stage_epochs = 0  # epochs of stage 0 (text CoT) when it needs longer than the others; 0: as they
   c.coconut.curriculum = True  # False: COCONUT "w/o curriculum", every step at the final stage
   c.coconut.steps_per_epoch = 0  # 0: one pass over the training records
   c.coconut.num_epochs = 0  # epochs of the schedule (COCONUT's num_epochs); 0: (max_stage + 2) * epochs_per_stage

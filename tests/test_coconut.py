@@ -4,6 +4,7 @@ through the engine against COCONUT's n + 1 passes."""
 import numpy as np
 import pytest
 
+from configs import base as base_config
 from dtt_jax import tokens
 from dtt_jax.data import coconut
 from dtt_jax.methods import curriculum
@@ -79,6 +80,27 @@ def test_curriculum_schedule_and_optimizer_resets():
   assert {flat.stage(e) for e in range(20)} == {4} and flat.stage_starts(10, 200) == []
   gsm8k = coconut.Curriculum(c_thoughts=2, max_stage=3, epochs_per_stage=3)
   assert [gsm8k.stage(e) for e in range(14)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4]
+
+
+def test_a_longer_text_stage_shifts_the_later_stages():
+  """`first_stage_epochs` F: stage 0 for F epochs, then one stage per `epochs_per_stage` (the study's schedule:
+  addition at 2 digits, F = 8, K = 3); the budget is F + (K + 1) epochs; a run started at epoch F (from the CoT
+  run's checkpoint there) has the same stages at the same epochs; without a curriculum nothing changes."""
+  from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
+  cfg = coconut.Curriculum(max_stage=3, epochs_per_stage=1, first_stage_epochs=8)
+  assert [cfg.stage(e) for e in range(13)] == [0] * 8 + [1, 2, 3, 4, 4]
+  assert cfg.text_epochs == 8 and cfg.schedule_epochs == 12 and cfg.last_stage_start(100) == 1100
+  resumed = coconut.Curriculum(max_stage=3, epochs_per_stage=1, first_stage_epochs=8, start_epoch=8)
+  assert [resumed.stage_at_step(s, 100) for s in (0, 99, 100, 299, 300, 399)] == [1, 1, 2, 3, 4, 4]
+  assert resumed.last_stage_start(100) == 300 and resumed.reset_steps(100, 400, 1) == [100, 200, 300]
+  assert coconut.Curriculum(max_stage=3, epochs_per_stage=2, first_stage_epochs=5).stage(9) == 3  # 5 + 2 + 2
+  assert {coconut.Curriculum(max_stage=3, first_stage_epochs=8, curriculum=False).stage(e) for e in range(9)} == {4}
+  c = base_config.get_config()
+  c.coconut.max_stage, c.coconut.epochs_per_stage, c.coconut.first_stage_epochs = 3, 1, 8
+  assert coconut_train.num_epochs(c) == 12
+  c.coconut.optimizer = 'warmup_cosine'
+  with pytest.raises(ValueError, match='config.coconut.first_stage_epochs=8 with optimizer "warmup_cosine"'):
+    coconut_train.check_config(c, coconut.Curriculum.from_config(c.coconut))
 
 
 def test_optimizer_resets_follow_the_schedule_the_same_for_every_method():

@@ -9,7 +9,7 @@ import time
 
 import jax
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, xla_flags
 
 TINY = [
     '--config.model.n_layer=1', '--config.model.n_embd=32', '--config.model.n_head=2',
@@ -34,7 +34,7 @@ def _has_wandb() -> bool:
 
 def _env(devices: int = 1):
   env = dict(os.environ, WANDB_SILENT='true', WANDB_MODE='offline')
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags(devices)
   env.setdefault('JAX_PLATFORMS', 'cpu')
   return env
 

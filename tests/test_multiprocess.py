@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from tests.conftest import PROJECT_ROOT, require_shared
+from tests.conftest import PROJECT_ROOT, require_shared, xla_flags
 from tests.test_main import TINY, _final_state
 
 STEPS = ('--config.bootstrap.steps=4', '--config.bootstrap.eval_every=2', '--config.bootstrap.checkpoint_every=2')
@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS='cpu')
   return env
 
 

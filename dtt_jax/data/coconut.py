@@ -61,12 +61,13 @@ ALL_REMOVED = 2 ** 31 - 1  # iCoT's removal count once every CoT token goes
 
 @dataclasses.dataclass(frozen=True)
 class Curriculum:
-  """`config.coconut`: c thoughts per step, stages 0..max_stage, epochs per stage, curriculum on/off, the first
-  epoch of the run; iCoT's removal: tokens per epoch, smoothing lambda, epochs before the removal starts."""
+  """`config.coconut`: c thoughts per step, stages 0..max_stage, epochs per stage (stage 0: `first_stage_epochs`),
+  curriculum on/off, the first epoch of the run; iCoT's removal: tokens per epoch, smoothing lambda, epochs before the removal starts."""
 
   c_thoughts: int = 1
   max_stage: int = 6
   epochs_per_stage: int = 5
+  first_stage_epochs: int = 0  # epochs of stage 0 (text CoT); 0: epochs_per_stage
   curriculum: bool = True  # False: COCONUT without curriculum (the last stage from the first epoch)
   start_epoch: int = 0  # epoch of the schedule the run starts at (COCONUT's `resume`)
   icot_delta: float = 8.0  # iCoT: CoT tokens removed per epoch (official --remove_per_epoch)
@@ -78,7 +79,7 @@ class Curriculum:
     for name in ('c_thoughts', 'epochs_per_stage'):
       if getattr(self, name) < 1:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 1.')
-    for name in ('max_stage', 'start_epoch', 'icot_pretrain_epochs', 'icot_remove_all_beyond'):
+    for name in ('max_stage', 'first_stage_epochs', 'start_epoch', 'icot_pretrain_epochs', 'icot_remove_all_beyond'):
       if getattr(self, name) < 0:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 0.')
     for name in ('icot_delta', 'icot_lambda'):
@@ -90,10 +91,24 @@ class Curriculum:
     """From the `config.coconut` section (a field it lacks keeps its default)."""
     return cls(**{f.name: k[f.name] for f in dataclasses.fields(cls) if f.name in k})
 
+  @property
+  def text_epochs(self) -> int:
+    """Epochs of stage 0, the text CoT."""
+    return self.first_stage_epochs or self.epochs_per_stage
+
+  @property
+  def schedule_epochs(self) -> int:
+    """Epochs of the whole schedule: stage 0, stages 1..max_stage and the final stage."""
+    return self.text_epochs + (self.max_stage + 1) * self.epochs_per_stage
+
   def stage(self, epoch: int) -> int:
-    """k = epoch // epochs_per_stage, counted up to max_stage + 1 (every step latent); without a curriculum
-    always max_stage + 1."""
-    return self.max_stage + 1 if not self.curriculum else min(epoch // self.epochs_per_stage, self.max_stage + 1)
+    """0 for the first `text_epochs` epochs, then one more every epochs_per_stage epochs, counted up to
+    max_stage + 1 (every step latent); without a curriculum always max_stage + 1."""
+    if not self.curriculum:
+      return self.max_stage + 1
+    if epoch < self.text_epochs:
+      return 0
+    return min(1 + (epoch - self.text_epochs) // self.epochs_per_stage, self.max_stage + 1)
 
   def thoughts(self, stage: int) -> int:
     """Latent (or pause) positions at `stage`: k c, and K c past the last stage."""
@@ -109,7 +124,7 @@ class Curriculum:
   def last_stage_start(self, steps_per_epoch: int) -> int:
     """The first step of the final stage K + 1 (every step latent) with the curriculum (<= 0: the run starts in
     it)."""
-    return ((self.max_stage + 1) * self.epochs_per_stage - self.start_epoch) * steps_per_epoch
+    return (self.schedule_epochs - self.epochs_per_stage - self.start_epoch) * steps_per_epoch
 
   def reset_steps(self, steps_per_epoch: int, total_steps: int, every_epochs: int) -> list[int]:
     """Steps (> 0, < total_steps) that begin a block of `every_epochs` epochs of the schedule (counted from its

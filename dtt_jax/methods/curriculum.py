@@ -71,7 +71,7 @@ def run_curriculum(exp: base.Experiment) -> loop.LoopResult:
   """COCONUT or a baseline (`config.method`) under the schedule of `config.coconut`, in the bootstrap's place (same
   stage directory, loop and checkpoints). The optimizer state restarts at the same steps for every method
   (`Curriculum.reset_steps`; iCoT: where its removal count grows). `config.init_from`: a workdir whose bootstrap
-  result (e.g. a CoT run, best by validation) gives the initial weights."""
+  result (e.g. a CoT run; its checkpoint `config.init_checkpoint`) gives the initial weights."""
   c, b = exp.config, exp.config.bootstrap
   parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
   batches = curriculum_batches(exp, exp.train, b.batch_size)
@@ -81,7 +81,8 @@ def run_curriculum(exp: base.Experiment) -> loop.LoopResult:
   tx = coconut_train.make_optimizer(c, per_epoch, steps, lora.configured_train_modules(c.get('lora')))
   resets = set(batches.reset_steps(steps, coconut_train.reset_every_epochs(c)))
   if c.get('init_from'):
-    graphdef, params = base.stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap')
+    graphdef, params = base.stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap',
+                                         c.init_checkpoint)
     state = base.place_state(exp, state_lib.init_state(params, tx, seed=c.seed))
   else:
     graphdef, state = base.initial_state(exp, tx)

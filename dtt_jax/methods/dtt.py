@@ -60,7 +60,12 @@ def run_bootstrap(exp: base.Experiment) -> loop.LoopResult:
   c, b = exp.config, exp.config.bootstrap
   parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
   tx = bootstrap_optimizer(c)
-  graphdef, state = base.initial_state(exp, tx)
+  if c.get('init_from'):  # e.g. a CoT run's weights (the study's shared text stage)
+    graphdef, params = base.stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap',
+                                         c.init_checkpoint)
+    state = base.place_state(exp, state_lib.init_state(params, tx, seed=c.seed))
+  else:
+    graphdef, state = base.initial_state(exp, tx)
   train_step = bootstrap.make_train_step(graphdef, tx, bootstrap.LossConfig.from_config(b), exp.mesh, b.microbatches)
   batches = data_lib.stage1_iterator(exp.train, exp.tokenizer, c.data, b.batch_size, seed=c.seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())
@@ -96,12 +101,12 @@ def make_validate(exp: base.Experiment, graphdef):
 
 
 def grpo_start_params(exp: base.Experiment):
-  """GRPO's initial policy and frozen reference: `config.init_from` (a workdir holding a bootstrap result) or this
-  workdir's bootstrap result."""
-  source = exp
-  if exp.config.get('init_from'):
-    source = dataclasses.replace(exp, workdir=exp.config.init_from)
-  return base.stage_params(source, 'bootstrap')
+  """GRPO's initial policy and frozen reference: this workdir's bootstrap result, or with `--config.stage=grpo` (no
+  bootstrap trained here) `config.init_from`'s when set (its checkpoint `config.init_checkpoint`)."""
+  c = exp.config
+  if c.get('init_from') and c.stage == 'grpo':
+    return base.stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap', c.init_checkpoint)
+  return base.stage_params(exp, 'bootstrap')
 
 
 def run_grpo(exp: base.Experiment) -> loop.LoopResult:

@@ -167,9 +167,8 @@ def teacher_forced_metrics(graphdef, params, batch) -> dict[str, float]:
 
 
 def num_epochs(c) -> int:
-  """`coconut.num_epochs`, or (max_stage + 2) * epochs_per_stage when 0 (every stage, the final one included)."""
-  k = c.coconut
-  return k.num_epochs or (k.max_stage + 2) * k.epochs_per_stage
+  """`coconut.num_epochs`, or when 0 the schedule's epochs (every stage, the final one included)."""
+  return c.coconut.num_epochs or coconut_data.Curriculum.from_config(c.coconut).schedule_epochs
 
 
 def follows_curriculum(c) -> bool:
@@ -191,7 +190,7 @@ def train_steps(c, cfg: coconut_data.Curriculum, steps_per_epoch: int) -> int:
                     f'{derived} steps) or above {last}')
     else:
       where, fix = (f'config.coconut.num_epochs={epochs}',
-                    f'set config.coconut.num_epochs above {(cfg.max_stage + 1) * cfg.epochs_per_stage}')
+                    f'set config.coconut.num_epochs above {cfg.schedule_epochs - cfg.epochs_per_stage}')
     raise ValueError(f'{where} ends before the last stage of config.coconut (max_stage={cfg.max_stage}, '
                      f'epochs_per_stage={cfg.epochs_per_stage}, start_epoch={cfg.start_epoch}, {steps_per_epoch} '
                      f'steps per epoch): the final stage, every step latent, starts at step {last}: {fix}.')
@@ -250,6 +249,10 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
     raise ValueError(f'config.method="icot": the curriculum {cfg} lacks config.coconut.icot_* '
                      f'({coconut_data.Curriculum.from_config(k)}): build it with '
                      'data.coconut.Curriculum.from_config(config.coconut).')
+  if k.optimizer == 'warmup_cosine' and k.reset_optimizer and cfg.text_epochs != cfg.epochs_per_stage:
+    raise ValueError(f'config.coconut.first_stage_epochs={k.first_stage_epochs} with optimizer "warmup_cosine": its '
+                     f'schedule restarts every epochs_per_stage={k.epochs_per_stage} epochs, which would not fall on '
+                     'the stage starts; set first_stage_epochs=0 or coconut.optimizer="coconut".')
   if cfg.start_epoch >= num_epochs(c):
     raise ValueError(f'config.coconut.start_epoch={cfg.start_epoch} leaves no epoch of config.coconut.num_epochs='
                      f'{num_epochs(c)}.')
