@@ -5,13 +5,15 @@ method: 'coconut' | 'coconut_no_curriculum' | 'coconut_no_thought' | 'pause_as_t
 thought; 'icot': stepwise internalization, `coconut.icot_*`; 'dtt': this project's bootstrap on the CoT span, then
 GRPO, with the same model and data; tiny scale only).
 
-Tiny scale (default; the study of docs/study.md): GPT-2 with 2 layers from scratch on CPU, "epochs" of
-`coconut.steps_per_epoch` = 25 steps (100 for addition, 400 for ProsQA-mini), one per stage, lr 1e-3. Datasets:
-'prontoqa', 'prosqa', 'addition' (2 digits), 'addition2' | 'addition3' | 'addition4' (seed 002's carry steps at
-exactly 2, 3 or 4 digits, K = digits + 1), 'prosqa_mini' (ProsQA's generator on graphs of at most
-`generators.PROSQA_MINI_NODES` = 8 nodes, answer paths of 2 or more steps, K = 3: 2000 steps). The generated ones
-have disjoint train / valid / test splits. iCoT removes one CoT token every `removal_interval` steps, chosen so
-that the longest CoT of the training records (`ICOT_LONGEST`) is gone when the final stage of the others starts.
+Tiny scale (default): GPT-2 with 2 layers from scratch on CPU. Datasets: 'prontoqa', 'prosqa', 'addition' (2
+digits): docs/study.md's budget, d = 128, lr 1e-3, "epochs" of `coconut.steps_per_epoch` = 25 steps (100 for
+addition), one per stage. The study suite of docs/study_mini.md (`_suite_schedule`): 'addition2' | 'addition3' |
+'addition4' (seed 002's carry steps at exactly 2, 3 or 4 digits, K = digits + 1) and 'prosqa_mini' (ProsQA's
+generator on graphs of at most `generators.PROSQA_MINI_NODES` = 8 nodes, answer paths of 2 or more steps, K = 3),
+with disjoint train / valid / test splits: d = 64, lr 3e-3, epochs of 50 steps, a text stage of `TEXT_STEPS`, one
+epoch per latent stage and `FINAL_EPOCHS` of the final one. iCoT removes one CoT token every `removal_interval`
+steps, from the end of the text stage (suite) or the first step, chosen so that the longest CoT of the training
+records (`ICOT_LONGEST`) is gone when the final stage of the others starts.
 
     python -m dtt_jax.main --config=configs/coconut.py:prontoqa,coconut --workdir=runs/prontoqa_coconut
 
@@ -27,18 +29,22 @@ stage, 25 epochs, 64 new tokens; COCONUT starts at epoch 3 (stage 1) from a CoT 
         --config.init_from=runs/gsm8k_cot
 
 Every method of one scale gets the same model, data, batch, optimizer schedule (the same reset steps) and number
-of epochs; COCONUT methods set `bootstrap.steps = 0`, so the budget follows from the schedule. DTT adds
-`grpo.steps` of GRPO. `launch/reproduce.sh` runs the tiny study and writes the table (docs/study.md).
+of epochs; COCONUT methods set `bootstrap.steps = 0`, so the budget follows from the schedule; DTT's bootstrap
+trains as many steps, then `grpo.steps` of GRPO. `launch/reproduce.sh` runs the tiny study and writes the table (docs/study.md).
 """
 
 import importlib
 
 from configs import base
+from dtt_jax.data import coconut as coconut_data
 
 DATASETS = ('prontoqa', 'prosqa', 'addition', 'addition2', 'addition3', 'addition4', 'prosqa_mini')
 PAPER_DATASETS = ('prontoqa', 'prosqa', 'gsm8k')
 METHODS = ('coconut', 'coconut_no_curriculum', 'coconut_no_thought', 'pause_as_thought', 'cot', 'no_cot', 'pause',
            'icot', 'dtt')  # 'dtt' last: tiny scale only
+SUITE = ('addition2', 'addition3', 'addition4', 'prosqa_mini')  # the CPU study (docs/study_mini.md)
+TEXT_STEPS = {'addition2': 800, 'addition3': 1000, 'addition4': 1200, 'prosqa_mini': 1000}  # stage 0, the text CoT
+FINAL_EPOCHS = 4  # of the final stage
 STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # start at `start_epoch` (GSM8K: 3)
 # Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
 ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
@@ -71,7 +77,8 @@ def get_config(arg: str = 'prontoqa,coconut'):
   c.bootstrap.best_checkpoint = 'accuracy'  # the checkpoint scored: best generated accuracy on validation
   c.generate.max_think = 0 if method != 'dtt' else 128
   c.model.dropout = 0.1 if method != 'dtt' else 0.0  # GPT-2's (COCONUT trains in train mode)
-  c.bootstrap.steps = 0 if method != 'dtt' else c.coconut.steps_per_epoch * (c.coconut.max_stage + 2)
+  epochs = c.coconut.num_epochs or coconut_data.Curriculum.from_config(c.coconut).schedule_epochs
+  c.bootstrap.steps = 0 if method != 'dtt' else c.coconut.steps_per_epoch * epochs  # DTT: the same budget
   return c
 
 
@@ -96,6 +103,22 @@ def _paper(dataset: str, method: str):
   c.generate.max_new_tokens = p['max_new_tokens']  # after the forced head
   c.generate.batch_size = 64
   return c
+
+
+def _suite_schedule(c, dataset: str) -> None:
+  """The study suite (docs/study_mini.md): GPT-2 with 2 layers, d = 64, lr 3e-3; epochs of 50 steps; a text stage
+  (stage 0, CoT) of `TEXT_STEPS` in which CoT learns the task, then one epoch per latent stage 1..K and 4 epochs of
+  the final stage (every step latent). Every method trains that many steps; the study starts the latent methods
+  from the CoT run's checkpoint at the end of the text stage (`--config.init_from`, `init_checkpoint`,
+  `coconut.start_epoch`: the paper's GSM8K recipe), which that run shares with them."""
+  c.model.n_embd = 64
+  c.bootstrap.lr = 3e-3
+  c.dataset.valid_size = 128
+  k = c.coconut
+  k.steps_per_epoch, k.epochs_per_stage = 50, 1
+  k.first_stage_epochs = TEXT_STEPS[dataset] // k.steps_per_epoch
+  k.num_epochs = k.first_stage_epochs + k.max_stage + FINAL_EPOCHS
+  c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100
 
 
 def _tiny(dataset: str, method: str):
@@ -138,16 +161,21 @@ def _tiny(dataset: str, method: str):
   c.generate.max_new_tokens = c.data.max_completion_len  # after COCONUT's forced head
   c.grpo.max_new_tokens = c.data.max_completion_len
   c.grpo.max_think = 0 if method != 'dtt' else 128
-  # Budget: "epochs" of 25 steps, one per stage: stages 0-6 then the final one (all latent) for ProntoQA / ProsQA,
-  # 200 steps of 32 examples (0.7 passes over 9000 records); addition at n digits: stages 0..n+1 and the final one
-  # of 100 steps each; ProsQA-mini: stages 0-3 and the final one of 400 steps (2000 steps, 3.2 passes over 20000
-  # records: CoT reaches ~69% exact there, ~20% at 600 steps with N = 10; docs/study.md).
-  c.coconut.epochs_per_stage = 1
-  c.coconut.steps_per_epoch = {'prontoqa': 25, 'prosqa': 25, 'prosqa_mini': 400}.get(dataset, 100)
-  # iCoT: one token every `interval` steps, so that the longest CoT is gone at the final stage's first step
-  interval = max(1, (c.coconut.max_stage + 1) * c.coconut.steps_per_epoch // ICOT_LONGEST[dataset])
-  c.coconut.icot_delta = c.coconut.steps_per_epoch / interval
-  c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100 if dataset != 'prosqa_mini' else 200
+  if dataset in SUITE:
+    _suite_schedule(c, dataset)
+  else:
+    # docs/study.md's budget: "epochs" of 25 steps, one per stage: stages 0-6 then the final one (all latent),
+    # 200 steps of 32 examples (0.7 passes over 9000 records); addition: stages 0-3 and the final one of 100 steps.
+    c.coconut.epochs_per_stage = 1
+    c.coconut.steps_per_epoch = 25 if dataset != 'addition' else 100
+    c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100
+  k = c.coconut
+  # iCoT: one token every `interval` steps from the end of the text stage (study suite) or from the first step, so
+  # that the longest CoT is gone when the final stage of the others starts
+  schedule = coconut_data.Curriculum.from_config(k)
+  k.icot_pretrain_epochs = k.first_stage_epochs
+  window = schedule.last_stage_start(k.steps_per_epoch) - k.icot_pretrain_epochs * k.steps_per_epoch
+  k.icot_delta = k.steps_per_epoch / max(1, window // ICOT_LONGEST[dataset])
   c.grpo.steps = 20
   c.grpo.prompts_per_step = 8
   c.grpo.lr = 1e-4

@@ -173,18 +173,29 @@ def test_paper_settings():
 @pytest.mark.parametrize('dataset', coconut_configs.DATASETS)
 @pytest.mark.parametrize('method', coconut_configs.METHODS)
 def test_study_configs_are_valid(dataset, method):
-  """Every method of the tiny study gets the same budget: one epoch of steps_per_epoch steps per stage, the final
-  one included (DTT: as bootstrap.steps)."""
+  """Every method of a tiny-scale task gets the same budget (DTT: as bootstrap.steps): docs/study.md's tasks one
+  epoch per stage, the final one included; the suite of docs/study_mini.md its text stage, one 50-step epoch per
+  latent stage and 4 of the final stage (addition at 2 digits: 800 + 3 x 50 + 200)."""
   c = coconut_configs.get_config(f'{dataset},{method}')
   pipeline.check_config(c)
   assert c.method == ('coconut' if method == 'coconut_no_curriculum' else method)
   assert c.coconut.curriculum == (method != 'coconut_no_curriculum')
-  budget = c.coconut.steps_per_epoch * (c.coconut.max_stage + 2)
+  k = c.coconut
+  if dataset in coconut_configs.SUITE:
+    budget = coconut_configs.TEXT_STEPS[dataset] + 50 * (k.max_stage + 4)
+  else:
+    budget = k.steps_per_epoch * (k.max_stage + 2)
+  assert coconut_configs.get_config('addition2,cot').coconut.steps_per_epoch * 23 == 1150
   if method == 'dtt':
     assert c.bootstrap.steps == budget and c.model.dropout == 0
   else:
     assert c.bootstrap.steps == 0 and c.model.dropout == 0.1
-    assert coconut_train.train_steps(c, curriculum.curriculum(c), c.coconut.steps_per_epoch) == budget
+    assert coconut_train.train_steps(c, curriculum.curriculum(c), k.steps_per_epoch) == budget
+  if method == 'icot':  # every CoT token is gone when the final stage starts, none before the text stage ends
+    schedule = curriculum.curriculum(c)
+    end = schedule.removal_end(coconut_configs.ICOT_LONGEST[dataset], k.steps_per_epoch)
+    assert k.icot_pretrain_epochs * k.steps_per_epoch < end <= schedule.last_stage_start(k.steps_per_epoch) or (
+        k.icot_pretrain_epochs == 0)
 
 
 def test_bad_method_and_stage_are_named():

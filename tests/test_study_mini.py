@@ -28,7 +28,7 @@ def test_report_gives_mean_std_tokens_wall_time_and_a_plot(tmp_path):
   os.makedirs(out.parent)
   text = study_mini.render(str(root), str(out), ['addition2'], ['no_cot', 'cot', 'dtt'], [0, 1, 2], 'cmd')
   assert '| CoT | 80.0 ± 10.0 | 3 | 26.0 | 100 | 500 | 70.0, 80.0, 90.0 |' in text
-  assert '| DTT (bootstrap + GRPO) | 50.0 ± 0.0 | 1 | 12.0 | 60 | 500 + 20 GRPO | 50.0 |' in text
+  assert '| DTT (bootstrap + GRPO) | 50.0 ± 0.0 | 1 | 12.0 | 60 | 800 (CoT) + 500 + 20 GRPO | 50.0 |' in text
   assert '| No-CoT | not run | 0 |' in text
   assert 'Runs found: 4 of 9' in text and 'total wall time (training + evaluation, one run at a time): 6.0 min' in text
   assert os.path.getsize(out.parent / 'study_mini_addition2.png') > 0
@@ -36,5 +36,34 @@ def test_report_gives_mean_std_tokens_wall_time_and_a_plot(tmp_path):
 
 def test_a_finished_run_is_not_run_again(tmp_path, monkeypatch):
   _fake_run(tmp_path, 'addition2', 'cot', 0, 0.7, 25.0, 100.0)
-  monkeypatch.setattr(study_mini.subprocess, 'run', lambda *a, **k: (_ for _ in ()).throw(AssertionError('ran')))
+  monkeypatch.setattr(study_mini.subprocess, 'Popen', lambda *a, **k: (_ for _ in ()).throw(AssertionError('ran')))
   assert study_mini.run_one('addition2', 'cot', 0, str(tmp_path))['wall_s'] == 100.0
+
+
+def test_latent_methods_start_from_the_cot_runs_text_stage(tmp_path):
+  """Addition at 2 digits: the CoT run keeps its checkpoints; COCONUT starts from the CoT run's step 800 at epoch
+  16 (its stage 1); DTT's bootstrap from there for the 350 steps left of 1150; No-CoT trains from scratch."""
+  root = str(tmp_path)
+  cot_dir = study_mini.workdir(root, 'addition2', 'cot', 1)
+  assert '--config.bootstrap.keep_checkpoints=1000' in study_mini.command('addition2', 'cot', 1, root)
+  coconut = study_mini.command('addition2', 'coconut', 1, root)
+  assert coconut[-3:] == [f'--config.init_from={cot_dir}', '--config.init_checkpoint=800',
+                          '--config.coconut.start_epoch=16']
+  assert study_mini.command('addition2', 'dtt', 1, root)[-3:] == [
+      f'--config.init_from={cot_dir}', '--config.init_checkpoint=800', '--config.bootstrap.steps=350']
+  assert not any('init_from' in a for a in study_mini.command('addition2', 'no_cot', 1, root))
+  assert not study_mini.starts_from_cot('prontoqa', 'coconut')  # docs/study.md's tasks: no text stage
+
+
+def test_runs_wait_for_their_cot_run_and_skip_when_it_failed(tmp_path, monkeypatch):
+  started = []
+
+  def fake_run_one(task, method, seed, root, overrides=(), cpu=None):
+    started.append((task, method, seed))
+    return {'wall_s': 1.0, 'returncode': 1 if (task, seed) == ('addition3', 0) else 0}
+
+  monkeypatch.setattr(study_mini, 'run_one', fake_run_one)
+  runs = [(t, m, 0) for t in ('addition2', 'addition3') for m in ('coconut', 'no_cot', 'cot')]
+  study_mini.run_all(runs, str(tmp_path), jobs=2)
+  assert started.index(('addition2', 'cot', 0)) < started.index(('addition2', 'coconut', 0))
+  assert ('addition3', 'coconut', 0) not in started and len(started) == 5

@@ -4,9 +4,13 @@
 
 Each run is `python -m dtt_jax.main --config=configs/coconut.py:<task>,<method> --config.seed=<seed>
 --config.eval.split=test` in `<root>/<task>/<method>/seed<seed>/`: every method of a task gets the same model, data,
-batch and supervised steps (configs/coconut.py); DTT adds its GRPO steps (stated in the table). A run that finished
-(its test evaluation written) is not run again; an interrupted one resumes from its checkpoints and its wall time
-adds up over the attempts (`study_run.json`). `--render_only` writes the report from the runs found.
+batch and supervised steps (configs/coconut.py); DTT adds its GRPO steps (stated in the table). The methods that
+leave the text chain (`FROM_COT`: the COCONUT family, iCoT, DTT) start from the same seed's CoT run at the end of
+its text stage (`--config.init_from`, as the paper's GSM8K recipe) and train the rest of the schedule, so the
+steps of that shared stage count in their budget. A run that finished (its test evaluation written) is not run
+again; an interrupted one resumes from its checkpoints and its wall time adds up over the attempts
+(`study_run.json`). `--jobs=N` runs N at a time, each pinned to its own CPU. `--render_only` writes the report
+from the runs found.
 
 The report: per task, accuracy on the test split (mean ± std over the seeds that finished), mean generated tokens,
 mean training + evaluation wall time, and a plot of accuracy against generated tokens (one point per method, the
@@ -16,8 +20,10 @@ seed spread as error bars) next to the markdown file.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -33,6 +39,7 @@ METHODS = ('no_cot', 'cot', 'icot', 'pause', 'pause_as_thought', 'coconut_no_cur
 LABELS = {'cot': 'CoT', 'no_cot': 'No-CoT', 'icot': 'iCoT', 'pause': 'Pause token',
           'pause_as_thought': 'Pause as thought', 'coconut_no_curriculum': 'COCONUT w/o curriculum',
           'coconut_no_thought': 'COCONUT w/o thought', 'coconut': 'COCONUT', 'dtt': 'DTT (bootstrap + GRPO)'}
+FROM_COT = ('icot', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_thought', 'coconut', 'dtt')
 SEEDS = (0, 1, 2)
 RUN_FILE = 'study_run.json'  # {wall_s, attempts, command, returncode}
 
@@ -41,9 +48,36 @@ def workdir(root: str, task: str, method: str, seed: int) -> str:
   return os.path.join(root, task, method, f'seed{seed}')
 
 
-def command(task: str, method: str, seed: int, out: str, overrides=()) -> list[str]:
-  return [sys.executable, '-m', 'dtt_jax.main', f'--config=configs/coconut.py:{task},{method}', f'--workdir={out}',
-          f'--config.seed={seed}', '--config.eval.split=test', *overrides]
+def text_stage_steps(task: str) -> int:
+  """Steps of the task's text stage (stage 0, CoT), which the `FROM_COT` methods take from the CoT run."""
+  from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
+  k = coconut_configs.get_config(f'{task},cot').coconut
+  return k.first_stage_epochs * k.steps_per_epoch
+
+
+def starts_from_cot(task: str, method: str) -> bool:
+  """Whether the run starts from its CoT run's text stage (a `FROM_COT` method on a task with a text stage)."""
+  return method in FROM_COT and text_stage_steps(task) > 0
+
+
+def command(task: str, method: str, seed: int, root: str, overrides=()) -> list[str]:
+  """The run's command line: the CoT run keeps every checkpoint (the others start from the one ending its text
+  stage); a `FROM_COT` method starts there and trains the rest of the schedule."""
+  from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
+  extra = []
+  if method == 'cot':
+    extra = ['--config.bootstrap.keep_checkpoints=1000']
+  elif starts_from_cot(task, method):
+    c = coconut_configs.get_config(f'{task},{method}')
+    text = text_stage_steps(task)
+    extra = [f'--config.init_from={workdir(root, task, "cot", seed)}', f'--config.init_checkpoint={text}']
+    if method == 'dtt':
+      extra.append(f'--config.bootstrap.steps={c.bootstrap.steps - text}')
+    else:
+      extra.append(f'--config.coconut.start_epoch={c.coconut.first_stage_epochs}')
+  return [sys.executable, '-m', 'dtt_jax.main', f'--config=configs/coconut.py:{task},{method}',
+          f'--workdir={workdir(root, task, method, seed)}', f'--config.seed={seed}', '--config.eval.split=test',
+          *extra, *overrides]
 
 
 def test_metrics(out: str) -> dict | None:
@@ -56,8 +90,9 @@ def test_metrics(out: str) -> dict | None:
   return None
 
 
-def run_one(task: str, method: str, seed: int, root: str, overrides=()) -> dict:
-  """Trains and evaluates one run (unless finished); its log next to the workdir, its wall time in RUN_FILE."""
+def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int | None = None) -> dict:
+  """Trains and evaluates one run (unless finished), pinned to `cpu` when given; its log next to the workdir, its
+  wall time in RUN_FILE."""
   out = workdir(root, task, method, seed)
   record_path = os.path.join(out, RUN_FILE)
   record = {'wall_s': 0.0, 'attempts': 0}
@@ -67,15 +102,55 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=()) -> dict:
   if test_metrics(out) is not None and record.get('returncode') == 0:
     return record
   os.makedirs(out, exist_ok=True)
-  cmd = command(task, method, seed, out, overrides)
+  cmd = command(task, method, seed, root, overrides)
   start = time.time()
   with open(out + '.log', 'a') as log:
-    returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if cpu is not None:
+      os.sched_setaffinity(proc.pid, {cpu})  # before it starts its thread pools
+    returncode = proc.wait()
   record = {'wall_s': record['wall_s'] + time.time() - start, 'attempts': record['attempts'] + 1,
-            'command': ' '.join(cmd[1:]), 'returncode': returncode}
+            'command': ' '.join(cmd[1:]), 'returncode': returncode, 'cpus': 1 if cpu is not None else os.cpu_count()}
   with open(record_path, 'w') as f:
     json.dump(record, f, indent=2)
   return record
+
+
+def run_all(runs, root: str, overrides=(), jobs: int = 1) -> None:
+  """Every (task, method, seed) of `runs`, `jobs` at a time (each on its own CPU when there are that many), a
+  `FROM_COT` run once its CoT run has finished (skipped when that one failed)."""
+  cpus = sorted(os.sched_getaffinity(0))
+  slots = queue.Queue()
+  for i in range(jobs):
+    slots.put(cpus[i] if len(cpus) >= jobs > 1 else None)
+
+  def job(task, method, seed):
+    cpu = slots.get()
+    try:
+      return run_one(task, method, seed, root, overrides, cpu)
+    finally:
+      slots.put(cpu)
+
+  pending, running, ok, failed = list(runs), {}, set(), set()
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    while pending or running:
+      for run in list(pending):
+        task, method, seed = run
+        needs = (task, 'cot', seed) if starts_from_cot(task, method) else None
+        if needs is not None and needs not in runs:  # a CoT run of an earlier call
+          (ok if test_metrics(workdir(root, *needs)) is not None else failed).add(needs)
+        if needs in failed:
+          pending.remove(run)
+          failed.add(run)
+          print(f'{task} {method} seed {seed}: skipped, its CoT run failed', flush=True)
+        elif (needs is None or needs in ok) and len(running) < jobs:
+          pending.remove(run)
+          running[pool.submit(job, *run)] = run
+      done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
+        run, record = running.pop(future), future.result()
+        (ok if record['returncode'] == 0 else failed).add(run)
+        print(f'{run[0]} {run[1]} seed {run[2]}: {record["wall_s"]:.0f} s, exit {record["returncode"]}', flush=True)
 
 
 def collect(root: str, tasks, methods, seeds) -> dict:
@@ -144,6 +219,8 @@ def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> 
         continue
       acc, acc_std = _mean_std([100 * r['accuracy'] for r in rows])
       steps = f'{rows[0]["steps"]}' + (f' + {rows[0]["grpo_steps"]} GRPO' if rows[0]['grpo_steps'] else '')
+      if starts_from_cot(task, method):
+        steps = f'{text_stage_steps(task)} (CoT) + {steps}'
       per_seed = ', '.join(f'{100 * r["accuracy"]:.1f}' for r in rows)
       lines.append(f'| {LABELS[method]} | {acc:.1f} ± {acc_std:.1f} | {len(rows)} | '
                    f'{np.mean([r["tokens"] for r in rows]):.1f} | {np.mean([r["wall_s"] for r in rows]):.0f} | '
@@ -166,6 +243,7 @@ def main(argv=None):
   parser.add_argument('--tasks', default=','.join(DEFAULT_TASKS), help=f'comma-separated, of {",".join(TASKS)}')
   parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated')
   parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='comma-separated')
+  parser.add_argument('--jobs', type=int, default=1, help='runs at a time, each pinned to its own CPU')
   parser.add_argument('--render_only', action='store_true', help='write the report from the runs found')
   args, overrides = parser.parse_known_args(argv)
   tasks, methods = args.tasks.split(','), args.methods.split(',')
@@ -173,12 +251,9 @@ def main(argv=None):
   for name, chosen, allowed in (('--tasks', tasks, TASKS), ('--methods', methods, METHODS)):
     if set(chosen) - set(allowed):
       parser.error(f'{name}: {", ".join(sorted(set(chosen) - set(allowed)))} unknown; expected {", ".join(allowed)}.')
-  if not args.render_only:
-    for seed in seeds:  # a seed of every task and method first: an early report covers the whole table
-      for task in tasks:
-        for method in methods:
-          record = run_one(task, method, seed, args.root, overrides)
-          print(f'{task} {method} seed {seed}: {record["wall_s"]:.0f} s, exit {record["returncode"]}', flush=True)
+  if not args.render_only:  # a seed of every task and method first: an early report covers the whole table
+    order = sorted(methods, key=lambda m: (m != 'cot', m in FROM_COT))  # CoT first: the others start from it
+    run_all([(t, m, s) for s in seeds for t in tasks for m in order], args.root, overrides, args.jobs)
   line = ' '.join(['python -m dtt_jax.eval.study_mini'] + (argv if argv is not None else sys.argv[1:]))
   text = render(args.root, args.output, tasks, methods, seeds, line)
   if os.path.exists(args.notes):
