@@ -42,7 +42,7 @@ def test_a_finished_run_is_not_run_again(tmp_path, monkeypatch):
 
 def test_latent_methods_start_from_the_cot_runs_text_stage(tmp_path):
   """Addition at 2 digits: the CoT run keeps its checkpoints; COCONUT starts from the CoT run's step 800 at epoch
-  16 (its stage 1); DTT's bootstrap from there for the 350 steps left of 1150; No-CoT trains from scratch."""
+  16 (its stage 1); DTT's bootstrap from there for the 300 steps left of 1100; No-CoT trains from scratch."""
   root = str(tmp_path)
   cot_dir = study_mini.workdir(root, 'addition2', 'cot', 1)
   assert '--config.bootstrap.keep_checkpoints=1000' in study_mini.command('addition2', 'cot', 1, root)
@@ -50,7 +50,7 @@ def test_latent_methods_start_from_the_cot_runs_text_stage(tmp_path):
   assert coconut[-3:] == [f'--config.init_from={cot_dir}', '--config.init_checkpoint=800',
                           '--config.coconut.start_epoch=16']
   assert study_mini.command('addition2', 'dtt', 1, root)[-3:] == [
-      f'--config.init_from={cot_dir}', '--config.init_checkpoint=800', '--config.bootstrap.steps=350']
+      f'--config.init_from={cot_dir}', '--config.init_checkpoint=800', '--config.bootstrap.steps=300']
   assert not any('init_from' in a for a in study_mini.command('addition2', 'no_cot', 1, root))
   assert not study_mini.starts_from_cot('prontoqa', 'coconut')  # docs/study.md's tasks: no text stage
 

@@ -251,9 +251,9 @@ def main(argv=None):
   for name, chosen, allowed in (('--tasks', tasks, TASKS), ('--methods', methods, METHODS)):
     if set(chosen) - set(allowed):
       parser.error(f'{name}: {", ".join(sorted(set(chosen) - set(allowed)))} unknown; expected {", ".join(allowed)}.')
-  if not args.render_only:  # a seed of every task and method first: an early report covers the whole table
+  if not args.render_only:  # task by task, in the order of --tasks: a partial study has whole tasks
     order = sorted(methods, key=lambda m: (m != 'cot', m in FROM_COT))  # CoT first: the others start from it
-    run_all([(t, m, s) for s in seeds for t in tasks for m in order], args.root, overrides, args.jobs)
+    run_all([(t, m, s) for t in tasks for s in seeds for m in order], args.root, overrides, args.jobs)
   line = ' '.join(['python -m dtt_jax.eval.study_mini'] + (argv if argv is not None else sys.argv[1:]))
   text = render(args.root, args.output, tasks, methods, seeds, line)
   if os.path.exists(args.notes):
