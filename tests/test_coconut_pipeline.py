@@ -16,7 +16,7 @@ from configs import coconut as coconut_configs
 from dtt_jax import pipeline, tokens
 from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.eval import study
-from dtt_jax.methods import base, curriculum
+from dtt_jax.methods import base, curriculum, dtt
 from dtt_jax.model.dtt import DTTConfig, DTTModel
 from dtt_jax.model.gpt2 import GPT2Config
 from dtt_jax.sampling import engine
@@ -113,6 +113,15 @@ def test_run_resets_every_epoch_scores_the_best_checkpoint_and_seeds_a_later_run
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(later.state.params), jax.device_get(best))
   assert later.step == 2 and _logged(second, 'bootstrap/stage') == [2, 2]
   assert Checkpointer(str(second / 'bootstrap' / 'checkpoints'), async_save=False).steps() == [2]
+
+  # DTT's bootstrap from the first run's step 12 (`init_checkpoint`; not its best), as the study starts it
+  c = _tiny_config()
+  c.method, c.bootstrap.steps, c.bootstrap.lr, c.model.dropout = 'dtt', 2, 0.0, 0.0
+  c.init_from, c.init_checkpoint = str(first), '12'
+  started = dtt.run_bootstrap(pipeline.setup(c, str(tmp_path / 'dtt')))
+  _, at_12 = base.stage_params(exp, 'bootstrap', '12')
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.state.params), jax.device_get(at_12))
+  assert not np.array_equal(jax.device_get(jax.tree.leaves(at_12)[0]), jax.device_get(jax.tree.leaves(best)[0]))
 
 
 def test_budget_follows_the_schedule_and_a_short_one_is_named():

@@ -91,10 +91,15 @@ def validation_prompts(exp: Experiment):
 
 
 def initial_state(exp: Experiment, tx):
-  """(graphdef, train state) of a fresh model of `config.model`, placed on the mesh."""
-  model = build_model(exp.config.model, exp.vocab, seed=exp.config.seed, lora_cfg=exp.config.get('lora'))
-  graphdef, params = state_lib.split_model(model)
-  return graphdef, place_state(exp, state_lib.init_state(params, tx, seed=exp.config.seed))
+  """(graphdef, train state) of the stage a run trains first: a fresh model of `config.model`, or with
+  `config.init_from` the weights of that workdir's bootstrap checkpoint `config.init_checkpoint` (e.g. a CoT run's),
+  with a fresh optimizer; placed on the mesh."""
+  c = exp.config
+  if c.get('init_from'):
+    graphdef, params = stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap', c.init_checkpoint)
+  else:
+    graphdef, params = state_lib.split_model(build_model(c.model, exp.vocab, seed=c.seed, lora_cfg=c.get('lora')))
+  return graphdef, place_state(exp, state_lib.init_state(params, tx, seed=c.seed))
 
 
 def place_state(exp: Experiment, state):

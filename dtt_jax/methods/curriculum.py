@@ -26,7 +26,7 @@ from dtt_jax.eval import heldout, report
 from dtt_jax.methods import base
 from dtt_jax.model import lora
 from dtt_jax.train import coconut as coconut_train
-from dtt_jax.train import loop, state as state_lib
+from dtt_jax.train import loop
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,7 @@ def run_curriculum(exp: base.Experiment) -> loop.LoopResult:
   exp = dataclasses.replace(exp, config=coconut_train.resolve_config(c, per_epoch, steps))
   tx = coconut_train.make_optimizer(c, per_epoch, steps, lora.configured_train_modules(c.get('lora')))
   resets = set(batches.reset_steps(steps, coconut_train.reset_every_epochs(c)))
-  if c.get('init_from'):
-    graphdef, params = base.stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap',
-                                         c.init_checkpoint)
-    state = base.place_state(exp, state_lib.init_state(params, tx, seed=c.seed))
-  else:
-    graphdef, state = base.initial_state(exp, tx)
+  graphdef, state = base.initial_state(exp, tx)
   train_step = coconut_train.make_train_step(graphdef, tx, exp.mesh, b.microbatches, c.model.get('dropout', 0.0))
   log.info('%s: %d steps of %d per epoch from epoch %d; stages start at steps %s; optimizer (%s) resets at %d '
            'steps.', c.method, steps, per_epoch, schedule.start_epoch, schedule.stage_starts(per_epoch, steps),

@@ -60,12 +60,7 @@ def run_bootstrap(exp: base.Experiment) -> loop.LoopResult:
   c, b = exp.config, exp.config.bootstrap
   parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
   tx = bootstrap_optimizer(c)
-  if c.get('init_from'):  # e.g. a CoT run's weights (the study's shared text stage)
-    graphdef, params = base.stage_params(dataclasses.replace(exp, workdir=c.init_from), 'bootstrap',
-                                         c.init_checkpoint)
-    state = base.place_state(exp, state_lib.init_state(params, tx, seed=c.seed))
-  else:
-    graphdef, state = base.initial_state(exp, tx)
+  graphdef, state = base.initial_state(exp, tx)  # with config.init_from: e.g. a CoT run's weights
   train_step = bootstrap.make_train_step(graphdef, tx, bootstrap.LossConfig.from_config(b), exp.mesh, b.microbatches)
   batches = data_lib.stage1_iterator(exp.train, exp.tokenizer, c.data, b.batch_size, seed=c.seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())
