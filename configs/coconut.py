@@ -30,7 +30,8 @@ stage, 25 epochs, 64 new tokens; COCONUT starts at epoch 3 (stage 1) from a CoT 
 
 Every method of one scale gets the same model, data, batch, optimizer schedule (the same reset steps) and number
 of epochs; COCONUT methods set `bootstrap.steps = 0`, so the budget follows from the schedule; DTT's bootstrap
-trains as many steps, then `grpo.steps` of GRPO. `launch/reproduce.sh` runs the tiny study and writes the table (docs/study.md).
+trains as many steps, then `grpo.steps` of GRPO. `launch/reproduce.sh` runs the first tiny study and writes its
+table (docs/study.md); `python -m dtt_jax.eval.study_mini` runs the suite (docs/study_mini.md).
 """
 
 import importlib

@@ -62,7 +62,8 @@ ALL_REMOVED = 2 ** 31 - 1  # iCoT's removal count once every CoT token goes
 @dataclasses.dataclass(frozen=True)
 class Curriculum:
   """`config.coconut`: c thoughts per step, stages 0..max_stage, epochs per stage (stage 0: `first_stage_epochs`),
-  curriculum on/off, the first epoch of the run; iCoT's removal: tokens per epoch, smoothing lambda, epochs before the removal starts."""
+  curriculum on/off, the first epoch of the run; iCoT's removal: tokens per epoch, smoothing lambda, epochs before
+  the removal starts."""
 
   c_thoughts: int = 1
   max_stage: int = 6
