@@ -161,8 +161,8 @@ def _tiny(dataset: str, method: str):
     c.model.n_positions = 128
     c.data.max_prompt_len, c.data.max_completion_len = 16, {2: 48, 3: 56, 4: 64}[digits]
     c.coconut.c_thoughts, c.coconut.max_stage = 1, digits + 1
-    if digits == 4:
-      c.eval.size = 1000  # the 4-digit test bucket (~4M problems) is sampled, not enumerated
+    if digits >= 3:  # the 3-digit test bucket has 40,335 problems, the 4-digit one ~4M: a fixed sample of 1000
+      c.eval.size = 1000
   c.generate.max_new_tokens = c.data.max_completion_len  # after COCONUT's forced head
   c.grpo.max_new_tokens = c.data.max_completion_len
   c.grpo.max_think = 0 if method != 'dtt' else 128
