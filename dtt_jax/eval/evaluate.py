@@ -66,24 +66,25 @@ def _stats(prefix: str, values: np.ndarray) -> dict[str, float]:
 
 
 def latent_lens(model, hidden: np.ndarray, gates: np.ndarray, mask: np.ndarray, tokenizer: Tokenizer,
-                top: int = 3, threshold: float = 0.5) -> list[list[dict]]:
+                top: int = 3, threshold: float = 0.5, chunk: int = 4096) -> list[list[dict]]:
   """COCONUT Figure-5-style probe: for each position whose input was mostly the previous hidden state
   (gate >= threshold), the `top` tokens the LM head reads from that hidden state.
 
   hidden [N,T,D] (h_{t-1}, fed into position t), gates, mask [N,T] -> per row a list of
-  {position, gate, top: [[token text, probability], ...]}.
+  {position, gate, top: [[token text, probability], ...]}. The positions go through the LM head `chunk` at a time
+  (a 40k-problem test split has ~10^6 of them: [10^6, V] logits at once took 18 GB).
   """
   rows, cols = np.nonzero((np.asarray(gates) >= threshold) & (np.asarray(mask) > 0))
   out = [[] for _ in range(hidden.shape[0])]
-  if rows.size == 0:
-    return out
-  logits = np.asarray(model.gpt2.logits(jnp.asarray(hidden[rows, cols])), np.float64)[:, :tokenizer.vocab.num_tokens]
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  best = np.argsort(-probs, axis=-1)[:, :top]
-  for k, (i, t) in enumerate(zip(rows, cols)):
-    out[i].append({'position': int(t), 'gate': round(float(gates[i, t]), 4),
-                   'top': [[tokenizer.decode([int(v)]), round(float(probs[k, v]), 4)] for v in best[k]]})
+  for start in range(0, rows.size, chunk):
+    r, c = rows[start:start + chunk], cols[start:start + chunk]
+    logits = np.asarray(model.gpt2.logits(jnp.asarray(hidden[r, c])), np.float64)[:, :tokenizer.vocab.num_tokens]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    best = np.argsort(-probs, axis=-1)[:, :top]
+    for k, (i, t) in enumerate(zip(r, c)):
+      out[i].append({'position': int(t), 'gate': round(float(gates[i, t]), 4),
+                     'top': [[tokenizer.decode([int(v)]), round(float(probs[k, v]), 4)] for v in best[k]]})
   return out
 
 
