@@ -131,19 +131,19 @@ def run_all(runs, root: str, overrides=(), jobs: int = 1) -> None:
     finally:
       slots.put(cpu)
 
+  needs = {(t, m, s): (t, 'cot', s) if starts_from_cot(t, m) else None for t, m, s in runs}
   pending, running, ok, failed = list(runs), {}, set(), set()
+  for cot in set(needs.values()) - set(runs) - {None}:  # CoT runs of an earlier call
+    (ok if test_metrics(workdir(root, *cot)) is not None else failed).add(cot)
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     while pending or running:
       for run in list(pending):
         task, method, seed = run
-        needs = (task, 'cot', seed) if starts_from_cot(task, method) else None
-        if needs is not None and needs not in runs:  # a CoT run of an earlier call
-          (ok if test_metrics(workdir(root, *needs)) is not None else failed).add(needs)
-        if needs in failed:
+        if needs[run] in failed:
           pending.remove(run)
           failed.add(run)
           print(f'{task} {method} seed {seed}: skipped, its CoT run failed', flush=True)
-        elif (needs is None or needs in ok) and len(running) < jobs:
+        elif (needs[run] is None or needs[run] in ok) and len(running) < jobs:
           pending.remove(run)
           running[pool.submit(job, *run)] = run
       done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
