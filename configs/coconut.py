@@ -1,4 +1,4 @@
-"""COCONUT and its baselines (issue #9): `--config=configs/coconut.py:<dataset>,<method>[,paper]`.
+"""COCONUT and its baselines (issue #9): `--config=configs/coconut.py:<dataset>,<method>[,paper|long]`.
 
 method: 'coconut' | 'coconut_no_curriculum' | 'coconut_no_thought' | 'pause_as_thought' | 'cot' | 'no_cot' |
 'pause' | 'icot' | 'dtt' ('coconut_no_thought': COCONUT "w/o thought", the stage schedule removing steps with no
@@ -11,7 +11,7 @@ addition), one per stage. The study suite of docs/study_mini.md (`_suite_schedul
 'addition4' (seed 002's carry steps at exactly 2, 3 or 4 digits, K = digits + 1) and 'prosqa_mini' (ProsQA's
 generator on graphs of at most `generators.PROSQA_MINI_NODES` = 8 nodes, answer paths of 2 or more steps, K = 3),
 with disjoint train / valid / test splits: d = 64, lr 3e-3, epochs of 50 steps, a text stage of `TEXT_STEPS`, one
-epoch per latent stage and `FINAL_EPOCHS` of the final one. iCoT removes one CoT token every `removal_interval`
+epoch per latent stage (`,long`: `LONG_STAGE_EPOCHS`) and `FINAL_EPOCHS` of the final one. iCoT removes one CoT token every `removal_interval`
 steps, from the end of the text stage (suite) or the first step, chosen so that the longest CoT of the training
 records (`ICOT_LONGEST`) is gone when the final stage of the others starts.
 
@@ -46,6 +46,7 @@ METHODS = ('coconut', 'coconut_no_curriculum', 'coconut_no_thought', 'pause_as_t
 SUITE = ('addition2', 'addition3', 'addition4', 'prosqa_mini')  # the CPU study (docs/study_mini.md)
 TEXT_STEPS = {'addition2': 800, 'addition3': 1200, 'addition4': 1600, 'prosqa_mini': 1000}  # stage 0, the text CoT
 FINAL_EPOCHS = 3  # of the final stage
+LONG_STAGE_EPOCHS = 20  # ',long': 1000 steps per latent stage (docs/study_mini_notes.md: 50 are too few)
 STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # start at `start_epoch` (GSM8K: 3)
 # Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
 ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
@@ -65,13 +66,13 @@ def get_config(arg: str = 'prontoqa,coconut'):
   dataset, method, scale = (arg.split(',') + ['', ''])[:3]
   method = method or 'coconut'
   paper = scale == 'paper'
-  datasets = PAPER_DATASETS if paper else DATASETS
+  datasets = {'': DATASETS, 'paper': PAPER_DATASETS, 'long': SUITE}.get(scale, ())
   methods = METHODS[:-1] if paper else METHODS
-  if dataset not in datasets or method not in methods or scale not in ('', 'paper'):
-    raise ValueError(f'configs/coconut.py:{arg!r}: expected "<dataset>,<method>[,paper]" with dataset one of '
-                     f'{", ".join(DATASETS)} ({", ".join(PAPER_DATASETS)} with "paper") and method one of '
-                     f'{", ".join(METHODS)} ("dtt" at the tiny scale only).')
-  c = _paper(dataset, method) if paper else _tiny(dataset, method)
+  if dataset not in datasets or method not in methods:
+    raise ValueError(f'configs/coconut.py:{arg!r}: expected "<dataset>,<method>[,paper|long]" with dataset one of '
+                     f'{", ".join(DATASETS)} ({", ".join(PAPER_DATASETS)} with "paper", {", ".join(SUITE)} with '
+                     f'"long") and method one of {", ".join(METHODS)} ("dtt" not with "paper").')
+  c = _paper(dataset, method) if paper else _tiny(dataset, method, LONG_STAGE_EPOCHS if scale == 'long' else 1)
   c.method = 'coconut' if method == 'coconut_no_curriculum' else method
   c.coconut.curriculum = method != 'coconut_no_curriculum'
   c.bootstrap.best_metric = 'accuracy'
@@ -106,7 +107,7 @@ def _paper(dataset: str, method: str):
   return c
 
 
-def _suite_schedule(c, dataset: str) -> None:
+def _suite_schedule(c, dataset: str, stage_epochs: int) -> None:
   """The study suite (docs/study_mini.md): GPT-2 with 2 layers, d = 64, lr 3e-3; epochs of 50 steps; a text stage
   (stage 0, CoT) of `TEXT_STEPS` in which CoT learns the task, then one epoch per latent stage 1..K and
   `FINAL_EPOCHS` of the final stage (every step latent). Every method trains that many steps; the study starts the
@@ -119,14 +120,14 @@ def _suite_schedule(c, dataset: str) -> None:
   c.bootstrap.lr = 3e-3
   c.dataset.valid_size = 128
   k = c.coconut
-  k.steps_per_epoch, k.epochs_per_stage = 50, 1
+  k.steps_per_epoch, k.epochs_per_stage = 50, stage_epochs
   k.first_stage_epochs = TEXT_STEPS[dataset] // k.steps_per_epoch
-  k.num_epochs = k.first_stage_epochs + k.max_stage + FINAL_EPOCHS
+  k.num_epochs = k.first_stage_epochs + k.max_stage * stage_epochs + FINAL_EPOCHS
   k.reset_optimizer = False
   c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100
 
 
-def _tiny(dataset: str, method: str):
+def _tiny(dataset: str, method: str, stage_epochs: int = 1):
   c = base.get_config()
   c.dataset.name = dataset
   c.model.n_layer, c.model.n_embd, c.model.n_head = 2, 128, 4
@@ -167,7 +168,7 @@ def _tiny(dataset: str, method: str):
   c.grpo.max_new_tokens = c.data.max_completion_len
   c.grpo.max_think = 0 if method != 'dtt' else 128
   if dataset in SUITE:
-    _suite_schedule(c, dataset)
+    _suite_schedule(c, dataset, stage_epochs)
   else:
     # docs/study.md's budget: "epochs" of 25 steps, one per stage: stages 0-6 then the final one (all latent),
     # 200 steps of 32 examples (0.7 passes over 9000 records); addition: stages 0-3 and the final one of 100 steps.

@@ -48,8 +48,14 @@ def workdir(root: str, task: str, method: str, seed: int) -> str:
   return os.path.join(root, task, method, f'seed{seed}')
 
 
+def config_arg(task: str, method: str, scale: str = '') -> str:
+  """The `configs/coconut.py` argument of a run (`scale`: '' or 'long', its schedule)."""
+  return f'{task},{method}' + (f',{scale}' if scale else '')
+
+
 def text_stage_steps(task: str) -> int:
-  """Steps of the task's text stage (stage 0, CoT), which the `FROM_COT` methods take from the CoT run."""
+  """Steps of the task's text stage (stage 0, CoT, the same at every scale), which the `FROM_COT` methods take from
+  the CoT run."""
   from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
   k = coconut_configs.get_config(f'{task},cot').coconut
   return k.first_stage_epochs * k.steps_per_epoch
@@ -60,7 +66,7 @@ def starts_from_cot(task: str, method: str) -> bool:
   return method in FROM_COT and text_stage_steps(task) > 0
 
 
-def command(task: str, method: str, seed: int, root: str, overrides=()) -> list[str]:
+def command(task: str, method: str, seed: int, root: str, overrides=(), scale: str = '') -> list[str]:
   """The run's command line: the CoT run keeps every checkpoint (the others start from the one ending its text
   stage); a `FROM_COT` method starts there and trains the rest of the schedule."""
   from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
@@ -68,14 +74,14 @@ def command(task: str, method: str, seed: int, root: str, overrides=()) -> list[
   if method == 'cot':
     extra = ['--config.bootstrap.keep_checkpoints=1000']
   elif starts_from_cot(task, method):
-    c = coconut_configs.get_config(f'{task},{method}')
-    text = text_stage_steps(task)
+    c = coconut_configs.get_config(config_arg(task, method, scale))
+    text = c.coconut.first_stage_epochs * c.coconut.steps_per_epoch
     extra = [f'--config.init_from={workdir(root, task, "cot", seed)}', f'--config.init_checkpoint={text}']
     if method == 'dtt':
       extra.append(f'--config.bootstrap.steps={c.bootstrap.steps - text}')
     else:
       extra.append(f'--config.coconut.start_epoch={c.coconut.first_stage_epochs}')
-  return [sys.executable, '-m', 'dtt_jax.main', f'--config=configs/coconut.py:{task},{method}',
+  return [sys.executable, '-m', 'dtt_jax.main', f'--config=configs/coconut.py:{config_arg(task, method, scale)}',
           f'--workdir={workdir(root, task, method, seed)}', f'--config.seed={seed}', '--config.eval.split=test',
           *extra, *overrides]
 
@@ -90,7 +96,8 @@ def test_metrics(out: str) -> dict | None:
   return None
 
 
-def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int | None = None) -> dict:
+def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int | None = None,
+            scale: str = '') -> dict:
   """Trains and evaluates one run (unless finished), pinned to `cpu` when given; its log next to the workdir, its
   wall time in RUN_FILE."""
   out = workdir(root, task, method, seed)
@@ -102,7 +109,7 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
   if test_metrics(out) is not None and record.get('returncode') == 0:
     return record
   os.makedirs(out, exist_ok=True)
-  cmd = command(task, method, seed, root, overrides)
+  cmd = command(task, method, seed, root, overrides, scale)
   start = time.time()
   with open(out + '.log', 'a') as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -116,7 +123,7 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
   return record
 
 
-def run_all(runs, root: str, overrides=(), jobs: int = 1) -> None:
+def run_all(runs, root: str, overrides=(), jobs: int = 1, scale: str = '') -> None:
   """Every (task, method, seed) of `runs`, `jobs` at a time (each on its own CPU when there are that many), a
   `FROM_COT` run once its CoT run has finished (skipped when that one failed)."""
   cpus = sorted(os.sched_getaffinity(0))
@@ -127,7 +134,7 @@ def run_all(runs, root: str, overrides=(), jobs: int = 1) -> None:
   def job(task, method, seed):
     cpu = slots.get()
     try:
-      return run_one(task, method, seed, root, overrides, cpu)
+      return run_one(task, method, seed, root, overrides, cpu, scale)
     finally:
       slots.put(cpu)
 
@@ -244,6 +251,8 @@ def main(argv=None):
   parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated')
   parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='comma-separated')
   parser.add_argument('--jobs', type=int, default=1, help='runs at a time, each pinned to its own CPU')
+  parser.add_argument('--scale', default='', choices=('', 'long'),
+                      help="the suite's schedule: '' (one 50-step epoch per latent stage) or 'long' (1000 steps)")
   parser.add_argument('--render_only', action='store_true', help='write the report from the runs found')
   args, overrides = parser.parse_known_args(argv)
   tasks, methods = args.tasks.split(','), args.methods.split(',')
@@ -253,7 +262,7 @@ def main(argv=None):
       parser.error(f'{name}: {", ".join(sorted(set(chosen) - set(allowed)))} unknown; expected {", ".join(allowed)}.')
   if not args.render_only:  # task by task, in the order of --tasks: a partial study has whole tasks
     order = sorted(methods, key=lambda m: (m != 'cot', m in FROM_COT))  # CoT first: the others start from it
-    run_all([(t, m, s) for t in tasks for s in seeds for m in order], args.root, overrides, args.jobs)
+    run_all([(t, m, s) for t in tasks for s in seeds for m in order], args.root, overrides, args.jobs, args.scale)
   line = ' '.join(['python -m dtt_jax.eval.study_mini'] + (argv if argv is not None else sys.argv[1:]))
   text = render(args.root, args.output, tasks, methods, seeds, line)
   if os.path.exists(args.notes):
