@@ -69,15 +69,8 @@ def _abstract(tree):
 
 def _bytes(tree, fsdp: int, itemsize: int | None = None) -> int:
   """Bytes on one device of `tree` laid out by the rule table at `fsdp` ways."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = list(np.shape(x))
-    spec = parallel.param_spec(tuple(shape), fsdp)
-    for i, axis in enumerate(spec):
-      if axis is not None:
-        shape[i] //= fsdp
-    total += math.prod(shape) * (itemsize or np.dtype(x.dtype).itemsize)
-  return total
+  return sum(math.prod(parallel.shard_shape(np.shape(x), fsdp)) * (itemsize or np.dtype(x.dtype).itemsize)
+             for x in jax.tree.leaves(tree))
 
 
 def _step_cost(step, state, batch) -> tuple[float, int]:

@@ -80,6 +80,12 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
   return P(*(FSDP_AXIS if i == axis else None for i in range(len(shape))))
 
 
+def shard_shape(shape: tuple[int, ...], fsdp: int) -> tuple[int, ...]:
+  """The shape of one device's shard of an array of `shape` laid out by the rule table at `fsdp` ways."""
+  spec = param_spec(shape, fsdp)
+  return tuple(n // fsdp if i < len(spec) and spec[i] is not None else n for i, n in enumerate(shape))
+
+
 def state_shardings(tree, mesh):
   """NamedShardings of a pytree of arrays or ShapeDtypeStructs (params, optimizer state, a TrainState) by the rule
   table; fsdp = 1: all replicated."""
@@ -114,11 +120,11 @@ def spec_table(tree, mesh) -> str:
 def state_bytes(tree, mesh) -> tuple[int, int]:
   """(bytes per device, bytes replicated) of a pytree: placed arrays by their sharding, others by the rule table."""
   per_device = total = 0
-  for x, planned in zip(jax.tree.leaves(tree), jax.tree.leaves(state_shardings(tree, mesh))):
-    sharding = x.sharding if isinstance(x, jax.Array) else planned
-    itemsize = np.dtype(x.dtype).itemsize
-    per_device += math.prod(sharding.shard_shape(np.shape(x))) * itemsize
-    total += math.prod(np.shape(x)) * itemsize
+  for x in jax.tree.leaves(tree):
+    shape, itemsize = np.shape(x), np.dtype(x.dtype).itemsize
+    shard = x.sharding.shard_shape(shape) if isinstance(x, jax.Array) else shard_shape(shape, mesh.shape[FSDP_AXIS])
+    per_device += math.prod(shard) * itemsize
+    total += math.prod(shape) * itemsize
   return per_device, total
 
 

@@ -179,19 +179,21 @@ def test_paper_settings():
     assert c.generate.max_new_tokens == 128
 
 
-@pytest.mark.parametrize('dataset', coconut_configs.DATASETS)
+@pytest.mark.parametrize('dataset,scale', [(d, '') for d in coconut_configs.DATASETS] +
+                         [(d, 'long') for d in coconut_configs.SUITE])
 @pytest.mark.parametrize('method', coconut_configs.METHODS)
-def test_study_configs_are_valid(dataset, method):
+def test_study_configs_are_valid(dataset, scale, method):
   """Every method of a tiny-scale task gets the same budget (DTT: as bootstrap.steps): docs/study.md's tasks one
   epoch per stage, the final one included; the suite of docs/study_mini.md its text stage, one 50-step epoch per
-  latent stage and 3 of the final stage (addition at 2 digits: 800 + 3 x 50 + 150)."""
-  c = coconut_configs.get_config(f'{dataset},{method}')
+  latent stage (',long': 20) and 3 of the final stage (addition at 2 digits: 800 + 3 x 50 + 150; long:
+  800 + 3 x 1000 + 150)."""
+  c = coconut_configs.get_config(f'{dataset},{method}' + (f',{scale}' if scale else ''))
   pipeline.check_config(c)
   assert c.method == ('coconut' if method == 'coconut_no_curriculum' else method)
   assert c.coconut.curriculum == (method != 'coconut_no_curriculum')
   k = c.coconut
   if dataset in coconut_configs.SUITE:
-    budget = coconut_configs.TEXT_STEPS[dataset] + 50 * (k.max_stage + 3)
+    budget = coconut_configs.TEXT_STEPS[dataset] + 50 * (k.max_stage * (20 if scale else 1) + 3)
   else:
     budget = k.steps_per_epoch * (k.max_stage + 2)
   if method == 'dtt':
@@ -209,8 +211,10 @@ def test_study_configs_are_valid(dataset, method):
 def test_bad_method_and_stage_are_named():
   with pytest.raises(ValueError, match='configs/coconut.py:\'prontoqa,latent\': expected "<dataset>,<method>'):
     coconut_configs.get_config('prontoqa,latent')
-  with pytest.raises(ValueError, match='"dtt" at the tiny scale only'):
+  with pytest.raises(ValueError, match='"dtt" not with "paper"'):
     coconut_configs.get_config('gsm8k,dtt,paper')
+  with pytest.raises(ValueError, match='addition4, prosqa_mini with "long"'):
+    coconut_configs.get_config('prontoqa,coconut,long')
   c = coconut_configs.get_config('prontoqa,cot')
   c.stage = 'grpo'
   with pytest.raises(ValueError, match='config.stage="grpo" does not apply to config.method=\'cot\''):

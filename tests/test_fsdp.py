@@ -115,6 +115,7 @@ def test_rule_table():
   assert parallel.param_spec((8, 64), 4) == P()  # 512 elements
   assert parallel.param_spec((2, 512, 1024), 2) == P(None, None, F)
   assert parallel.param_spec((768, 3072), 1) == P()
+  assert parallel.shard_shape((50257, 768), 4) == (50257, 192) and parallel.shard_shape((99, 25), 4) == (99, 25)
   # A TrainState: the optimizer moments mirror the params; step, key and Adam's count are replicated.
   state = parallel.state_shardings(state_lib.init_state(params, _tx(), seed=0), mesh_of('2x2'))
   assert _spec(state.params['gpt2']['wte']['embedding']) == P(F, None)
@@ -149,6 +150,8 @@ def test_per_device_memory_falls_to_about_one_over_fsdp():
                      if s.device == jax.devices()[0])
     assert per_device == on_device0 and per_device <= 0.3 * total, (per_device, total)
     assert parallel.state_bytes(tree, mesh_of('1')) == (per_device, total)  # placed arrays: by their sharding
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # unplaced: by the rule table
+    assert parallel.state_bytes(abstract, mesh_of('fsdp4')) == (per_device, total)
   for tree in (replicated.params, replicated.opt_state):
     assert parallel.state_bytes(tree, mesh_of('1'))[0] == parallel.state_bytes(tree, mesh_of('1'))[1]
   line = parallel.describe_memory(sharded, mesh_of('fsdp4'))

@@ -52,13 +52,15 @@ def test_latent_methods_start_from_the_cot_runs_text_stage(tmp_path):
   assert study_mini.command('addition2', 'dtt', 1, root)[-3:] == [
       f'--config.init_from={cot_dir}', '--config.init_checkpoint=800', '--config.bootstrap.steps=300']
   assert not any('init_from' in a for a in study_mini.command('addition2', 'no_cot', 1, root))
+  long = study_mini.command('addition2', 'dtt', 1, root, scale='long')  # 800 + 3 x 1000 + 150 steps
+  assert '--config=configs/coconut.py:addition2,dtt,long' in long and long[-1] == '--config.bootstrap.steps=3150'
   assert not study_mini.starts_from_cot('prontoqa', 'coconut')  # docs/study.md's tasks: no text stage
 
 
 def test_runs_wait_for_their_cot_run_and_skip_when_it_failed(tmp_path, monkeypatch):
   started = []
 
-  def fake_run_one(task, method, seed, root, overrides=(), cpu=None):
+  def fake_run_one(task, method, seed, root, overrides=(), cpu=None, scale=''):
     started.append((task, method, seed))
     return {'wall_s': 1.0, 'returncode': 1 if (task, seed) == ('addition3', 0) else 0}
 
