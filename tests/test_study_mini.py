@@ -21,7 +21,7 @@ def _fake_run(root, task, method, seed, accuracy, tokens, wall, stages=(('bootst
 
 
 def test_report_gives_mean_std_tokens_wall_time_and_a_plot(tmp_path):
-  root, out = tmp_path / 'runs', tmp_path / 'docs' / 'study.md'
+  root, out = tmp_path / 'runs', tmp_path / 'docs' / 'study_mini.md'
   for seed, acc in enumerate((0.70, 0.80, 0.90)):
     _fake_run(root, 'addition2', 'cot', seed, acc, 25.0 + seed, 100.0)
   _fake_run(root, 'addition2', 'dtt', 0, 0.5, 12.0, 60.0, stages=(('bootstrap', 500), ('grpo', 20)))
@@ -69,3 +69,18 @@ def test_runs_wait_for_their_cot_run_and_skip_when_it_failed(tmp_path, monkeypat
   study_mini.run_all(runs, str(tmp_path), jobs=2)
   assert started.index(('addition2', 'cot', 0)) < started.index(('addition2', 'coconut', 0))
   assert ('addition3', 'coconut', 0) not in started and len(started) == 5
+
+
+def test_long_scale_reads_and_writes_its_own_files(tmp_path, monkeypatch):
+  """`--scale=long` defaults to runs/study_mini_long -> docs/study_mini_long.md, its plots named after the report
+  (the default scale's study_mini_<task>.png stay apart), with docs/study_mini_long_notes.md appended."""
+  monkeypatch.chdir(tmp_path)
+  _fake_run(tmp_path / 'runs' / 'study_mini_long', 'addition2', 'cot', 0, 0.9, 25.0, 100.0)
+  os.makedirs('docs')
+  with open('docs/study_mini_long_notes.md', 'w') as f:
+    f.write('## notes of the long runs\n')
+  study_mini.main(['--scale=long', '--render_only', '--tasks=addition2', '--methods=cot', '--seeds=0'])
+  text = (tmp_path / 'docs' / 'study_mini_long.md').read_text()
+  assert '| CoT | 90.0 ± 0.0 | 1 |' in text and text.endswith('## notes of the long runs\n')
+  assert sorted(os.listdir('docs')) == ['study_mini_long.md', 'study_mini_long_addition2.png',
+                                        'study_mini_long_notes.md']

@@ -1,8 +1,9 @@
 """The CPU-scale method study (issue #18): every method x task x seed, then `docs/study_mini.md`.
 
-    python -m dtt_jax.eval.study_mini --root=runs/study_mini --output=docs/study_mini.md
+    python -m dtt_jax.eval.study_mini --jobs=2                # runs/study_mini -> docs/study_mini.md
+    python -m dtt_jax.eval.study_mini --jobs=2 --scale=long   # runs/study_mini_long -> docs/study_mini_long.md
 
-Each run is `python -m dtt_jax.main --config=configs/coconut.py:<task>,<method> --config.seed=<seed>
+Each run is `python -m dtt_jax.main --config=configs/coconut.py:<task>,<method>[,long] --config.seed=<seed>
 --config.eval.split=test` in `<root>/<task>/<method>/seed<seed>/`: every method of a task gets the same model, data,
 batch and supervised steps (configs/coconut.py); DTT adds its GRPO steps (stated in the table). The methods that
 leave the text chain (`FROM_COT`: the COCONUT family, iCoT, DTT) start from the same seed's CoT run at the end of
@@ -234,7 +235,7 @@ def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> 
                    f'{steps} | {per_seed} |')
     examples = sorted({r['num_examples'] for (t, _), rows in runs.items() if t == task for r in rows})
     if examples:
-      plot = f'study_mini_{task}.png'
+      plot = f'{os.path.splitext(os.path.basename(output))[0]}_{task}.png'
       plot_task(task, runs, methods, os.path.join(os.path.dirname(output) or '.', plot))
       lines += ['', f'Test examples: {", ".join(map(str, examples))}. ![{task}]({plot})']
     lines.append('')
@@ -243,18 +244,22 @@ def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--root', default='runs/study_mini', help='directory of the <task>/<method>/seed<k> workdirs')
-  parser.add_argument('--output', default='docs/study_mini.md', help='markdown file to write')
-  parser.add_argument('--notes', default='docs/study_mini_notes.md',
-                      help='markdown appended to the report when it exists (the setup and the analysis of the runs)')
+  parser.add_argument('--scale', default='', choices=('', 'long'),
+                      help="the suite's schedule: '' (one 50-step epoch per latent stage) or 'long' (1000 steps)")
+  parser.add_argument('--root', help='directory of the <task>/<method>/seed<k> workdirs (runs/study_mini[_long])')
+  parser.add_argument('--output', help='markdown file to write, its plots beside it (docs/study_mini[_long].md)')
+  parser.add_argument('--notes', help='markdown appended to the report when it exists (the setup and the analysis '
+                      'of the runs; docs/study_mini[_long]_notes.md)')
   parser.add_argument('--tasks', default=','.join(DEFAULT_TASKS), help=f'comma-separated, of {",".join(TASKS)}')
   parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated')
   parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='comma-separated')
   parser.add_argument('--jobs', type=int, default=1, help='runs at a time, each pinned to its own CPU')
-  parser.add_argument('--scale', default='', choices=('', 'long'),
-                      help="the suite's schedule: '' (one 50-step epoch per latent stage) or 'long' (1000 steps)")
   parser.add_argument('--render_only', action='store_true', help='write the report from the runs found')
   args, overrides = parser.parse_known_args(argv)
+  name = 'study_mini' + (f'_{args.scale}' if args.scale else '')
+  args.root = args.root or os.path.join('runs', name)
+  args.output = args.output or os.path.join('docs', f'{name}.md')
+  args.notes = args.notes or os.path.join('docs', f'{name}_notes.md')
   tasks, methods = args.tasks.split(','), args.methods.split(',')
   seeds = [int(s) for s in args.seeds.split(',')]
   for name, chosen, allowed in (('--tasks', tasks, TASKS), ('--methods', methods, METHODS)):
