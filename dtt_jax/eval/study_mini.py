@@ -118,7 +118,7 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
       os.sched_setaffinity(proc.pid, {cpu})  # before it starts its thread pools
     returncode = proc.wait()
   record = {'wall_s': record['wall_s'] + time.time() - start, 'attempts': record['attempts'] + 1,
-            'command': ' '.join(cmd[1:]), 'returncode': returncode, 'cpus': 1 if cpu is not None else os.cpu_count()}
+            'command': ' '.join(cmd[1:]), 'returncode': returncode, 'cpus': 1 if cpu is not None else len(os.sched_getaffinity(0))}
   with open(record_path, 'w') as f:
     json.dump(record, f, indent=2)
   return record
