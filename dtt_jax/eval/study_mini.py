@@ -117,8 +117,9 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
     if cpu is not None:
       os.sched_setaffinity(proc.pid, {cpu})  # before it starts its thread pools
     returncode = proc.wait()
+  cpus = 1 if cpu is not None else len(os.sched_getaffinity(0))
   record = {'wall_s': record['wall_s'] + time.time() - start, 'attempts': record['attempts'] + 1,
-            'command': ' '.join(cmd[1:]), 'returncode': returncode, 'cpus': 1 if cpu is not None else len(os.sched_getaffinity(0))}
+            'command': ' '.join(cmd[1:]), 'returncode': returncode, 'cpus': cpus}
   with open(record_path, 'w') as f:
     json.dump(record, f, indent=2)
   return record
