@@ -11,9 +11,10 @@ addition), one per stage. The study suite of docs/study_mini.md (`_suite_schedul
 'addition4' (seed 002's carry steps at exactly 2, 3 or 4 digits, K = digits + 1) and 'prosqa_mini' (ProsQA's
 generator on graphs of at most `generators.PROSQA_MINI_NODES` = 8 nodes, answer paths of 2 or more steps, K = 3),
 with disjoint train / valid / test splits: d = 64, lr 3e-3, epochs of 50 steps, a text stage of `TEXT_STEPS`, one
-epoch per latent stage (`,long`: `LONG_STAGE_EPOCHS`) and `FINAL_EPOCHS` of the final one. iCoT removes one CoT token every `removal_interval`
-steps, from the end of the text stage (suite) or the first step, chosen so that the longest CoT of the training
-records (`ICOT_LONGEST`) is gone when the final stage of the others starts.
+epoch per latent stage (`,long`: `LONG_STAGE_EPOCHS`, docs/study_mini_long.md) and `FINAL_EPOCHS` of the final
+one. iCoT removes one CoT token every `removal_interval` steps, from the end of the text stage (suite) or the first
+step, chosen so that the longest CoT of the training records (`ICOT_LONGEST`) is gone when the final stage of the
+others starts.
 
     python -m dtt_jax.main --config=configs/coconut.py:prontoqa,coconut --workdir=runs/prontoqa_coconut
 
