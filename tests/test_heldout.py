@@ -57,6 +57,7 @@ def test_path_is_evaluated_and_names_the_output(tmp_path):
   name, records = heldout.eval_records(c, valid=[])
   assert name == 'my_probe' and len(records) == 3
   assert heldout.output_dir('/w', name, 'grpo') == '/w/eval/my_probe/grpo'
+  assert heldout.output_dir('/w', 'test', 'bootstrap', 'latest') == '/w/eval/test@latest/bootstrap'
 
 
 def test_bad_eval_settings_are_named():

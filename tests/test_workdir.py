@@ -198,6 +198,11 @@ def test_evaluation_interrupted_reruns_to_the_same_report(finished, tmp_path):
   _run(reference, stage='eval')
   reports = _eval_reports(workdir)
   assert list(reports) == ['test/bootstrap/metrics.json'] and reports == _eval_reports(reference)
+  _run(workdir, '--config.eval.checkpoint=2', stage='eval')  # beside the best's report, which stays
+  best, reports = reports, _eval_reports(workdir)
+  assert sorted(reports) == ['test/bootstrap/metrics.json', 'test@2/bootstrap/metrics.json']
+  assert reports['test@2/bootstrap/metrics.json']['step'] == 2
+  assert reports['test/bootstrap/metrics.json'] == best['test/bootstrap/metrics.json']
 
 
 def _eval_reports(workdir) -> dict[str, dict]:

@@ -6,9 +6,10 @@
   sample of them; beyond 3 digits `eval.size` problems generated from the bucket; a generated test split is the same
   for every `config.seed`, which changes the training data and initialisation only). Repeated questions are dropped
   (the first is kept), then the first `eval.size` records are taken (0: all).
-* Reports: `<workdir>/eval/<split or file name>/<stage>/` (`report.write_report`). Every row carries the example's
-  `id` (a hash of its question, `compare.example_id`), the `stage`, the checkpoint `step`, the `split` and a hash of
-  the config, so rows of two runs join by id (`python -m dtt_jax.eval.compare`).
+* Reports: `<workdir>/eval/<split or file name>/<stage>/` (`report.write_report`); an `eval.checkpoint` other than
+  'best' in `<split or file name>@<checkpoint>/`. Every row carries the example's `id` (a hash of its question,
+  `compare.example_id`), the `stage`, the checkpoint `step`, the `split` and a hash of the config, so rows of two
+  runs join by id (`python -m dtt_jax.eval.compare`).
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def config_hash(config) -> str:
   return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:12]
 
 
-def output_dir(workdir: str, name: str, stage: str) -> str:
-  return os.path.join(workdir, 'eval', name, stage)
+def output_dir(workdir: str, name: str, stage: str, checkpoint='best') -> str:
+  """`<workdir>/eval/<name>/<stage>`; another `eval.checkpoint` than 'best' reports in `<name>@<checkpoint>`
+  (`test@latest`, `test@800`), beside the best's report."""
+  return os.path.join(workdir, 'eval', name if str(checkpoint) == 'best' else f'{name}@{checkpoint}', stage)
 
 
 def stamp(rows: list[dict], **fields) -> list[dict]:

@@ -124,7 +124,7 @@ def make_validate(exp: base.Experiment, graphdef, stage_at):
 def run_eval(exp: base.Experiment) -> dict[str, float]:
   """Evaluation of the bootstrap checkpoint `config.eval.checkpoint` (best on validation by default) at the
   curriculum stage it was trained at, on the records of `config.eval`; reports (metrics, rows with latent lens, gate
-  plot) in `<workdir>/eval/<split or file>/bootstrap/`."""
+  plot) in `heldout.output_dir`."""
   c = exp.config
   step, why = base.stage_checkpoint(exp, 'bootstrap', c.eval.checkpoint)
   graphdef, params = base.stage_params(exp, 'bootstrap', str(step))
@@ -140,7 +140,7 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
   metrics = {**info, 'checkpoint': why, 'curriculum_stage': stage, 'answer_match': c.coconut.answer_match,
              'num_examples': len(rows), **metrics}
   if jax.process_index() == 0:
-    out = heldout.output_dir(exp.workdir, name, 'bootstrap')
+    out = heldout.output_dir(exp.workdir, name, 'bootstrap', c.eval.checkpoint)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
       json.dump(metrics, f, indent=2)

@@ -164,7 +164,7 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
                                                  for r in result.rows[:64]])
     writer.close()
     if jax.process_index() == 0:
-      paths = report.write_report(result, heldout.output_dir(exp.workdir, name, stage),
+      paths = report.write_report(result, heldout.output_dir(exp.workdir, name, stage, c.eval.checkpoint),
                                   {**info, 'checkpoint': why, 'tau': tau})
       log.info('Evaluation of %s step %d (%s) on %s, %d examples: %s. Reports: %s', stage, step, why, name,
                len(result.rows), result.metrics, os.path.dirname(paths['metrics.json']))
