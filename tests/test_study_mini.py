@@ -6,12 +6,17 @@ import os
 from dtt_jax.eval import study_mini
 
 
-def _fake_run(root, task, method, seed, accuracy, tokens, wall, stages=(('bootstrap', 500),)):
+def _fake_run(root, task, method, seed, accuracy, tokens, wall, stages=(('bootstrap', 500),), final=None):
+  """A finished run's files; `final`: (accuracy, tokens) of its last checkpoint's report."""
   out = study_mini.workdir(str(root), task, method, seed)
+  if final:
+    os.makedirs(os.path.join(out, 'eval', study_mini.FINAL_SPLIT, 'bootstrap'))
+    with open(os.path.join(out, 'eval', study_mini.FINAL_SPLIT, 'bootstrap', 'metrics.json'), 'w') as f:
+      json.dump({'accuracy': final[0], 'generated_tokens': final[1], 'num_examples': 414}, f)
   for stage, step in stages:
-    os.makedirs(os.path.join(out, stage, 'checkpoints', str(step)))
+    os.makedirs(os.path.join(out, stage, 'checkpoints', str(step)), exist_ok=True)
   last = stages[-1][0]
-  os.makedirs(os.path.join(out, 'eval', 'test', last))
+  os.makedirs(os.path.join(out, 'eval', 'test', last), exist_ok=True)
   metric = {'accuracy': accuracy, 'num_examples': 414,
             ('completion_tokens' if method == 'dtt' else 'generated_tokens'): tokens}
   with open(os.path.join(out, 'eval', 'test', last, 'metrics.json'), 'w') as f:
@@ -25,12 +30,15 @@ def test_report_gives_mean_std_tokens_wall_time_and_a_plot(tmp_path):
   for seed, acc in enumerate((0.70, 0.80, 0.90)):
     _fake_run(root, 'addition2', 'cot', seed, acc, 25.0 + seed, 100.0)
   _fake_run(root, 'addition2', 'dtt', 0, 0.5, 12.0, 60.0, stages=(('bootstrap', 500), ('grpo', 20)))
+  for seed, final in enumerate(((0.5, 3.0), (0.7, 3.0))):  # best on validation: a CoT-length checkpoint
+    _fake_run(root, 'addition2', 'icot', seed, 0.9, 25.0, 50.0, final=final)
   os.makedirs(out.parent)
-  text = study_mini.render(str(root), str(out), ['addition2'], ['no_cot', 'cot', 'dtt'], [0, 1, 2], 'cmd')
+  text = study_mini.render(str(root), str(out), ['addition2'], ['no_cot', 'cot', 'icot', 'dtt'], [0, 1, 2], 'cmd')
+  assert '| iCoT | 90.0 ± 0.0 | 2 | 25.0 | 50 | 800 (CoT) + 500 | 90.0, 90.0 | 60.0 ± 14.1 / 3.0 (n=2) |' in text
   assert '| CoT | 80.0 ± 10.0 | 3 | 26.0 | 100 | 500 | 70.0, 80.0, 90.0 |' in text
   assert '| DTT (bootstrap + GRPO) | 50.0 ± 0.0 | 1 | 12.0 | 60 | 800 (CoT) + 500 + 20 GRPO | 50.0 |' in text
   assert '| No-CoT | not run | 0 |' in text
-  assert 'Runs found: 4 of 9' in text and 'total wall time (training + evaluation, one run at a time): 6.0 min' in text
+  assert 'Runs found: 6 of 12' in text and 'total wall time (training + evaluation, one run at a time): 7.7 min' in text
   assert os.path.getsize(out.parent / 'study_mini_addition2.png') > 0
 
 
@@ -38,6 +46,23 @@ def test_a_finished_run_is_not_run_again(tmp_path, monkeypatch):
   _fake_run(tmp_path, 'addition2', 'cot', 0, 0.7, 25.0, 100.0)
   monkeypatch.setattr(study_mini.subprocess, 'Popen', lambda *a, **k: (_ for _ in ()).throw(AssertionError('ran')))
   assert study_mini.run_one('addition2', 'cot', 0, str(tmp_path))['wall_s'] == 100.0
+
+
+def test_a_finished_curriculum_run_gets_its_last_checkpoint_scored_once(tmp_path, monkeypatch):
+  _fake_run(tmp_path, 'addition2', 'coconut', 0, 0.8, 8.0, 100.0)
+  ran = []
+
+  def fake_execute(cmd, out, cpu):
+    ran.append(cmd)
+    _fake_run(tmp_path, 'addition2', 'coconut', 0, 0.8, 8.0, 100.0, final=(0.7, 8.0))
+    return 0, 5.0
+
+  monkeypatch.setattr(study_mini, '_execute', fake_execute)
+  assert study_mini.run_one('addition2', 'coconut', 0, str(tmp_path))['wall_s'] == 105.0
+  assert len(ran) == 1 and ran[0][-2:] == ['--config.stage=eval', '--config.eval.checkpoint=latest']
+  assert ran[0][:-2] == study_mini.command('addition2', 'coconut', 0, str(tmp_path))
+  study_mini.run_one('addition2', 'coconut', 0, str(tmp_path))
+  assert len(ran) == 1  # scored: not again
 
 
 def test_latent_methods_start_from_the_cot_runs_text_stage(tmp_path):

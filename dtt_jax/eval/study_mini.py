@@ -41,6 +41,10 @@ LABELS = {'cot': 'CoT', 'no_cot': 'No-CoT', 'icot': 'iCoT', 'pause': 'Pause toke
           'pause_as_thought': 'Pause as thought', 'coconut_no_curriculum': 'COCONUT w/o curriculum',
           'coconut_no_thought': 'COCONUT w/o thought', 'coconut': 'COCONUT', 'dtt': 'DTT (bootstrap + GRPO)'}
 FROM_COT = ('icot', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_thought', 'coconut', 'dtt')
+# Their layout changes over training, so the checkpoint best on validation may be an earlier stage's: their last
+# checkpoint (the final stage, every step latent or removed) is scored too, in eval/test@latest/.
+FINAL_LAYOUT = ('icot', 'pause_as_thought', 'coconut_no_thought', 'coconut')
+FINAL_SPLIT = 'test@latest'
 SEEDS = (0, 1, 2)
 RUN_FILE = 'study_run.json'  # {wall_s, attempts, command, returncode}
 
@@ -87,39 +91,48 @@ def command(task: str, method: str, seed: int, root: str, overrides=(), scale: s
           *extra, *overrides]
 
 
-def test_metrics(out: str) -> dict | None:
-  """The test-split metrics of a finished run (DTT: its last stage), None before its evaluation."""
+def test_metrics(out: str, split: str = 'test') -> dict | None:
+  """The test-split metrics of a finished run (DTT: its last stage), None before its evaluation; `split`
+  'test@latest': those of its last checkpoint (`FINAL_LAYOUT`)."""
   for stage in ('grpo', 'bootstrap'):
-    path = os.path.join(out, 'eval', 'test', stage, 'metrics.json')
+    path = os.path.join(out, 'eval', split, stage, 'metrics.json')
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f)
   return None
 
 
+def _execute(cmd: list[str], out: str, cpu: int | None) -> tuple[int, float]:
+  """(exit code, seconds) of `cmd`, pinned to `cpu` when given, its output appended to `<out>.log`."""
+  start = time.time()
+  with open(out + '.log', 'a') as log:
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if cpu is not None:
+      os.sched_setaffinity(proc.pid, {cpu})  # before it starts its thread pools
+    return proc.wait(), time.time() - start
+
+
 def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int | None = None,
             scale: str = '') -> dict:
-  """Trains and evaluates one run (unless finished), pinned to `cpu` when given; its log next to the workdir, its
-  wall time in RUN_FILE."""
+  """Trains and evaluates one run (unless finished), pinned to `cpu` when given, then (`FINAL_LAYOUT`) scores its
+  last checkpoint too; its log next to the workdir, its wall time in RUN_FILE."""
   out = workdir(root, task, method, seed)
   record_path = os.path.join(out, RUN_FILE)
   record = {'wall_s': 0.0, 'attempts': 0}
   if os.path.exists(record_path):
     with open(record_path) as f:
       record = json.load(f)
-  if test_metrics(out) is not None and record.get('returncode') == 0:
-    return record
-  os.makedirs(out, exist_ok=True)
   cmd = command(task, method, seed, root, overrides, scale)
-  start = time.time()
-  with open(out + '.log', 'a') as log:
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if cpu is not None:
-      os.sched_setaffinity(proc.pid, {cpu})  # before it starts its thread pools
-    returncode = proc.wait()
-  cpus = 1 if cpu is not None else len(os.sched_getaffinity(0))
-  record = {'wall_s': record['wall_s'] + time.time() - start, 'attempts': record['attempts'] + 1,
-            'command': ' '.join(cmd[1:]), 'returncode': returncode, 'cpus': cpus}
+  if test_metrics(out) is None or record.get('returncode') != 0:
+    os.makedirs(out, exist_ok=True)
+    returncode, seconds = _execute(cmd, out, cpu)
+    record = {'wall_s': record['wall_s'] + seconds, 'attempts': record['attempts'] + 1,
+              'command': ' '.join(cmd[1:]), 'returncode': returncode,
+              'cpus': 1 if cpu is not None else len(os.sched_getaffinity(0))}
+  if record['returncode'] == 0 and method in FINAL_LAYOUT and test_metrics(out, FINAL_SPLIT) is None:
+    final = cmd + ['--config.stage=eval', '--config.eval.checkpoint=latest']
+    returncode, seconds = _execute(final, out, cpu)
+    record.update(wall_s=record['wall_s'] + seconds, final_command=' '.join(final[1:]), returncode=returncode)
   with open(record_path, 'w') as f:
     json.dump(record, f, indent=2)
   return record
@@ -163,7 +176,8 @@ def run_all(runs, root: str, overrides=(), jobs: int = 1, scale: str = '') -> No
 
 
 def collect(root: str, tasks, methods, seeds) -> dict:
-  """{(task, method): [{seed, accuracy, tokens, wall_s, steps, grpo_steps}, ...]} of the finished runs."""
+  """{(task, method): [{seed, accuracy, tokens, wall_s, steps, grpo_steps, final_accuracy, final_tokens}, ...]} of
+  the finished runs (final_*: the last checkpoint's, `FINAL_LAYOUT`, else None)."""
   found = {}
   for task in tasks:
     for method in methods:
@@ -177,8 +191,10 @@ def collect(root: str, tasks, methods, seeds) -> dict:
           record = json.load(f)
         tokens = m['generated_tokens'] if 'generated_tokens' in m else m['completion_tokens']
         trained = {stage: (checkpoint_steps(os.path.join(out, stage)) or [0])[-1] for stage in ('bootstrap', 'grpo')}
+        final = test_metrics(out, FINAL_SPLIT) or {}
         rows.append({'seed': seed, 'accuracy': m['accuracy'], 'tokens': tokens, 'wall_s': record['wall_s'],
-                     'num_examples': m['num_examples'], 'steps': trained['bootstrap'], 'grpo_steps': trained['grpo']})
+                     'num_examples': m['num_examples'], 'steps': trained['bootstrap'], 'grpo_steps': trained['grpo'],
+                     'final_accuracy': final.get('accuracy'), 'final_tokens': final.get('generated_tokens')})
       if rows:
         found[task, method] = rows
   return found
@@ -187,6 +203,13 @@ def collect(root: str, tasks, methods, seeds) -> dict:
 def _mean_std(values) -> tuple[float, float]:
   values = np.asarray(values, float)
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def _final_point(rows) -> tuple[float, float, float, float]:
+  """(accuracy %, its std, tokens, their std) of the runs' last checkpoints."""
+  acc, acc_std = _mean_std([100 * r['final_accuracy'] for r in rows])
+  tok, tok_std = _mean_std([r['final_tokens'] for r in rows])
+  return acc, acc_std, tok, tok_std
 
 
 def plot_task(task: str, runs: dict, methods, path: str) -> None:
@@ -202,6 +225,11 @@ def plot_task(task: str, runs: dict, methods, path: str) -> None:
     ax.errorbar(tok, acc, xerr=tok_std, yerr=acc_std, fmt='o', capsize=3, color=f'C{i}',
                 label=f'{LABELS[method]} (n={len(rows)})')
     ax.scatter([r['tokens'] for r in rows], [100 * r['accuracy'] for r in rows], s=8, color=f'C{i}', alpha=0.4)
+    final = [r for r in rows if r['final_accuracy'] is not None]
+    if final:  # the last checkpoint (final stage): an open marker
+      f_acc, f_acc_std, f_tok, f_tok_std = _final_point(final)
+      ax.errorbar(f_tok, f_acc, xerr=f_tok_std, yerr=f_acc_std, fmt='o', mfc='none', capsize=3, color=f'C{i}',
+                  label=f'{LABELS[method]}, last checkpoint')
   ax.set(xlabel='generated tokens (mean over the test split)', ylabel='test accuracy (%)', title=task)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc='best')
@@ -219,21 +247,27 @@ def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> 
            f'time (training + evaluation, one run at a time): {total / 60:.1f} min.', '']
   for task in tasks:
     lines += [f'### {task}', '',
-              '| Method | test acc. (%) mean ± std | n | # tokens | wall (s) | steps | per seed (%) |',
-              '|---|---|---|---|---|---|---|']
+              '| Method | test acc. (%) mean ± std | n | # tokens | wall (s) | steps | per seed (%) | '
+              'last checkpoint: acc. (%) / # tokens |',
+              '|---|---|---|---|---|---|---|---|']
     for method in methods:
       rows = runs.get((task, method))
       if not rows:
-        lines.append(f'| {LABELS[method]} | not run | 0 | | | | |')
+        lines.append(f'| {LABELS[method]} | not run | 0 | | | | | |')
         continue
       acc, acc_std = _mean_std([100 * r['accuracy'] for r in rows])
       steps = f'{rows[0]["steps"]}' + (f' + {rows[0]["grpo_steps"]} GRPO' if rows[0]['grpo_steps'] else '')
       if starts_from_cot(task, method):
         steps = f'{text_stage_steps(task)} (CoT) + {steps}'
       per_seed = ', '.join(f'{100 * r["accuracy"]:.1f}' for r in rows)
+      final = [r for r in rows if r['final_accuracy'] is not None]
+      last = ''
+      if final:
+        f_acc, f_std, f_tok, _ = _final_point(final)
+        last = f'{f_acc:.1f} ± {f_std:.1f} / {f_tok:.1f} (n={len(final)})'
       lines.append(f'| {LABELS[method]} | {acc:.1f} ± {acc_std:.1f} | {len(rows)} | '
                    f'{np.mean([r["tokens"] for r in rows]):.1f} | {np.mean([r["wall_s"] for r in rows]):.0f} | '
-                   f'{steps} | {per_seed} |')
+                   f'{steps} | {per_seed} | {last} |')
     examples = sorted({r['num_examples'] for (t, _), rows in runs.items() if t == task for r in rows})
     if examples:
       plot = f'{os.path.splitext(os.path.basename(output))[0]}_{task}.png'
