@@ -73,9 +73,10 @@ def _bytes(tree, fsdp: int, itemsize: int | None = None) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _step_cost(step, state, batch) -> tuple[float, int]:
-  """(FLOPs, temporary bytes) of a jitted step compiled for abstract `state` and `batch` on one device."""
-  compiled = step.lower(state, batch, *([jnp.float32(1.0)] if isinstance(batch, dict) else [])).compile()
+def _step_cost(step, state, args) -> tuple[float, int]:
+  """(FLOPs, temporary bytes) of a jitted step compiled for abstract `state` and the step's other `args` on one
+  device."""
+  compiled = step.lower(state, *args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
@@ -108,13 +109,14 @@ def _abstract_model(c, m, vocab):
 
 
 def _step_costs(c, m, vocab, steps) -> list[tuple[float, int]]:
-  """[(FLOPs, temporary bytes)] of each (optimizer, make_step, batch) of `steps` on model `m`, one device."""
+  """[(FLOPs, temporary bytes)] of each (optimizer, make_step, step arguments after the state) of `steps` on
+  model `m`, one device."""
   graphdef, params = _abstract_model(c, m, vocab)
   mesh = parallel.make_mesh(1)
   out = []
-  for tx, make_step, batch in steps:
+  for tx, make_step, args in steps:
     state = jax.eval_shape(lambda p, tx=tx: state_lib.init_state(p, tx, seed=c.seed), params)
-    out.append(_step_cost(make_step(graphdef, tx, mesh), state, batch))
+    out.append(_step_cost(make_step(graphdef, tx, mesh), state, args))
   return out
 
 
@@ -142,9 +144,10 @@ def estimate(c, compile_steps: bool = True) -> tuple[str, int, list[StepMemory]]
   completions = max(g.prompts_per_step * g.num_generations // num_devices, 1)
   boot_tx = dtt_method.bootstrap_optimizer(c)
   grpo_tx = grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora')))
-  specs = [(boot_tx, lambda gd, tx, mesh: bootstrap.make_train_step(gd, tx, loss_cfg, mesh, 1), boot_batch),
+  specs = [(boot_tx, lambda gd, tx, mesh: bootstrap.make_train_step(gd, tx, loss_cfg, mesh, 1),
+            (boot_batch, jnp.float32(1.0))),  # the batch and the gate temperature tau
            (grpo_tx, lambda gd, tx, mesh: grpo.make_grpo_step(gd, tx, cfg, mesh),
-            _rollout_batch(completions, p, g.max_new_tokens, m.n_embd))]
+            (_rollout_batch(completions, p, g.max_new_tokens, m.n_embd),))]
   if not compile_steps:
     costs = [(0.0, 0)] * len(specs)
   elif m.n_layer <= 2:
