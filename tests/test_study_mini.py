@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from dtt_jax.eval import study_mini
 
 
@@ -96,7 +98,7 @@ def test_runs_wait_for_their_cot_run_and_skip_when_it_failed(tmp_path, monkeypat
   assert ('addition3', 'coconut', 0) not in started and len(started) == 5
 
 
-def test_long_scale_reads_and_writes_its_own_files(tmp_path, monkeypatch):
+def test_long_scale_reads_and_writes_its_own_files(tmp_path, monkeypatch, capsys):
   """`--scale=long` defaults to runs/study_mini_long -> docs/study_mini_long.md, its plots named after the report
   (the default scale's study_mini_<task>.png stay apart), with docs/study_mini_long_notes.md appended."""
   monkeypatch.chdir(tmp_path)
@@ -109,3 +111,7 @@ def test_long_scale_reads_and_writes_its_own_files(tmp_path, monkeypatch):
   assert '| CoT | 90.0 ± 0.0 | 1 |' in text and text.endswith('## notes of the long runs\n')
   assert sorted(os.listdir('docs')) == ['study_mini_long.md', 'study_mini_long_addition2.png',
                                         'study_mini_long_notes.md']
+  with pytest.raises(SystemExit):  # the long schedule exists for the suite's tasks only
+    study_mini.main(['--scale=long', '--render_only', '--tasks=prontoqa'])
+  assert '--scale=long: the suite tasks only (addition2, addition3, addition4, prosqa_mini); got --tasks=prontoqa.' \
+      in capsys.readouterr().err

@@ -300,6 +300,8 @@ def main(argv=None):
   for name, chosen, allowed in (('--tasks', tasks, TASKS), ('--methods', methods, METHODS)):
     if set(chosen) - set(allowed):
       parser.error(f'{name}: {", ".join(sorted(set(chosen) - set(allowed)))} unknown; expected {", ".join(allowed)}.')
+  if args.scale and set(tasks) - set(DEFAULT_TASKS):
+    parser.error(f'--scale={args.scale}: the suite tasks only ({", ".join(DEFAULT_TASKS)}); got --tasks={args.tasks}.')
   if not args.render_only:  # task by task, in the order of --tasks: a partial study has whole tasks
     order = sorted(methods, key=lambda m: (m != 'cot', m in FROM_COT))  # CoT first: the others start from it
     run_all([(t, m, s) for t in tasks for s in seeds for m in order], args.root, overrides, args.jobs, args.scale)
