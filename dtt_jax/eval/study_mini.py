@@ -217,7 +217,7 @@ def plot_task(task: str, runs: dict, methods, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  fig, ax = plt.subplots(figsize=(9.5, 4.5))
   for i, method in enumerate(m for m in methods if (task, m) in runs):
     rows = runs[task, method]
     acc, acc_std = _mean_std([100 * r['accuracy'] for r in rows])
@@ -232,7 +232,7 @@ def plot_task(task: str, runs: dict, methods, path: str) -> None:
                   label=f'{LABELS[method]}, last checkpoint')
   ax.set(xlabel='generated tokens (mean over the test split)', ylabel='test accuracy (%)', title=task)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='best')
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1))  # beside the axes: no point hidden
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
