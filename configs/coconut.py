@@ -47,7 +47,7 @@ METHODS = ('coconut', 'coconut_no_curriculum', 'coconut_no_thought', 'pause_as_t
 SUITE = ('addition2', 'addition3', 'addition4', 'prosqa_mini')  # the CPU study (docs/study_mini.md)
 TEXT_STEPS = {'addition2': 800, 'addition3': 1200, 'addition4': 1600, 'prosqa_mini': 1000}  # stage 0, the text CoT
 FINAL_EPOCHS = 3  # of the final stage
-LONG_STAGE_EPOCHS = 20  # ',long': 1000 steps per latent stage (docs/study_mini_notes.md: 50 are too few)
+LONG_STAGE_EPOCHS = 20  # ',long': 1000 steps per latent stage (docs/study_mini_long.md: 50 are too few)
 STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # start at `start_epoch` (GSM8K: 3)
 # Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
 ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
@@ -110,7 +110,7 @@ def _paper(dataset: str, method: str):
 
 def _suite_schedule(c, dataset: str, stage_epochs: int) -> None:
   """The study suite (docs/study_mini.md): GPT-2 with 2 layers, d = 64, lr 3e-3; epochs of 50 steps; a text stage
-  (stage 0, CoT) of `TEXT_STEPS` in which CoT learns the task, then one epoch per latent stage 1..K and
+  (stage 0, CoT) of `TEXT_STEPS` in which CoT learns the task, then `stage_epochs` per latent stage 1..K and
   `FINAL_EPOCHS` of the final stage (every step latent). Every method trains that many steps; the study starts the
   latent methods from the CoT run's checkpoint at the end of the text stage (`--config.init_from`,
   `init_checkpoint`, `coconut.start_epoch`: the paper's GSM8K recipe), which that run shares with them. No
