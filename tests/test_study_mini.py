@@ -5,15 +5,15 @@ import os
 
 import pytest
 
-from dtt_jax.eval import study_mini
+from dtt_jax.eval import heldout, study_mini
 
 
 def _fake_run(root, task, method, seed, accuracy, tokens, wall, stages=(('bootstrap', 500),), final=None):
   """A finished run's files; `final`: (accuracy, tokens) of its last checkpoint's report."""
   out = study_mini.workdir(str(root), task, method, seed)
   if final:
-    os.makedirs(os.path.join(out, 'eval', study_mini.FINAL_SPLIT, 'bootstrap'))
-    with open(os.path.join(out, 'eval', study_mini.FINAL_SPLIT, 'bootstrap', 'metrics.json'), 'w') as f:
+    os.makedirs(heldout.output_dir(out, 'test', 'bootstrap', 'latest'))
+    with open(os.path.join(heldout.output_dir(out, 'test', 'bootstrap', 'latest'), 'metrics.json'), 'w') as f:
       json.dump({'accuracy': final[0], 'generated_tokens': final[1], 'num_examples': 414}, f)
   for stage, step in stages:
     os.makedirs(os.path.join(out, stage, 'checkpoints', str(step)), exist_ok=True)

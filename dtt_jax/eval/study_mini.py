@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from dtt_jax.eval import heldout
 from dtt_jax.workdir import checkpoint_steps
 
 TASKS = ('addition2', 'addition3', 'addition4', 'prosqa_mini', 'prontoqa', 'prosqa')
@@ -44,7 +45,6 @@ FROM_COT = ('icot', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_tho
 # Their layout changes over training, so the checkpoint best on validation may be an earlier stage's: their last
 # checkpoint (the final stage, every step latent or removed) is scored too, in eval/test@latest/.
 FINAL_LAYOUT = ('icot', 'pause_as_thought', 'coconut_no_thought', 'coconut')
-FINAL_SPLIT = 'test@latest'
 SEEDS = (0, 1, 2)
 RUN_FILE = 'study_run.json'  # {wall_s, attempts, command, returncode}
 
@@ -91,11 +91,11 @@ def command(task: str, method: str, seed: int, root: str, overrides=(), scale: s
           *extra, *overrides]
 
 
-def test_metrics(out: str, split: str = 'test') -> dict | None:
-  """The test-split metrics of a finished run (DTT: its last stage), None before its evaluation; `split`
-  'test@latest': those of its last checkpoint (`FINAL_LAYOUT`)."""
+def test_metrics(out: str, checkpoint: str = 'best') -> dict | None:
+  """The test-split metrics of a finished run (DTT: its last stage), None before its evaluation; `checkpoint`
+  'latest': those of its last checkpoint (`FINAL_LAYOUT`)."""
   for stage in ('grpo', 'bootstrap'):
-    path = os.path.join(out, 'eval', split, stage, 'metrics.json')
+    path = os.path.join(heldout.output_dir(out, 'test', stage, checkpoint), 'metrics.json')
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f)
@@ -129,7 +129,7 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
     record = {'wall_s': record['wall_s'] + seconds, 'attempts': record['attempts'] + 1,
               'command': ' '.join(cmd[1:]), 'returncode': returncode,
               'cpus': 1 if cpu is not None else len(os.sched_getaffinity(0))}
-  if record['returncode'] == 0 and method in FINAL_LAYOUT and test_metrics(out, FINAL_SPLIT) is None:
+  if record['returncode'] == 0 and method in FINAL_LAYOUT and test_metrics(out, 'latest') is None:
     final = cmd + ['--config.stage=eval', '--config.eval.checkpoint=latest']
     returncode, seconds = _execute(final, out, cpu)
     record.update(wall_s=record['wall_s'] + seconds, final_command=' '.join(final[1:]), returncode=returncode)
@@ -191,7 +191,7 @@ def collect(root: str, tasks, methods, seeds) -> dict:
           record = json.load(f)
         tokens = m['generated_tokens'] if 'generated_tokens' in m else m['completion_tokens']
         trained = {stage: (checkpoint_steps(os.path.join(out, stage)) or [0])[-1] for stage in ('bootstrap', 'grpo')}
-        final = test_metrics(out, FINAL_SPLIT) or {}
+        final = test_metrics(out, 'latest') or {}
         rows.append({'seed': seed, 'accuracy': m['accuracy'], 'tokens': tokens, 'wall_s': record['wall_s'],
                      'num_examples': m['num_examples'], 'steps': trained['bootstrap'], 'grpo_steps': trained['grpo'],
                      'final_accuracy': final.get('accuracy'), 'final_tokens': final.get('generated_tokens')})
