@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 
@@ -19,6 +20,20 @@ def to_python(metrics: Mapping) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it is installed only to
+  accept torch tensors (seconds per process; this writer logs floats)."""
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError while tensorboardX is imported
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
   """`write(step, {'train/loss': ...})` appends a JSON line to `<workdir>/metrics.jsonl` and logs to TensorBoard
   (`<workdir>/tensorboard`); with `wandb_cfg.enabled` also to Weights & Biases (mode from `wandb_cfg.mode`,
@@ -31,8 +46,7 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = _summary_writer_class()(os.path.join(workdir, 'tensorboard'))
     if wandb_cfg is not None and wandb_cfg.get('enabled', False):
       import wandb  # pylint: disable=g-import-not-at-top
       self._wandb = wandb.init(project=wandb_cfg.get('project', 'dtt_jax'), mode=wandb_cfg.get('mode', 'offline'),

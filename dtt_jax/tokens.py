@@ -90,7 +90,8 @@ def load_tokenizer(name_or_dir: str = DEFAULT_TOKENIZER):
   `len(tokenizer)` + k; kept where it already has them last, as a dtt_jax export has), its own eos, its pad (eos
   when it has none); `full_vocab` of it is its `Vocab`.
   """
-  from transformers import AutoTokenizer, GPT2TokenizerFast  # pylint: disable=g-import-not-at-top
+  # AutoTokenizer only where needed: importing it imports torch when installed (seconds per process)
+  from transformers import GPT2TokenizerFast  # pylint: disable=g-import-not-at-top
 
   openai_vocab = os.path.join(name_or_dir, 'encoder.json')
   openai_merges = os.path.join(name_or_dir, 'vocab.bpe')
@@ -104,7 +105,11 @@ def load_tokenizer(name_or_dir: str = DEFAULT_TOKENIZER):
   else:
     hf_saved = any(os.path.isfile(os.path.join(name_or_dir, f)) for f in ('tokenizer.json', 'tokenizer_config.json'))
     try:  # a bare vocab.json + merges.txt is GPT-2's (AutoTokenizer cannot tell its class)
-      tok = (AutoTokenizer if hf_saved or not is_dir else GPT2TokenizerFast).from_pretrained(name_or_dir)
+      if hf_saved or not is_dir:
+        from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+        tok = AutoTokenizer.from_pretrained(name_or_dir)
+      else:
+        tok = GPT2TokenizerFast.from_pretrained(name_or_dir)
     except (OSError, ValueError) as e:
       raise OSError(
           f'Cannot load a tokenizer from {name_or_dir!r}: give a hub name (needs network), a directory with '
