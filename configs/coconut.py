@@ -9,7 +9,7 @@ Tiny scale (default): GPT-2 with 2 layers from scratch on CPU. Datasets: 'pronto
 digits): docs/study.md's budget, d = 128, lr 1e-3, "epochs" of `coconut.steps_per_epoch` = 25 steps (100 for
 addition), one per stage. The study suite of docs/study_mini.md (`_suite_schedule`): 'addition2' | 'addition3' |
 'addition4' (seed 002's carry steps at exactly 2, 3 or 4 digits, K = digits + 1) and 'prosqa_mini' (ProsQA's
-generator on graphs of at most `generators.PROSQA_MINI_NODES` = 8 nodes, answer paths of 2 or more steps, K = 3),
+generator on graphs of at most `generators.PROSQA_MINI_NODES` = 6 nodes, answer paths of 2 or more steps, K = 3),
 with disjoint train / valid / test splits: d = 64, lr 3e-3, epochs of 50 steps, a text stage of `TEXT_STEPS`, one
 epoch per latent stage (`,long`: `LONG_STAGE_EPOCHS`, docs/study_mini_long.md) and `FINAL_EPOCHS` of the final
 one. iCoT removes one CoT token every `removal_interval` steps, from the end of the text stage (suite) or the first
@@ -51,7 +51,7 @@ LONG_STAGE_EPOCHS = 20  # ',long': 1000 steps per latent stage (docs/study_mini_
 STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # start at `start_epoch` (GSM8K: 3)
 # Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
 ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
-                'prosqa_mini': 55}
+                'prosqa_mini': 36}
 # Official args/<dataset>_coconut.yaml (and run.py's max_new_tokens); prompt / completion lengths cover the data.
 PAPER = {
     'prontoqa': dict(c_thoughts=1, max_stage=6, epochs_per_stage=5, num_epochs=50, start_epoch=0,
@@ -150,10 +150,10 @@ def _tiny(dataset: str, method: str, stage_epochs: int = 1):
     c.model.n_positions = 640
     c.data.max_prompt_len, c.data.max_completion_len = 528, 96
     c.coconut.c_thoughts, c.coconut.max_stage = 1, 6
-  elif dataset == 'prosqa_mini':  # 2-5 steps (83% 2) of ~10 tokens; questions of ~71 tokens (0.1% over 128)
+  elif dataset == 'prosqa_mini':  # 2-3 steps (94% 2) of ~10 tokens; questions of ~47 tokens (at most 73)
     c.dataset.train_size = 20000
-    c.model.n_positions = 208
-    c.data.max_prompt_len, c.data.max_completion_len = 128, 72
+    c.model.n_positions = 128
+    c.data.max_prompt_len, c.data.max_completion_len = 80, 48
     c.coconut.c_thoughts, c.coconut.max_stage = 1, 3
   else:  # addition, seed 002, at n digits (addition: 2): stage 0 text CoT, then 1 to n + 1 steps latent
     digits = int(dataset[len('addition'):] or 2)

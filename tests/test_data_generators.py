@@ -205,17 +205,17 @@ def test_prosqa_mini_splits_are_disjoint_and_deterministic():
 
 
 def test_prosqa_mini_statistics_are_as_configured():
-  """Graphs of at most N = 8 nodes (7.1 on average after isolated nodes are dropped, 6.7 edges), answers at least
-  2 steps away (2.2 on average, the steps a shortest path), both options leaves; records with 3 steps or more pass
+  """Graphs of at most N = 6 nodes (5.7 on average after isolated nodes are dropped, 4.2 edges), answers at least
+  2 steps away (2.06 on average, the steps a shortest path), both options leaves; records with 3 steps or more pass
   the full ProsQA format check. Other sizes are honoured (N = 14, paths >= 3)."""
   records = generators.generate_prosqa_mini(400, seed=0)
   stats = generators.prosqa_statistics(records)
-  assert stats == pytest.approx({'nodes': 7.1, 'edges': 6.7, 'shortest_path': 2.18, 'num_shortest_paths': 1.17},
-                                abs=0.25)
+  assert stats == pytest.approx({'nodes': 5.7, 'edges': 4.2, 'shortest_path': 2.06, 'num_shortest_paths': 1.08},
+                                abs=0.1)
   steps = collections.Counter(len(r['steps']) for r in records)
-  assert min(steps) == generators.PROSQA_MINI_MIN_PATH == 2 and steps[2] > 280 and steps[3] > 30
+  assert min(steps) == generators.PROSQA_MINI_MIN_PATH == 2 and steps[2] > 350 and steps[3] > 10
   for r in records:
-    assert len(r['idx_to_symbol']) <= generators.PROSQA_MINI_NODES == 8
+    assert len(r['idx_to_symbol']) <= generators.PROSQA_MINI_NODES == 6
     dist = _shortest_paths(r)
     assert len(r['steps']) == dist[r['target']] >= 2 and r['neg_target'] not in dist
     if len(r['steps']) >= 3:
