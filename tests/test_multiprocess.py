@@ -99,5 +99,12 @@ def test_think_tokens_two_processes_equal_one(tmp_path):
   report = lambda workdir: json.loads((pathlib.Path(workdir) / 'eval' / 'valid' / 'think' / 'metrics.json').read_text())
   metrics_a, metrics_b = report(single), report(multi)
   assert metrics_a['think_counts'] == metrics_b['think_counts'] and metrics_a['num_sequences'] == 8
+  # the default mode end to end (tests/test_think_tokens.py runs 'next_token')
+  assert metrics_a['mode'] == 'teacher' and metrics_a['K'] == 4 and len(metrics_a['think_counts']) == 4
+  assert sum(metrics_a['think_counts']) == round(metrics_a['think_per_token'] * metrics_a['num_scored_tokens'])
+  assert 0.0 <= metrics_a['think_frequency'] < 1.0
+  assert min(metrics_a[k] for k in ('loss_teacher', 'loss_no_think', 'loss_think', 'answer_loss_think')) > 0
+  out = pathlib.Path(single) / 'eval' / 'valid' / 'think'
+  assert (out / 'think_histogram.png').stat().st_size > 0 and (out / 'samples.jsonl').read_text()
   for key in ('loss_teacher', 'loss_no_think', 'loss_think', 'think_frequency'):
     np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=1e-5)
