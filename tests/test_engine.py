@@ -1,5 +1,7 @@
 """The generation engine is exactly a naive full-recompute loop: cache, masks, positions, gates and re-scoring."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -39,7 +41,14 @@ def _gen_cfg(**kw):
 
 
 def naive_scores(model, prompt, mask, completion, noise, tau):
-  """Reference without a cache: recompute the whole sequence at every step; returns logits [B,T,V], gates [B,T]."""
+  """Reference without a cache: recompute the whole sequence at every step; returns logits [B,T,V], gates [B,T].
+  Traced as one program: op-by-op dispatch would compile every op at every length (a minute on CPU)."""
+  return _naive_scores(*nnx.split(model), prompt, mask, completion, noise, tau)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _naive_scores(graphdef, state, prompt, mask, completion, noise, tau):
+  model = nnx.merge(graphdef, state)
   x = model.gpt2.embed(prompt)
   h, _ = model.gpt2(x, positions_from_mask(mask), causal_bias(mask))
   last, logits, gates = h[:, -1], [], []

@@ -111,12 +111,6 @@ def _gated_model(cfg=TINY, seed: int = 0) -> DTTModel:
   return model
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _naive_scores(graphdef, state, *args):
-  """`test_engine.naive_scores` in one jitted call (3x faster than its op-by-op dispatch on CPU)."""
-  return naive_scores(nnx.merge(graphdef, state), *args)
-
-
 def test_greedy_generation_equals_naive_loop():
   """The engine on an untied GQA Llama (KV cache of n_kv_head heads, the cached transposed output kernel made from
   lm_head) gives the logits, greedy tokens and gates of re-running the full forward pass at every step."""
@@ -126,7 +120,7 @@ def test_greedy_generation_equals_naive_loop():
   assert cache.k[0].shape == (2, TINY.n_kv_head, 12, TINY.head_dim)
   out = engine.generate(model, prompt, mask, jax.random.key(0), 0.7,
                         _gen_cfg(max_new_tokens=6, sampling=SamplingConfig(greedy=True)), return_logits=True)
-  ref_logits, ref_gates = _naive_scores(*nnx.split(model), prompt, mask, out.tokens, out.gate_noise, 0.7)
+  ref_logits, ref_gates = naive_scores(model, prompt, mask, out.tokens, out.gate_noise, 0.7)
   np.testing.assert_array_equal(out.tokens, jnp.argmax(ref_logits, -1))
   np.testing.assert_allclose(out.logits, ref_logits, atol=1e-4)
   np.testing.assert_allclose(out.gates, ref_gates, atol=1e-5)
