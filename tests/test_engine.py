@@ -127,7 +127,7 @@ def test_unroll_is_differentiable():
     logp = jax.nn.log_softmax(m.gpt2.logits(out.target_hidden))
     return -jnp.mean(jnp.take_along_axis(logp, completion[..., None], -1)) + jnp.mean(out.gates)
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   assert float(jnp.abs(grads['gate_head']['kernel'].value).sum()) > 0
   assert float(jnp.abs(grads['gpt2']['h'][0]['attn']['c_attn']['kernel'].value).sum()) > 0
 

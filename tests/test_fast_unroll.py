@@ -88,8 +88,8 @@ def test_outputs_and_gradients_equal_autodiff(use_bias, use_forced, hard, segmen
 def test_hrpo_gate_falls_back_to_engine():
   graphdef, params = nnx.split(_model(gate='hrpo'))
   inputs = _inputs(1)
-  g_fast = jax.grad(lambda p: _loss(fast_unroll.unroll, graphdef, p, inputs, True, False)[0])(params)
-  g_ref = jax.grad(lambda p: _loss(engine.unroll, graphdef, p, inputs, True, False)[0])(params)
+  g_fast = jax.jit(jax.grad(lambda p: _loss(fast_unroll.unroll, graphdef, p, inputs, True, False)[0]))(params)
+  g_ref = jax.jit(jax.grad(lambda p: _loss(engine.unroll, graphdef, p, inputs, True, False)[0]))(params)
   _assert_tree_close(g_fast, g_ref)
 
 

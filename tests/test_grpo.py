@@ -487,19 +487,20 @@ def test_recurrent_rescore_is_exact_and_differentiates_through_the_fed_back_hidd
     cfg = dataclasses.replace(CFG, rescore=rescore)
     old_gate_logits = jnp.zeros_like(batch.logprobs)  # unused: the gate is not an action here
     # first=False: the ratio is taken against generation's log-probs, so the loss value moves with the parameters
-    return lambda p: grpo.grpo_loss(p, graphdef, batch, advantages, mask, batch.logprobs, old_gate_logits, False,
-                                    cfg)
+    return jax.jit(lambda p: grpo.grpo_loss(p, graphdef, batch, advantages, mask, batch.logprobs, old_gate_logits,
+                                            False, cfg))
 
-  (value, (aux, _)), grads = jax.value_and_grad(loss_fn('recurrent'), has_aux=True)(params)
+  recurrent = loss_fn('recurrent')
+  (value, (aux, _)), grads = jax.jit(jax.value_and_grad(recurrent, has_aux=True))(params)
   assert float(aux['logprob_mismatch_max']) < 1e-4
-  parallel_value, parallel_grads = jax.value_and_grad(lambda p: loss_fn('parallel')(p)[0])(params)
+  parallel_value, parallel_grads = jax.jit(jax.value_and_grad(lambda p: loss_fn('parallel')(p)[0]))(params)
   np.testing.assert_allclose(float(value), float(parallel_value), atol=1e-5)
 
   direction = jax.tree.map(lambda x, k: jax.random.normal(k, x.shape), params,
                            jax.tree.unflatten(jax.tree.structure(params),
                                               list(jax.random.split(jax.random.key(3), len(jax.tree.leaves(params))))))
   eps = 1e-4
-  shifted = lambda s: float(loss_fn('recurrent')(jax.tree.map(lambda x, d: x + s * eps * d, params, direction))[0])
+  shifted = lambda s: float(recurrent(jax.tree.map(lambda x, d: x + s * eps * d, params, direction))[0])
   finite_difference = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
   along = lambda g: sum(float(jnp.vdot(a, d)) for a, d in zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
   np.testing.assert_allclose(along(grads), finite_difference, rtol=2e-2)

@@ -193,7 +193,7 @@ def test_bootstrap_hinge_reaches_the_hrpo_gate():
   def loss(p):
     return bootstrap.loss_terms(nnx.merge(graphdef, p), batch, jnp.zeros((2, 6)), 1.0, cfg, counts)[0]
 
-  grads = jax.grad(loss)(params)['hrpo']
+  grads = jax.jit(jax.grad(loss))(params)['hrpo']
   for leaf in (grads['gate_r']['kernel'], grads['gate_i']['kernel'], grads['lam']):
     assert float(jnp.abs(leaf.value).max()) > 0
 
