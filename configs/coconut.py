@@ -152,8 +152,8 @@ def _tiny(dataset: str, method: str, stage_epochs: int = 1):
     c.coconut.c_thoughts, c.coconut.max_stage = 1, 6
   elif dataset == 'prosqa_mini':  # 2-3 steps (94% 2) of ~10 tokens; questions of ~47 tokens (at most 73)
     c.dataset.train_size = 20000
-    c.model.n_positions = 128
-    c.data.max_prompt_len, c.data.max_completion_len = 80, 48
+    c.model.n_positions = 128  # prompt + the forced head of pause-as-thought (5 tokens) + completion
+    c.data.max_prompt_len, c.data.max_completion_len = 75, 48  # the longest prompt of 20,000 has 74 tokens
     c.coconut.c_thoughts, c.coconut.max_stage = 1, 3
   else:  # addition, seed 002, at n digits (addition: 2): stage 0 text CoT, then 1 to n + 1 steps latent
     digits = int(dataset[len('addition'):] or 2)
