@@ -22,7 +22,7 @@ Both give records `{question, steps, answer}` like the file readers in `loaders.
 * ProsQA-mini: the same generator on smaller graphs, N = `PROSQA_MINI_NODES` = 6 (5.7 nodes and 4.2 edges on
   average after isolated nodes are dropped; questions of ~47 GPT-2 tokens, at most 73) and answer paths of at
   least `PROSQA_MINI_MIN_PATH` = 2 steps (94% 2, 6% 3; ProsQA: N = 28, 22.8 nodes, 36 edges, 3-6 steps). At N = 8
-  the tiny CoT model of the study reached 60% (chance: 50%) in 1300 steps, at N = 6 87% (docs/study_mini_notes.md).
+  the study's CoT model reached 60% test accuracy (chance: 50%) in 1300 steps, at N = 6 83% (docs/study.md).
   Still a search: every edge is listed in random order and the answer is one of two leaves, one per entity. Train,
   valid and test are disjoint like addition's, by a hash of the question (`question_split`); each split has its
   own random stream.
