@@ -12,8 +12,9 @@ def _fake_run(root, task, method, seed, accuracy, tokens, wall, stages=(('bootst
   """A finished run's files; `final`: (accuracy, tokens) of its last checkpoint's report."""
   out = study_mini.workdir(str(root), task, method, seed)
   if final:
-    os.makedirs(heldout.output_dir(out, 'test', 'bootstrap', 'latest'))
-    with open(os.path.join(heldout.output_dir(out, 'test', 'bootstrap', 'latest'), 'metrics.json'), 'w') as f:
+    latest = heldout.output_dir(out, 'test', 'bootstrap', 'latest')
+    os.makedirs(latest)
+    with open(os.path.join(latest, 'metrics.json'), 'w') as f:
       json.dump({'accuracy': final[0], 'generated_tokens': final[1], 'num_examples': 414}, f)
   for stage, step in stages:
     os.makedirs(os.path.join(out, stage, 'checkpoints', str(step)), exist_ok=True)
