@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -41,8 +42,25 @@ def test_report_gives_mean_std_tokens_wall_time_and_a_plot(tmp_path):
   assert '| CoT | 80.0 ± 10.0 | 3 | 26.0 | 100 | 500 | 70.0, 80.0, 90.0 |' in text
   assert '| DTT (bootstrap + GRPO) | 50.0 ± 0.0 | 1 | 12.0 | 60 | 800 (CoT) + 500 + 20 GRPO | 50.0 |' in text
   assert '| No-CoT | not run | 0 |' in text
-  assert 'Runs found: 6 of 12' in text and 'total wall time (training + evaluation, one run at a time): 7.7 min' in text
+  assert 'Runs recorded (study_mini_runs.json): 6 of 12' in text and 'total wall time (training + evaluation, one run at a time): 7.7 min' in text
   assert os.path.getsize(out.parent / 'study_mini_addition2.png') > 0
+
+
+def test_the_ledger_keeps_the_results_when_the_run_folders_are_gone(tmp_path):
+  """The report comes from docs/study_mini_runs.json: rendered again without `runs/`, it is the same; a run found
+  again replaces its row; the rows of tasks not rendered stay."""
+  root, out = tmp_path / 'runs', tmp_path / 'docs' / 'study_mini.md'
+  _fake_run(root, 'addition2', 'cot', 0, 0.7, 25.0, 100.0)
+  _fake_run(root, 'addition3', 'cot', 0, 0.6, 35.0, 200.0)
+  first = study_mini.render(str(root), str(out), ['addition2', 'addition3'], ['cot'], [0], 'cmd')
+  shutil.rmtree(root)
+  assert study_mini.render(str(root), str(out), ['addition2', 'addition3'], ['cot'], [0], 'cmd') == first
+  _fake_run(root, 'addition2', 'cot', 0, 0.9, 26.0, 50.0)
+  assert '| CoT | 90.0 ± 0.0 | 1 | 26.0 | 50 |' in study_mini.render(str(root), str(out), ['addition2'], ['cot'], [0],
+                                                                    'cmd')
+  with open(tmp_path / 'docs' / 'study_mini_runs.json') as f:
+    rows = json.load(f)
+  assert [(r['task'], r['accuracy'], r['wall_s']) for r in rows] == [('addition2', 0.9, 50.0), ('addition3', 0.6, 200.0)]
 
 
 def test_a_finished_run_is_not_run_again(tmp_path, monkeypatch):
@@ -111,7 +129,7 @@ def test_long_scale_reads_and_writes_its_own_files(tmp_path, monkeypatch, capsys
   text = (tmp_path / 'docs' / 'study_mini_long.md').read_text()
   assert '| CoT | 90.0 ± 0.0 | 1 |' in text and text.endswith('## notes of the long runs\n')
   assert sorted(os.listdir('docs')) == ['study_mini_long.md', 'study_mini_long_addition2.png',
-                                        'study_mini_long_notes.md']
+                                        'study_mini_long_notes.md', 'study_mini_long_runs.json']
   with pytest.raises(SystemExit):  # the long schedule exists for the suite's tasks only
     study_mini.main(['--scale=long', '--render_only', '--tasks=prontoqa'])
   assert '--scale=long: the suite tasks only (addition2, addition3, addition4, prosqa_mini); got --tasks=prontoqa.' \

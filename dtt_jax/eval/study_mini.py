@@ -10,8 +10,9 @@ leave the text chain (`FROM_COT`: the COCONUT family, iCoT, DTT) start from the 
 its text stage (`--config.init_from`, as the paper's GSM8K recipe) and train the rest of the schedule, so the
 steps of that shared stage count in their budget. A run that finished (its test evaluation written) is not run
 again; an interrupted one resumes from its checkpoints and its wall time adds up over the attempts
-(`study_run.json`). `--jobs=N` runs N at a time, each pinned to its own CPU. `--render_only` writes the report
-from the runs found.
+(`study_run.json`). `--jobs=N` runs N at a time, each pinned to its own CPU. Every finished run's results go into
+a ledger committed beside the report (`docs/study_mini_runs.json`), and the report is rendered from it, so the
+figures outlive the run directories; `--render_only` writes the report from the ledger and the runs found.
 
 The report: per task, accuracy on the test split (mean ± std over the seeds that finished), mean generated tokens,
 mean training + evaluation wall time, and a plot of accuracy against generated tokens (one point per method, the
@@ -176,12 +177,11 @@ def run_all(runs, root: str, overrides=(), jobs: int = 1, scale: str = '') -> No
 
 
 def collect(root: str, tasks, methods, seeds) -> dict:
-  """{(task, method): [{seed, accuracy, tokens, wall_s, steps, grpo_steps, final_accuracy, final_tokens}, ...]} of
-  the finished runs (final_*: the last checkpoint's, `FINAL_LAYOUT`, else None)."""
+  """{(task, method, seed): {accuracy, tokens, wall_s, num_examples, steps, grpo_steps, final_accuracy,
+  final_tokens}} of the finished runs in `root` (final_*: the last checkpoint's, `FINAL_LAYOUT`, else None)."""
   found = {}
   for task in tasks:
     for method in methods:
-      rows = []
       for seed in seeds:
         out = workdir(root, task, method, seed)
         m = test_metrics(out)
@@ -192,12 +192,34 @@ def collect(root: str, tasks, methods, seeds) -> dict:
         tokens = m['generated_tokens'] if 'generated_tokens' in m else m['completion_tokens']
         trained = {stage: (checkpoint_steps(os.path.join(out, stage)) or [0])[-1] for stage in ('bootstrap', 'grpo')}
         final = test_metrics(out, 'latest') or {}
-        rows.append({'seed': seed, 'accuracy': m['accuracy'], 'tokens': tokens, 'wall_s': record['wall_s'],
-                     'num_examples': m['num_examples'], 'steps': trained['bootstrap'], 'grpo_steps': trained['grpo'],
-                     'final_accuracy': final.get('accuracy'), 'final_tokens': final.get('generated_tokens')})
-      if rows:
-        found[task, method] = rows
+        found[task, method, seed] = {
+            'accuracy': m['accuracy'], 'tokens': tokens, 'wall_s': record['wall_s'],
+            'num_examples': m['num_examples'], 'steps': trained['bootstrap'], 'grpo_steps': trained['grpo'],
+            'final_accuracy': final.get('accuracy'), 'final_tokens': final.get('generated_tokens')}
   return found
+
+
+def ledger_path(output: str) -> str:
+  """The committed record of every finished run's results beside the report (docs/study_mini_runs.json): the
+  report is rendered from it, so it outlives the run directories (which stay out of git)."""
+  return os.path.splitext(output)[0] + '_runs.json'
+
+
+def read_ledger(path: str) -> dict:
+  """{(task, method, seed): row} of the ledger at `path` ({} when there is none)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    rows = json.load(f)
+  return {(r.pop('task'), r.pop('method'), r.pop('seed')): r for r in rows}
+
+
+def write_ledger(path: str, runs: dict) -> None:
+  """`runs` ({(task, method, seed): row}) as a JSON list, one run per line in the order of TASKS and METHODS."""
+  order = sorted(runs, key=lambda k: (TASKS.index(k[0]), METHODS.index(k[1]), k[2]))
+  lines = [json.dumps({'task': t, 'method': m, 'seed': s, **runs[t, m, s]}) for t, m, s in order]
+  with open(path, 'w') as f:
+    f.write('[\n' + ',\n'.join(lines) + '\n]\n')
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -239,10 +261,21 @@ def plot_task(task: str, runs: dict, methods, path: str) -> None:
 
 
 def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> str:
-  runs = collect(root, tasks, methods, seeds)
+  """The report of the runs recorded in the ledger beside `output` and those finished in `root` (which replace
+  their ledger rows and are added to the ledger)."""
+  recorded = read_ledger(ledger_path(output))
+  recorded.update(collect(root, tasks, methods, seeds))
+  os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
+  write_ledger(ledger_path(output), recorded)
+  runs = {}
+  for task in tasks:
+    for method in methods:
+      rows = [{'seed': s, **recorded[task, method, s]} for s in seeds if (task, method, s) in recorded]
+      if rows:
+        runs[task, method] = rows
   total = sum(r['wall_s'] for rows in runs.values() for r in rows)
   lines = [f'Command: `{command_line}`', '',
-           f'Runs found: {sum(len(v) for v in runs.values())} of {len(tasks) * len(methods) * len(seeds)} '
+           f'Runs recorded ({os.path.basename(ledger_path(output))}): {sum(len(v) for v in runs.values())} of {len(tasks) * len(methods) * len(seeds)} '
            f'({len(tasks)} tasks x {len(methods)} methods x seeds {", ".join(map(str, seeds))}); their total wall '
            f'time (training + evaluation, one run at a time): {total / 60:.1f} min.', '']
   for task in tasks:
@@ -289,7 +322,7 @@ def main(argv=None):
   parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated')
   parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='comma-separated')
   parser.add_argument('--jobs', type=int, default=1, help='runs at a time, each pinned to its own CPU')
-  parser.add_argument('--render_only', action='store_true', help='write the report from the runs found')
+  parser.add_argument('--render_only', action='store_true', help='write the report from the ledger and the runs found')
   args, overrides = parser.parse_known_args(argv)
   name = 'study_mini' + (f'_{args.scale}' if args.scale else '')
   args.root = args.root or os.path.join('runs', name)
@@ -310,7 +343,6 @@ def main(argv=None):
   if os.path.exists(args.notes):
     with open(args.notes) as f:
       text += '\n' + f.read()
-  os.makedirs(os.path.dirname(args.output) or '.', exist_ok=True)
   with open(args.output, 'w') as f:
     f.write(text)
   print(text)
