@@ -259,8 +259,8 @@ def test_grpo_with_lora_from_a_full_bootstrap(tmp_path):
   assert "['gpt2']['wte']['embedding']" in moved and any(k.endswith("['lora_b']") for k in moved)
   assert {k for k in moved if labels[k] == 'base'} == set()
 
-  # The pipeline's GRPO run saves its adapters and `stage_params` restores them (not fresh ones). Its rewards may all be
-  # equal (zero advantages), so weight decay makes sure the trained parameters move in 2 steps (lr 0 at the first).
+  # The pipeline's GRPO run saves its adapters and `stage_params` restores them (not fresh ones). Its rewards may all
+  # be equal (zero advantages), so weight decay makes sure the trained parameters move in 2 steps (lr 0 at the first).
   exp.config.grpo.steps, exp.config.grpo.weight_decay = 2, 0.5
   dtt_method.run_grpo(exp)
   trained = _leaves(jax.device_get(base.stage_params(exp, 'grpo'))[1])

@@ -42,7 +42,8 @@ def test_report_gives_mean_std_tokens_wall_time_and_a_plot(tmp_path):
   assert '| CoT | 80.0 ± 10.0 | 3 | 26.0 | 100 | 500 | 70.0, 80.0, 90.0 |' in text
   assert '| DTT (bootstrap + GRPO) | 50.0 ± 0.0 | 1 | 12.0 | 60 | 800 (CoT) + 500 + 20 GRPO | 50.0 |' in text
   assert '| No-CoT | not run | 0 |' in text
-  assert 'Runs recorded (study_mini_runs.json): 6 of 12' in text and 'total wall time (training + evaluation, one run at a time): 7.7 min' in text
+  assert 'Runs recorded (study_mini_runs.json): 6 of 12' in text
+  assert 'total wall time (training + evaluation, one run at a time): 7.7 min' in text
   assert os.path.getsize(out.parent / 'study_mini_addition2.png') > 0
 
 
@@ -60,7 +61,8 @@ def test_the_ledger_keeps_the_results_when_the_run_folders_are_gone(tmp_path):
                                                                     'cmd')
   with open(tmp_path / 'docs' / 'study_mini_runs.json') as f:
     rows = json.load(f)
-  assert [(r['task'], r['accuracy'], r['wall_s']) for r in rows] == [('addition2', 0.9, 50.0), ('addition3', 0.6, 200.0)]
+  assert [(r['task'], r['accuracy'], r['wall_s']) for r in rows] == [('addition2', 0.9, 50.0),
+                                                                      ('addition3', 0.6, 200.0)]
 
 
 def test_a_finished_run_is_not_run_again(tmp_path, monkeypatch):

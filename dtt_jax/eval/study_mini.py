@@ -274,8 +274,9 @@ def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> 
       if rows:
         runs[task, method] = rows
   total = sum(r['wall_s'] for rows in runs.values() for r in rows)
+  ledger, count = os.path.basename(ledger_path(output)), sum(len(v) for v in runs.values())
   lines = [f'Command: `{command_line}`', '',
-           f'Runs recorded ({os.path.basename(ledger_path(output))}): {sum(len(v) for v in runs.values())} of {len(tasks) * len(methods) * len(seeds)} '
+           f'Runs recorded ({ledger}): {count} of {len(tasks) * len(methods) * len(seeds)} '
            f'({len(tasks)} tasks x {len(methods)} methods x seeds {", ".join(map(str, seeds))}); their total wall '
            f'time (training + evaluation, one run at a time): {total / 60:.1f} min.', '']
   for task in tasks:
@@ -322,7 +323,8 @@ def main(argv=None):
   parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated')
   parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='comma-separated')
   parser.add_argument('--jobs', type=int, default=1, help='runs at a time, each pinned to its own CPU')
-  parser.add_argument('--render_only', action='store_true', help='write the report from the ledger and the runs found')
+  parser.add_argument('--render_only', action='store_true',
+                      help='write the report from the ledger and the runs found')
   args, overrides = parser.parse_known_args(argv)
   name = 'study_mini' + (f'_{args.scale}' if args.scale else '')
   args.root = args.root or os.path.join('runs', name)
