@@ -223,8 +223,7 @@ def test_grpo_with_lora_from_a_full_bootstrap(tmp_path):
   """A full bootstrap (no adapters) in one workdir; GRPO with `config.lora.enabled` and `config.init_from` in another:
   the initial policy (and so the KL reference) is the bootstrap model (same weights, same logits; fresh adapters
   with B = 0), a GRPO update moves adapters, gate and `train_modules` ('wte') only, the GRPO run saves its adapters,
-  `stage_params` (what evaluation reads) restores them, and loading them into a model without LoRA fails naming
-  config.lora."""
+  evaluation loads them, and loading them into a model without LoRA fails naming config.lora."""
   base_dir, lora_dir = str(tmp_path / 'base'), str(tmp_path / 'lora')
   base_exp = pipeline.setup(_tiny_config(), base_dir)
   dtt_method.run_bootstrap(base_exp)
@@ -259,8 +258,8 @@ def test_grpo_with_lora_from_a_full_bootstrap(tmp_path):
   assert "['gpt2']['wte']['embedding']" in moved and any(k.endswith("['lora_b']") for k in moved)
   assert {k for k in moved if labels[k] == 'base'} == set()
 
-  # The pipeline's GRPO run saves its adapters and `stage_params` restores them (not fresh ones). Its rewards may all
-  # be equal (zero advantages), so weight decay makes sure the trained parameters move in 2 steps (lr 0 at the first).
+  # The pipeline's GRPO run saves its adapters and evaluation restores them (not fresh ones). Its rewards may all be
+  # equal (zero advantages), so weight decay makes sure the trained parameters move in 2 steps (lr 0 at the first).
   exp.config.grpo.steps, exp.config.grpo.weight_decay = 2, 0.5
   dtt_method.run_grpo(exp)
   trained = _leaves(jax.device_get(base.stage_params(exp, 'grpo'))[1])
@@ -268,6 +267,10 @@ def test_grpo_with_lora_from_a_full_bootstrap(tmp_path):
   moved = {k for k, v in start_leaves.items() if not np.array_equal(v, trained[k])}
   assert any(k.endswith("['lora_a']") for k in moved) and "['gpt2']['wte']['embedding']" in moved
   assert {k for k in moved if labels[k] == 'base'} == set()
+  metrics = dtt_method.run_eval(exp)
+  assert 0.0 <= metrics['structure_rate'] <= 1.0
+  with open(f'{lora_dir}/eval/test/grpo/metrics.json') as f:
+    assert '"stage": "grpo"' in f.read()
   plain = dataclasses.replace(exp, config=_tiny_config())
   with pytest.raises(ValueError, match=r'holds LoRA adapters \(rank 4 on .*\) but config.lora gives \(none\)'):
     base.stage_params(plain, 'grpo')
