@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.valid_size = 256  # held-out examples used for validation (SPEC: 256)
   c.dataset.min_digits = 2  # addition generator
   c.dataset.max_digits = 4
+  c.dataset.prosqa_nodes = 6  # prosqa_mini generator: N of ProsQA's Algorithm 1 (graph nodes before isolated ones go)
+  c.dataset.prosqa_min_path = 2  # prosqa_mini generator: shortest root -> answer path, in steps
 
   c.model = ml_collections.ConfigDict()
   # 'scratch', a hub name ('gpt2') or a local HF directory (GPT-2, Llama or Qwen2: the family from its config.json;
@@ -71,7 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.gate = 'dtt'  # 'dtt' (Gumbel-sigmoid gate head) | 'hrpo' (HRPO's thinking-residual gate; model/dtt.py)
   c.model.hrpo_c = 8.0  # HRPO gate: a = sigmoid(lam)^(c * r)
   c.model.hrpo_a_init = (0.99, 0.999)  # HRPO gate: initial a over the D dimensions (input starts as the token)
-  c.model.dropout = 0.0  # GPT-2's training-mode dropout (embedding, attention, residual); COCONUT methods only
+  # GPT-2's training-mode dropout (embedding, attention probabilities, residual branches) in the supervised steps
+  # (DTT's bootstrap, COCONUT and its baselines); GRPO, validation and evaluation run without
+  c.model.dropout = 0.0
 
   # LoRA adapters (dtt_jax/model/lora.py). Enabled: adapters, gate and train_modules train, the rest is frozen. For
   # --config.stage=grpo --config.init_from=<full bootstrap>, fresh adapters go on the bootstrap's weights.
@@ -102,10 +106,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.bootstrap.steps = 1000
   c.bootstrap.batch_size = 32  # global (effective) batch, kept constant on any device count
   c.bootstrap.microbatches = 1  # gradient accumulation inside the step: batch_size / microbatches per pass
+  # The optimizer of every supervised method (DTT's bootstrap, COCONUT and its baselines): AdamW, its schedule
+  # 'warmup_cosine' (linear warmup, cosine decay to lr / 10 over the stage, or between two coconut resets) |
+  # 'constant' (COCONUT's run.py); weight decay on 'matrices' (kernels, embeddings) | 'all' parameters (PyTorch's
+  # AdamW(model.parameters())); global-norm clipping at grad_clip (0: none)
   c.bootstrap.lr = 1e-3
+  c.bootstrap.schedule = 'warmup_cosine'
   c.bootstrap.gate_lr_mult = 1.0  # learning rate of gate head / projection = lr * this
   c.bootstrap.warmup_steps = 50
   c.bootstrap.weight_decay = 0.01
+  c.bootstrap.decay = 'matrices'
   c.bootstrap.grad_clip = 1.0
   c.bootstrap.hinge_lambda = 0.1  # SPEC default; tiny from-scratch models need ~1.0 (see configs/quickstart.py)
   c.bootstrap.m_in = 0.9
@@ -138,14 +148,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.coconut.steps_per_epoch = 0  # 0: one pass over the training records
   c.coconut.num_epochs = 0  # epochs of the schedule (COCONUT's num_epochs); 0: (max_stage + 2) * epochs_per_stage
   c.coconut.start_epoch = 0  # the run starts at this epoch (COCONUT's resume: GSM8K 3, from a CoT run's weights)
-  # 'coconut' (official run.py): AdamW at a constant bootstrap.lr, weight decay on every parameter, no clipping |
-  # 'warmup_cosine': the bootstrap's AdamW (bootstrap.warmup_steps + cosine, grad_clip, decay on matrices only)
-  c.coconut.optimizer = 'coconut'
-  # Fresh optimizer state every epoch ('coconut', as run.py) or every stage ('warmup_cosine', whose schedule then
-  # spans one stage), at the same steps for every method of the comparison
-  c.coconut.reset_optimizer = True
-  # Answer after the last '#': 'exact' string equality, commas removed (COCONUT's) | 'lenient' (data/answers.py)
-  c.coconut.answer_match = 'exact'
+  # Fresh optimizer state (config.bootstrap's optimizer) every 'epoch' (COCONUT's run.py), every 'stage' (a
+  # warmup_cosine schedule then spans one stage) or 'never', at the same steps for every method of the comparison
+  c.coconut.reset_optimizer = 'epoch'
   c.coconut.eval_every_epochs = 0  # > 0: validate + checkpoint every this many epochs (COCONUT: 1); 0: bootstrap's
   # iCoT (config.method='icot'; official da03/Internalize_CoT_Step_by_Step train.py): CoT tokens removed from the
   # front per epoch, one every round(steps_per_epoch / icot_delta) steps (--remove_per_epoch); removal smoothing
@@ -226,6 +231,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.tau_min = 0.1
   c.grpo.patience = 3
   c.grpo.reward_weights = ml_collections.ConfigDict(dict(structure=1.0, correctness=1.0, efficiency=1.0, gate=1.0))
+  # The efficiency term: 'flat' (-0.01 per reasoning position, the seed's) | 'group' (Kimi k1.5: +0.5 for the
+  # shortest correct completion of a group down to -0.5 for the longest, never positive for a wrong one)
+  c.grpo.length_reward = 'flat'
+  c.grpo.min_think = 0  # > 0: each rollout's reasoning budget drawn uniformly from [min_think, max_think]
   c.grpo.eval_every = 50  # validation: mean reward on dataset.valid_size held-out prompts
   c.grpo.checkpoint_every = 50
   c.grpo.keep_checkpoints = 2
@@ -240,6 +249,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.path = ''  # a file in the dataset's formats, evaluated instead of the split
   c.eval.size = 0  # the first N distinct examples (0: all; the generated valid split has dataset.valid_size)
   c.eval.checkpoint = 'best'  # 'best' (by <stage>.best_checkpoint) | 'latest' | a step number
+  # How an answer is scored (validation, evaluation, GRPO's correctness reward): 'lenient' (the per-dataset rules of
+  # data/answers.py, SPEC §8) | 'exact' (COCONUT's: the answer text, commas removed and stripped, equals the
+  # reference). The answer is the text after <|eot|> (DTT) or after the last '#' (COCONUT's layouts)
+  c.eval.answer_match = 'lenient'
   c.eval.stages = ('bootstrap', 'grpo')  # the trained stages evaluated (those with checkpoints)
 
   return c

@@ -43,12 +43,13 @@ from dtt_jax.data import coconut as coconut_data
 DATASETS = ('prontoqa', 'prosqa', 'addition', 'addition2', 'addition3', 'addition4', 'prosqa_mini')
 PAPER_DATASETS = ('prontoqa', 'prosqa', 'gsm8k')
 METHODS = ('coconut', 'coconut_no_curriculum', 'coconut_no_thought', 'pause_as_thought', 'cot', 'no_cot', 'pause',
-           'icot', 'dtt')  # 'dtt' last: tiny scale only
+           'icot', 'dtt', 'dtt_compress')  # the DTT methods last: tiny scale only
+DTT_METHODS = ('dtt', 'dtt_compress')  # config.method 'dtt': the seed's recipe, and the compressing curriculum
 SUITE = ('addition2', 'addition3', 'addition4', 'prosqa_mini')  # the CPU study (docs/study_mini.md)
 TEXT_STEPS = {'addition2': 800, 'addition3': 1200, 'addition4': 1600, 'prosqa_mini': 1000}  # stage 0, the text CoT
 FINAL_EPOCHS = 3  # of the final stage
 LONG_STAGE_EPOCHS = 20  # ',long': 1000 steps per latent stage (docs/study_mini_long.md: 50 are too few)
-STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # start at `start_epoch` (GSM8K: 3)
+STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought', 'dtt_compress')  # from `start_epoch`
 # Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
 ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
                 'prosqa_mini': 36}
@@ -68,21 +69,48 @@ def get_config(arg: str = 'prontoqa,coconut'):
   method = method or 'coconut'
   paper = scale == 'paper'
   datasets = {'': DATASETS, 'paper': PAPER_DATASETS, 'long': SUITE}.get(scale, ())
-  methods = METHODS[:-1] if paper else METHODS
+  methods = METHODS[:-len(DTT_METHODS)] if paper else METHODS
   if dataset not in datasets or method not in methods:
     raise ValueError(f'configs/coconut.py:{arg!r}: expected "<dataset>,<method>[,paper|long]" with dataset one of '
                      f'{", ".join(DATASETS)} ({", ".join(PAPER_DATASETS)} with "paper", {", ".join(SUITE)} with '
-                     f'"long") and method one of {", ".join(METHODS)} ("dtt" not with "paper").')
+                     f'"long") and method one of {", ".join(METHODS)} ({", ".join(DTT_METHODS)} not with '
+                     '"paper").')
   c = _paper(dataset, method) if paper else _tiny(dataset, method, LONG_STAGE_EPOCHS if scale == 'long' else 1)
-  c.method = 'coconut' if method == 'coconut_no_curriculum' else method
+  c.method = {'coconut_no_curriculum': 'coconut', 'dtt_compress': 'dtt'}.get(method, method)
   c.coconut.curriculum = method != 'coconut_no_curriculum'
-  c.bootstrap.best_metric = 'accuracy'
-  c.bootstrap.best_checkpoint = 'accuracy'  # the checkpoint scored: best generated accuracy on validation
-  c.generate.max_think = 0 if method != 'dtt' else 128
-  c.model.dropout = 0.1 if method != 'dtt' else 0.0  # GPT-2's (COCONUT trains in train mode)
+  _recipe(c)
+  c.generate.max_think = 0 if method not in DTT_METHODS else 128
   epochs = c.coconut.num_epochs or coconut_data.Curriculum.from_config(c.coconut).schedule_epochs
-  c.bootstrap.steps = 0 if method != 'dtt' else c.coconut.steps_per_epoch * epochs  # DTT: the same budget
+  c.bootstrap.steps = 0 if method not in DTT_METHODS else c.coconut.steps_per_epoch * epochs  # DTT: the same budget
+  if method == 'dtt_compress':
+    _compress(c)
   return c
+
+
+def _recipe(c) -> None:
+  """What every method of a study shares (one optimizer, dropout, checkpoint choice and scoring rule; a test checks
+  it): COCONUT's run.py optimizer (AdamW at a constant bootstrap.lr, weight decay on every parameter, no clipping),
+  GPT-2's dropout 0.1 in the supervised steps, the checkpoint scored = the best on validation among those of the
+  method's final layout (COCONUT's evaluation; `methods.base.FINAL_METRIC`), answers matched exactly (COCONUT's)."""
+  b = c.bootstrap
+  b.schedule, b.decay, b.grad_clip, b.warmup_steps = 'constant', 'all', 0.0, 0
+  c.model.dropout = 0.1
+  b.best_metric = 'accuracy'  # DTT's temperature plateau rule reads it
+  b.best_checkpoint = 'final_accuracy'
+  c.eval.answer_match = 'exact'
+
+
+def _compress(c) -> None:
+  """The compressing DTT (issue #28): DTT's bootstrap on the CoT span under COCONUT's stage schedule, stage k
+  replacing the first k steps by c_thoughts latent positions each (`data.span='curriculum'`,
+  `coconut.tokens_per_latent` = 0), then GRPO with budgets drawn per rollout and the group-normalised length
+  reward gated on correctness."""
+  c.data.span = 'curriculum'
+  c.coconut.tokens_per_latent = 0
+  c.grpo.length_reward = 'group'
+  c.grpo.max_think = c.coconut.max_stage * c.coconut.c_thoughts + 1
+  c.grpo.min_think = 1
+  c.grpo.steps = 100
 
 
 def _paper(dataset: str, method: str):
@@ -97,8 +125,8 @@ def _paper(dataset: str, method: str):
   c.coconut.icot_delta, c.coconut.icot_lambda = 8.0, 4.0  # the official README's iCoT runs (GSM8K: all from 39)
   c.coconut.icot_remove_all_beyond = 39 if dataset == 'gsm8k' else 0
   c.coconut.steps_per_epoch = 0  # real epochs
-  c.coconut.optimizer, c.coconut.reset_optimizer = 'coconut', True
-  c.coconut.answer_match, c.eval.split, c.coconut.eval_every_epochs = 'exact', 'test', 1
+  c.coconut.reset_optimizer = 'epoch'
+  c.eval.split, c.coconut.eval_every_epochs = 'test', 1
   c.bootstrap.batch_size = 128
   c.bootstrap.lr, c.bootstrap.weight_decay = 1e-4, 0.01
   c.bootstrap.keep_checkpoints = 1  # and the best by validation
@@ -124,7 +152,7 @@ def _suite_schedule(c, dataset: str, stage_epochs: int) -> None:
   k.steps_per_epoch, k.epochs_per_stage = 50, stage_epochs
   k.first_stage_epochs = TEXT_STEPS[dataset] // k.steps_per_epoch
   k.num_epochs = k.first_stage_epochs + k.max_stage * stage_epochs + FINAL_EPOCHS
-  k.reset_optimizer = False
+  k.reset_optimizer = 'never'
   c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100
 
 
@@ -136,7 +164,6 @@ def _tiny(dataset: str, method: str, stage_epochs: int = 1):
   c.dataset.valid_size = 256  # ProntoQA's shipped valid set has 200, ProsQA's 300
   c.bootstrap.batch_size = 32
   c.bootstrap.lr = 1e-3  # COCONUT's recipe at a from-scratch learning rate
-  c.bootstrap.warmup_steps = 20  # coconut.optimizer='warmup_cosine' and DTT
   c.bootstrap.hinge_lambda = 1.0  # tiny from-scratch DTT models (configs/quickstart.py)
   c.generate.batch_size = 64
   c.grpo.best_metric = 'reward'
@@ -167,7 +194,7 @@ def _tiny(dataset: str, method: str, stage_epochs: int = 1):
       c.eval.size = 1000
   c.generate.max_new_tokens = c.data.max_completion_len  # after COCONUT's forced head
   c.grpo.max_new_tokens = c.data.max_completion_len
-  c.grpo.max_think = 0 if method != 'dtt' else 128
+  c.grpo.max_think = 0 if method not in DTT_METHODS else 128
   if dataset in SUITE:
     _suite_schedule(c, dataset, stage_epochs)
   else:

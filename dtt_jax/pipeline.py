@@ -23,11 +23,13 @@ import ml_collections
 from dtt_jax import data as data_lib
 from dtt_jax import dry_run, methods, parallel, tokens
 from dtt_jax import workdir as workdir_lib
+from dtt_jax.data import answers
 from dtt_jax.eval import heldout
 from dtt_jax.eval import summary
 from dtt_jax.methods.base import Experiment
 from dtt_jax.model import FAMILIES, configured_family, lora, precision
 from dtt_jax.model import dtt as dtt_lib
+from dtt_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +65,17 @@ def check_config(c: ml_collections.ConfigDict) -> None:
                      f'stage is {method.stages[0]!r}: use "bootstrap", "eval" or "pipeline".')
   if c.model.get('dropout', 0.0) and not method.uses_dropout:
     dropout_methods = ', '.join(name for name, m in methods.REGISTRY.items() if m.uses_dropout)
-    raise ValueError(f'config.model.dropout={c.model.dropout} applies only to the COCONUT methods '
+    raise ValueError(f'config.model.dropout={c.model.dropout} applies only to the methods with a supervised stage '
                      f'({dropout_methods}): set it to 0 for config.method={c.method!r}.')
+  expect('bootstrap.schedule', c.bootstrap.schedule, state_lib.SCHEDULES)
+  expect('bootstrap.decay', c.bootstrap.decay, state_lib.DECAYS)
+  expect('eval.answer_match', c.eval.answer_match, answers.MATCHES)
   expect('dataset.name', c.dataset.name, data_lib.DATASETS)
   expect('model.vocab', c.model.vocab, ('compact', 'full'))
   expect('model.family', c.model.get('family', 'gpt2'), FAMILIES)  # runs from before the key: GPT-2
   if c.model.init == 'scratch' and c.model.get('family', 'gpt2') != 'gpt2':
     _check_llama_sizes(c.model)
-  expect('data.span', c.data.span, ('none', 'cot'))
+  expect('data.span', c.data.span, ('none', 'cot', 'curriculum'))
   if c.model.vocab == 'compact' and c.model.init != 'scratch':
     raise ValueError('config.model.vocab="compact" only works with config.model.init="scratch" (a pretrained model '
                      'keeps its full vocabulary).')

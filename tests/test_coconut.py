@@ -98,29 +98,30 @@ def test_a_longer_text_stage_shifts_the_later_stages():
   c = base_config.get_config()
   c.coconut.max_stage, c.coconut.epochs_per_stage, c.coconut.first_stage_epochs = 3, 1, 8
   assert coconut_train.num_epochs(c) == 12
-  c.coconut.optimizer = 'warmup_cosine'
-  with pytest.raises(ValueError, match='config.coconut.first_stage_epochs=8 with optimizer "warmup_cosine"'):
+  c.coconut.reset_optimizer = 'stage'
+  with pytest.raises(ValueError, match='config.coconut.first_stage_epochs=8 with reset_optimizer="stage"'):
     coconut_train.check_config(c, coconut.Curriculum.from_config(c.coconut))
 
 
 def test_optimizer_resets_follow_the_schedule_the_same_for_every_method():
   """Every method of one comparison (the baselines and COCONUT w/o curriculum included, whose data never changes)
-  restarts its optimizer at the same steps: every epoch with COCONUT's optimizer, every stage of the schedule with
-  'warmup_cosine' (whose warmup + cosine then spans exactly one stage); `start_epoch` (GSM8K: 3) shifts the
-  epochs, so a run resumed into the schedule keeps its blocks."""
+  restarts its optimizer at the same steps: every epoch (COCONUT's run.py) or every stage of the schedule
+  (`coconut.reset_optimizer`), the compressing DTT too; `start_epoch` (GSM8K: 3) shifts the epochs, so a run
+  resumed into the schedule keeps its blocks."""
   from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
   from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
 
-  expected = {'coconut': list(range(10, 160, 10)), 'warmup_cosine': list(range(20, 160, 20))}
-  for optimizer, resets in expected.items():
-    for method in coconut_configs.METHODS[:-1]:
+  expected = {'epoch': list(range(10, 160, 10)), 'stage': list(range(20, 160, 20))}
+  for every, resets in expected.items():
+    for method in set(coconut_configs.METHODS) - {'dtt'}:
       c = coconut_configs.get_config(f'prontoqa,{method}')
-      c.coconut.optimizer, c.coconut.epochs_per_stage = optimizer, 2
+      c.coconut.reset_optimizer, c.coconut.epochs_per_stage = every, 2
+      c.bootstrap.steps = 0  # the compressing DTT's budget follows the schedule too
       schedule = curriculum.curriculum(c)
       steps = coconut_train.train_steps(c, schedule, steps_per_epoch=10)  # (6 + 2) stages x 2 epochs x 10 steps
       assert steps == 160
-      assert schedule.reset_steps(10, steps, coconut_train.reset_every_epochs(c)) == resets, (optimizer, method)
-      c.coconut.reset_optimizer = False
+      assert schedule.reset_steps(10, steps, coconut_train.reset_every_epochs(c)) == resets, (every, method)
+      c.coconut.reset_optimizer = 'never'
       assert schedule.reset_steps(10, steps, coconut_train.reset_every_epochs(c)) == []
   gsm8k = coconut.Curriculum(c_thoughts=2, max_stage=3, epochs_per_stage=3, start_epoch=3)
   assert [gsm8k.stage_at_step(s, 10) for s in (0, 29, 30, 89, 90, 219)] == [1, 1, 2, 3, 4, 4]
@@ -137,7 +138,8 @@ def test_coconut_optimizer_is_torch_adamw_at_a_constant_rate():
   from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
 
   c = coconut_configs.get_config('prontoqa,coconut')
-  assert (c.coconut.optimizer, c.coconut.reset_optimizer, c.model.dropout) == ('coconut', True, 0.1)
+  assert (c.bootstrap.schedule, c.bootstrap.decay, c.bootstrap.grad_clip, c.coconut.reset_optimizer,
+          c.model.dropout) == ('constant', 'all', 0.0, 'epoch', 0.1)
   lr, wd = c.bootstrap.lr, c.bootstrap.weight_decay
   tx = coconut_train.make_optimizer(c, steps_per_epoch=10, total_steps=80)
   rng = np.random.default_rng(0)
@@ -303,7 +305,7 @@ def test_scoring_is_exact_by_default_and_lenient_on_request():
   removed), so `True, because ...` and `72.00001` are wrong; the lenient per-dataset rules accept both."""
   from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
   from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
-  assert coconut_configs.get_config('prontoqa,coconut').coconut.answer_match == 'exact'
+  assert coconut_configs.get_config('prontoqa,coconut').eval.answer_match == 'exact'
   head = '<|bot|><|latent|><|latent|><|eot|>'
   assert coconut_train.score('prontoqa', head + '### True, because<|endoftext|>', 'True') == ('True because', False)
   assert coconut_train.score('prontoqa', head + '### True, because<|endoftext|>', 'True', 'lenient')[1]

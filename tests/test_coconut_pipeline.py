@@ -164,10 +164,10 @@ def test_paper_settings():
   assert [schedule.stage_at_step(s, 100) for s in (0, 299, 300, 900, 2199)] == [1, 1, 2, 4, 4]
   assert coconut_train.train_steps(c, schedule, 100) == 2200  # epochs 3..24
   assert (c.model.init, c.model.vocab, c.model.dropout, c.coconut.steps_per_epoch) == ('gpt2', 'full', 0.1, 0)
-  assert (c.coconut.optimizer, c.coconut.reset_optimizer, c.bootstrap.lr, c.bootstrap.weight_decay) == (
-      'coconut', True, 1e-4, 0.01)
+  assert (c.bootstrap.schedule, c.bootstrap.decay, c.bootstrap.grad_clip, c.coconut.reset_optimizer, c.bootstrap.lr,
+          c.bootstrap.weight_decay) == ('constant', 'all', 0.0, 'epoch', 1e-4, 0.01)
   assert (c.bootstrap.batch_size, c.bootstrap.steps, c.bootstrap.best_metric) == (128, 0, 'accuracy')
-  assert (c.coconut.answer_match, c.eval.split, c.coconut.eval_every_epochs) == ('exact', 'test', 1)
+  assert (c.eval.answer_match, c.eval.split, c.coconut.eval_every_epochs) == ('exact', 'test', 1)
   gen = coconut_train.generate_config('coconut', 4, schedule, tokens.Vocab.full(), c.generate.max_new_tokens)
   assert len(gen.forced_prefix) == 8 and gen.max_new_tokens == 8 + 64  # <|bot|>, 3 x 2 latents, <|eot|>
   assert coconut_configs.get_config('gsm8k,cot,paper').coconut.start_epoch == 0
@@ -189,17 +189,18 @@ def test_study_configs_are_valid(dataset, scale, method):
   800 + 3 x 1000 + 150)."""
   c = coconut_configs.get_config(f'{dataset},{method}' + (f',{scale}' if scale else ''))
   pipeline.check_config(c)
-  assert c.method == ('coconut' if method == 'coconut_no_curriculum' else method)
+  assert c.method == {'coconut_no_curriculum': 'coconut', 'dtt_compress': 'dtt'}.get(method, method)
   assert c.coconut.curriculum == (method != 'coconut_no_curriculum')
   k = c.coconut
   if dataset in coconut_configs.SUITE:
     budget = coconut_configs.TEXT_STEPS[dataset] + 50 * (k.max_stage * (20 if scale else 1) + 3)
   else:
     budget = k.steps_per_epoch * (k.max_stage + 2)
-  if method == 'dtt':
-    assert c.bootstrap.steps == budget and c.model.dropout == 0
+  if method in coconut_configs.DTT_METHODS:
+    assert c.bootstrap.steps == budget
+    assert c.data.span == ('curriculum' if method == 'dtt_compress' else 'cot')
   else:
-    assert c.bootstrap.steps == 0 and c.model.dropout == 0.1
+    assert c.bootstrap.steps == 0
     assert coconut_train.train_steps(c, curriculum.curriculum(c), k.steps_per_epoch) == budget
   if method == 'icot':  # every CoT token is gone when the final stage starts, none before the text stage ends
     schedule = curriculum.curriculum(c)
@@ -208,10 +209,36 @@ def test_study_configs_are_valid(dataset, scale, method):
         k.icot_pretrain_epochs == 0)
 
 
+# The fields that make one recipe: the optimizer, its schedule and resets, dropout, the checkpoint scored, the
+# answer rule (issue #29: a study table's methods differ in their layout and loss only).
+RECIPE = ('bootstrap.lr', 'bootstrap.schedule', 'bootstrap.warmup_steps', 'bootstrap.weight_decay', 'bootstrap.decay',
+          'bootstrap.grad_clip', 'bootstrap.batch_size', 'coconut.reset_optimizer', 'model.dropout',
+          'bootstrap.best_checkpoint', 'eval.answer_match', 'eval.split', 'model.n_layer', 'model.n_embd')
+
+
+@pytest.mark.parametrize('dataset,scale', [(d, '') for d in coconut_configs.DATASETS] +
+                         [(d, 'long') for d in coconut_configs.SUITE] +
+                         [(d, 'paper') for d in coconut_configs.PAPER_DATASETS])
+def test_every_method_of_a_study_shares_one_recipe(dataset, scale):
+  """Every method of one study (a task at one scale) trains with the same optimizer, schedule, clipping, weight
+  decay, dropout and batch, scores the final layout's best checkpoint and matches answers by one rule: COCONUT's
+  (constant lr, decay on all parameters, no clipping, dropout 0.1, exact match)."""
+  methods = coconut_configs.METHODS[:-len(coconut_configs.DTT_METHODS)] if scale == 'paper' else coconut_configs.METHODS
+  values = {}
+  for method in methods:
+    c = coconut_configs.get_config(f'{dataset},{method}' + (f',{scale}' if scale else ''))
+    values[method] = tuple(c[section][name] for section, name in (key.split('.') for key in RECIPE))
+  assert len(set(values.values())) == 1, values
+  recipe = dict(zip(RECIPE, values['coconut']))
+  assert (recipe['bootstrap.schedule'], recipe['bootstrap.decay'], recipe['bootstrap.grad_clip'],
+          recipe['model.dropout'], recipe['bootstrap.best_checkpoint'], recipe['eval.answer_match']) == (
+              'constant', 'all', 0.0, 0.1, 'final_accuracy', 'exact')
+
+
 def test_bad_method_and_stage_are_named():
   with pytest.raises(ValueError, match='configs/coconut.py:\'prontoqa,latent\': expected "<dataset>,<method>'):
     coconut_configs.get_config('prontoqa,latent')
-  with pytest.raises(ValueError, match='"dtt" not with "paper"'):
+  with pytest.raises(ValueError, match='dtt, dtt_compress not with "paper"'):
     coconut_configs.get_config('gsm8k,dtt,paper')
   with pytest.raises(ValueError, match='addition4, prosqa_mini with "long"'):
     coconut_configs.get_config('prontoqa,coconut,long')

@@ -23,11 +23,18 @@ def test_config_is_valid(name):
     ('stage', 'train', "config.stage='train': expected one of 'bootstrap', 'grpo', 'eval', 'pipeline'"),
     ('model.vocab', 'small', "config.model.vocab='small'"),
     ('bootstrap.batch_size', 0, 'config.bootstrap.batch_size=0 must be positive'),
-    ('model.dropout', 0.1, "config.model.dropout=0.1 applies only to the COCONUT methods (coconut, pause_as_thought, "
-                           "cot, no_cot, pause, coconut_no_thought, icot): set it to 0 for config.method='dtt'"),
+    ('model.dropout', 0.1, "config.model.dropout=0.1 applies only to the methods with a supervised stage (dtt, "
+                           "coconut, pause_as_thought, cot, no_cot, pause, coconut_no_thought, icot): set it to 0 for "
+                           "config.method='think_tokens'"),
+    ('bootstrap.schedule', 'cosine', "config.bootstrap.schedule='cosine': expected one of 'warmup_cosine', 'constant'"),
+    ('bootstrap.decay', 'none', "config.bootstrap.decay='none': expected one of 'matrices', 'all'"),
+    ('eval.answer_match', 'strict', "config.eval.answer_match='strict': expected one of 'exact', 'lenient'"),
+    ('data.span', 'steps', "config.data.span='steps': expected one of 'none', 'cot', 'curriculum'"),
 ])
 def test_bad_values_are_named(key, value, message):
   config = importlib.import_module('configs.quickstart').get_config()
+  if key == 'model.dropout':
+    config.method = 'think_tokens'
   section, _, name = key.rpartition('.')
   (config[section] if section else config)[name] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from dtt_jax.model.dtt import DTTConfig, DTTModel
-from dtt_jax.model.gpt2 import GPT2Config
+from dtt_jax.model.gpt2 import Dropout, GPT2Config
 from dtt_jax.sampling import engine
 from dtt_jax.train import bootstrap, fast_unroll
 
@@ -40,12 +40,12 @@ def _inputs(seed=0):
   return tuple(map(jnp.asarray, (prompt, mask, completion, noise, key_bias, forced)))
 
 
-def _loss(unroll_fn, graphdef, params, inputs, use_bias, use_forced, hard=False, segment=64):
+def _loss(unroll_fn, graphdef, params, inputs, use_bias, use_forced, hard=False, segment=64, dropout=0.0):
   prompt, mask, completion, noise, key_bias, forced = inputs
   model = nnx.merge(graphdef, params)
   out = unroll_fn(model, prompt, mask, completion, noise, 0.7, hard=hard,
                   completion_key_bias=key_bias if use_bias else None, forced_gates=forced if use_forced else None,
-                  segment=segment)
+                  segment=segment, dropout=Dropout(jax.random.key(5), dropout, P + T) if dropout else None)
   logits = model.gpt2.logits(out.target_hidden)
   ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, completion))
   gate_term = jnp.mean(jax.nn.relu(0.9 - out.gates) * jnp.arange(T)) + jnp.mean(out.gates ** 2)
@@ -61,24 +61,27 @@ def _assert_tree_close(a, b, rtol=1e-5):
     np.testing.assert_allclose(x, y, atol=rtol * scale, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize('use_bias,use_forced,hard,segment,projection', [
-    (True, False, False, 64, False),  # gate on (random gate head), left-padded prompts, noisy-span bias
-    (True, True, False, 64, False),  # forced gates
-    (False, False, True, 4, True),  # hard gate, projection, three cache segments
-    (True, False, False, 4, False),
+@pytest.mark.parametrize('use_bias,use_forced,hard,segment,projection,dropout', [
+    (True, False, False, 64, False, 0.0),  # gate on (random gate head), left-padded prompts, noisy-span bias
+    (True, True, False, 64, False, 0.0),  # forced gates
+    (False, False, True, 4, True, 0.0),  # hard gate, projection, three cache segments
+    (True, False, False, 4, False, 0.3),  # dropout: the backward pass draws the forward's masks
 ])
-def test_outputs_and_gradients_equal_autodiff(use_bias, use_forced, hard, segment, projection):
+def test_outputs_and_gradients_equal_autodiff(use_bias, use_forced, hard, segment, projection, dropout):
   graphdef, params = nnx.split(_model(projection=projection))
   inputs = _inputs()
   results = {}
   for name, fn in (('fast', fast_unroll.unroll), ('engine', engine.unroll)):
-    loss = lambda p, fn=fn: _loss(fn, graphdef, p, inputs, use_bias, use_forced, hard, segment)
+    loss = lambda p, fn=fn: _loss(fn, graphdef, p, inputs, use_bias, use_forced, hard, segment, dropout)
     (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     results[name] = (value, out, grads)
   (v_fast, out_fast, g_fast), (v_ref, out_ref, g_ref) = results['fast'], results['engine']
   _assert_tree_close(out_fast, out_ref)
   np.testing.assert_allclose(float(v_fast), float(v_ref), rtol=1e-6)
   _assert_tree_close(g_fast, g_ref)
+  if dropout:  # the masks change the function: not the dropout-free outputs
+    clean = jax.jit(lambda p: _loss(engine.unroll, graphdef, p, inputs, use_bias, use_forced, hard, segment)[0])
+    assert abs(float(clean(params)) - float(v_ref)) > 1e-3
   # The gate really carries gradient (a random gate head), and the gradient reaches the token embeddings.
   if not use_forced:
     assert float(jnp.abs(g_fast['gate_head']['kernel'].value).max()) > 1e-4

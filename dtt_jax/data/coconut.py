@@ -11,6 +11,10 @@ the method and the curriculum stage k (c = thoughts per step, K = max_stage):
     cot                 steps (each + `\\n`) `### answer` <|endoftext|>                 (k ignored)
     no_cot              `### answer` <|endoftext|>                                     (k ignored)
     pause               <|pause|> x (K c) `### answer` <|endoftext|>                  (k ignored)
+    dtt                 <|bot|> <|latent|> x L steps[k:] (each + `\n`) <|eot|> answer <|endoftext|>
+                        (the compressing DTT span, `data.span='curriculum'`: L latent positions for the k replaced
+                        steps, ceil(m / r) for a step of m tokens with r = `tokens_per_latent`, c each when r = 0;
+                        every token is a target, the latents' `<|latent|>` included)
 
 with n = k up to stage K (a record with fewer than k steps loses all of them but still gets k c thoughts), and
 past stage K every step removed and n = K (COCONUT's data code with `pad_latent_to_max`, its ProsQA/ProntoQA
@@ -18,7 +22,7 @@ setting). `coconut_no_thought` is the official `no_thoughts: True` (c_thought 0,
 schedule of COCONUT with no thought and no `<|bot|>`/`<|eot|>`, the No-CoT layout past stage K. The loss covers the
 text after the latent span (`<|eot|>` excluded), or after the question / pauses for the others; `latent_mask` marks
 the positions whose input is the previous position's last hidden state instead of a token embedding (COCONUT's
-continuous thoughts). Without a curriculum (COCONUT's "w/o curriculum" ablation) every epoch trains at the final
+continuous thoughts; the 'dtt' layout marks its latents too, though there the learned gate decides the input). Without a curriculum (COCONUT's "w/o curriculum" ablation) every epoch trains at the final
 stage K + 1. Evaluation feeds min(k, K) c thoughts after the question.
 
 Step s of a run is in epoch `start_epoch + s // steps_per_epoch` of the schedule (`start_epoch`: COCONUT's
@@ -47,13 +51,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dtt_jax.data.samples import BatchIterator, model_ids
+from dtt_jax.data.samples import BatchIterator, Stage1Batch, model_ids
 from dtt_jax.tokens import Tokenizer
 
 log = logging.getLogger(__name__)
 
 METHODS = ('coconut', 'pause_as_thought', 'cot', 'no_cot', 'pause', 'coconut_no_thought', 'icot')
-STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought')  # steps[k:] at stage k
+LAYOUTS = METHODS + ('dtt',)  # 'dtt': the compressing DTT span (methods/dtt.py, data.span='curriculum')
+STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought', 'dtt')  # steps[k:] at stage k
 ANSWER_PREFIX = '### '
 MAX_REMOVAL_OFFSET = 99  # the official lambda distribution's truncation (100 values)
 ALL_REMOVED = 2 ** 31 - 1  # iCoT's removal count once every CoT token goes
@@ -75,12 +80,14 @@ class Curriculum:
   icot_lambda: float = 4.0  # iCoT: removal smoothing (official --removal_smoothing_lambda); inf: none
   icot_pretrain_epochs: int = 0  # iCoT: epochs of full CoT before the removal starts (official --pretrain_epochs)
   icot_remove_all_beyond: int = 0  # iCoT: all removed once this many are (--remove_all_when_remove_beyond; 0: inf)
+  tokens_per_latent: int = 0  # 'dtt' layout: a replaced step of m tokens becomes ceil(m / this) latents (0: c each)
 
   def __post_init__(self):
     for name in ('c_thoughts', 'epochs_per_stage'):
       if getattr(self, name) < 1:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 1.')
-    for name in ('max_stage', 'first_stage_epochs', 'start_epoch', 'icot_pretrain_epochs', 'icot_remove_all_beyond'):
+    for name in ('max_stage', 'first_stage_epochs', 'start_epoch', 'icot_pretrain_epochs', 'icot_remove_all_beyond',
+                 'tokens_per_latent'):
       if getattr(self, name) < 0:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 0.')
     for name in ('icot_delta', 'icot_lambda'):
@@ -114,6 +121,17 @@ class Curriculum:
   def thoughts(self, stage: int) -> int:
     """Latent (or pause) positions at `stage`: k c, and K c past the last stage."""
     return min(stage, self.max_stage) * self.c_thoughts
+
+  def span_latents(self, step_lengths: Sequence[int], stage: int) -> int:
+    """The 'dtt' layout's latent positions at `stage` for steps of these token counts: ceil(m / r) per replaced
+    step (c with r = `tokens_per_latent` = 0); the first k steps are replaced at stage k <= K, all of them after."""
+    replaced = step_lengths[:stage] if stage <= self.max_stage else step_lengths
+    r = self.tokens_per_latent
+    return sum(-(-m // r) for m in replaced) if r else len(replaced) * self.c_thoughts
+
+  def is_final(self, stage: int) -> bool:
+    """Whether `stage` (of the step curriculum) is the last of the schedule, every step latent or removed."""
+    return stage > self.max_stage
 
   def epoch_at_step(self, step: int, steps_per_epoch: int) -> int:
     """The schedule's epoch of (0-based) step `step` of the run."""
@@ -195,7 +213,7 @@ def all_layout_texts(records: Sequence[dict]) -> list[str]:
 
 
 def check_method(method: str) -> str:
-  if method not in METHODS:
+  if method not in LAYOUTS:
     raise ValueError(f'config.method={method!r}: expected one of {", ".join(map(repr, METHODS))}.')
   return method
 
@@ -224,7 +242,8 @@ def removed_tokens(method: str, stage: int) -> int:
 
 def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokenizer: Tokenizer) -> Sample:
   """The record laid out for `method` at curriculum stage `stage` (module docstring)."""
-  check_method(method)
+  if check_method(method) == 'dtt':
+    return _dtt_sample(record, stage, cfg, tokenizer)
   vocab = tokenizer.vocab
   question, steps, answer = layout_texts(record)
   head = np.array(head_tokens(method, stage, cfg, vocab), np.int32)
@@ -235,6 +254,20 @@ def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokeniz
   loss_mask = np.concatenate([np.zeros(len(head), np.int32), np.ones(len(tail), np.int32)])
   latent_mask = (completion == vocab.latent).astype(np.int32) if method == 'coconut' else np.zeros_like(completion)
   return Sample(prompt.astype(np.int32), completion, loss_mask, latent_mask)
+
+
+def _dtt_sample(record: dict, stage: int, cfg: Curriculum, tokenizer: Tokenizer) -> Sample:
+  """The 'dtt' layout (module docstring): every real completion token is a target, `latent_mask` marks the
+  latents."""
+  vocab = tokenizer.vocab
+  question, steps, _ = layout_texts(record)
+  prompt, *step_ids, answer = model_ids(tokenizer, [question] + steps + [record['answer'].strip()])
+  latents = cfg.span_latents([len(x) for x in step_ids], stage)
+  kept = kept_steps('dtt', stage, cfg, step_ids)
+  completion = np.concatenate([[vocab.bot], [vocab.latent] * latents, *kept, [vocab.eot], answer,
+                               [vocab.eos]]).astype(np.int32)
+  return Sample(prompt.astype(np.int32), completion, np.ones_like(completion),
+                (completion == vocab.latent).astype(np.int32))
 
 
 def build_batch(records, method: str, stage: int | Sequence[int], cfg: Curriculum, tokenizer: Tokenizer,
@@ -262,6 +295,19 @@ def build_batch(records, method: str, stage: int | Sequence[int], cfg: Curriculu
   return out
 
 
+def stage1_batch(batch: dict[str, np.ndarray], vocab) -> Stage1Batch:
+  """A 'dtt' layout `build_batch` -> the DTT bootstrap's Stage1Batch [B,P] / [B,T]: every real completion token a
+  target, inner positions strictly between `<|bot|>` (column 0) and the `<|eot|>`, no filler."""
+  completion, real = batch['completion'], batch['loss_mask']
+  closed = np.cumsum((completion == vocab.eot) & (real > 0), axis=1) > 0  # from the <|eot|> on
+  inner = (real > 0) & ~closed
+  inner[:, 0] = False  # <|bot|>
+  inner = inner.astype(np.int32)
+  return Stage1Batch(prompt=batch['prompt'], prompt_mask=batch['prompt_mask'], completion=completion,
+                     completion_mask=real, loss_mask=real, inner_mask=inner, outer_mask=real - inner,
+                     filler_mask=np.zeros_like(real))
+
+
 def _lengths(tokenizer: Tokenizer, record: dict) -> tuple[int, list[int], int]:
   """(prompt, [each step], answer) lengths in model ids."""
   question, steps, answer = layout_texts(record)
@@ -277,8 +323,13 @@ def fitting_records(records: Sequence[dict], method: str, cfg: Curriculum, token
   need_p, need_t, kept = [], [], []
   for r in records:
     p, step_lens, a = _lengths(tokenizer, r)
-    t = max(len(head_tokens(method, k, cfg, tokenizer.vocab))
-            + max(sum(kept_steps(method, k, cfg, step_lens)) - removed_tokens(method, k), 0) + a + 1 for k in stages)
+    if method == 'dtt':  # <|bot|> latents steps <|eot|> answer (without `### `) <|endoftext|>
+      a = len(model_ids(tokenizer, [r['answer'].strip()])[0]) + 2
+      head = lambda k, step_lens=step_lens: 1 + cfg.span_latents(step_lens, k)
+    else:
+      head = lambda k: len(head_tokens(method, k, cfg, tokenizer.vocab))
+    t = max(head(k) + max(sum(kept_steps(method, k, cfg, step_lens)) - removed_tokens(method, k), 0) + a + 1
+            for k in stages)
     need_p.append(p)
     need_t.append(t)
     if p <= max_prompt_len and t <= max_completion_len:
@@ -294,7 +345,8 @@ def fitting_records(records: Sequence[dict], method: str, cfg: Curriculum, token
 
 
 class CurriculumBatches:
-  """Endless, deterministic, resumable `build_batch`es: step s is at stage `stage(s)` (an "epoch" is
+  """Endless, deterministic, resumable `build_batch`es (the 'dtt' layout's as `stage1_batch`es): step s is at
+  stage `stage(s)` (an "epoch" is
   `steps_per_epoch` steps; 0 = one pass over the records), rows drawn by `samples.BatchIterator`. The stage is the
   schedule's (`Curriculum.stage_at_step`), for iCoT its removal count (`Curriculum.removed_at_step` up to the
   longest CoT of the records, `cot_tokens`), each row then removing its smoothing offset more.
@@ -335,6 +387,13 @@ class CurriculumBatches:
       return self.stage_starts(total_steps) if every_epochs > 0 else []
     return self.cfg.reset_steps(self.steps_per_epoch, total_steps, every_epochs)
 
+  def is_final(self, step: int) -> bool:
+    """Whether step `step` trains the method's final layout: the schedule's last stage (step curriculum), every CoT
+    token removed (iCoT), always for the layouts without a curriculum (CoT, No-CoT, Pause)."""
+    if self.method == 'icot':
+      return self.stage(step) >= self.cot_tokens
+    return self.cfg.is_final(self.stage(step)) if self.method in STEP_CURRICULUM else True
+
   @property
   def stage_changed(self) -> bool:
     """Whether the batch last returned (step - 1) is the first of a new stage."""
@@ -349,7 +408,8 @@ class CurriculumBatches:
     self.step += 1
     if self.method == 'icot':
       stage = [stage + self.cfg.removal_offset(self.seed, step, int(i), self.steps_per_epoch) for i in rows]
-    return build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths)
+    batch = build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths)
+    return stage1_batch(batch, self.tokenizer.vocab) if self.method == 'dtt' else batch
 
   def state(self) -> dict[str, int]:
     return {**self.rows.state(), 'step': self.step}

@@ -256,12 +256,15 @@ def _hub_gsm8k(split: str) -> list[dict]:
 
 
 def get_dataset(name: str, split: str, path: str | None = None, *, data_dir: str | None = None,
-                size: int | None = None, seed: int = 0, min_digits: int = 2, max_digits: int = 4) -> list[dict]:
+                size: int | None = None, seed: int = 0, min_digits: int = 2, max_digits: int = 4,
+                prosqa_nodes: int = generators.PROSQA_MINI_NODES,
+                prosqa_min_path: int = generators.PROSQA_MINI_MIN_PATH) -> list[dict]:
   """Records {question, steps, answer} of `split` ('train' | 'valid' | 'test') of dataset `name`.
 
   path: a file in one of the dataset's formats (overrides the default location). data_dir: where default files
   are looked for (default `../shared/data` beside the project). size, seed: generated datasets (addition, prosqa_mini; ProsQA
   train when no file exists); size defaults to `DEFAULT_SIZES[split]`. min_digits, max_digits: addition.
+  prosqa_nodes, prosqa_min_path: prosqa_mini's graph size N and shortest answer path (`generate_prosqa_mini`).
   """
   if name not in DATASETS:
     raise ValueError(f'Unknown dataset {name!r}; known: {", ".join(DATASETS)}.')
@@ -273,7 +276,7 @@ def get_dataset(name: str, split: str, path: str | None = None, *, data_dir: str
       raise ValueError('The addition dataset is generated; it takes no path (set its size and seed instead).')
     return generators.generate_addition(n, seed, split, min_digits, max_digits)
   if name == 'prosqa_mini' and not path:
-    return generators.generate_prosqa_mini(n, seed, split)
+    return generators.generate_prosqa_mini(n, seed, split, prosqa_nodes, prosqa_min_path)
   if path:
     return read_file(path, name)
   found, looked = find_default_file(name, split, data_dir)
@@ -296,11 +299,17 @@ def get_dataset(name: str, split: str, path: str | None = None, *, data_dir: str
                           f'(config.dataset.{split}_path) or set config.dataset.data_dir. {HOW_TO_GET[name]}')
 
 
+def generator_args(c) -> dict:
+  """The generators' settings of a `config.dataset` section (defaults where it lacks them)."""
+  return dict(min_digits=c.get('min_digits', 2), max_digits=c.get('max_digits', 4),
+              prosqa_nodes=c.get('prosqa_nodes', generators.PROSQA_MINI_NODES),
+              prosqa_min_path=c.get('prosqa_min_path', generators.PROSQA_MINI_MIN_PATH))
+
+
 def load_splits(c, seed: int = 0) -> tuple[list[dict], list[dict]]:
   """(train, valid) records from a `config.dataset` section (name, train_path, valid_path, data_dir, train_size,
-  valid_size, min_digits, max_digits; empty strings mean the defaults)."""
-  common = dict(data_dir=c.get('data_dir') or None, seed=seed, min_digits=c.get('min_digits', 2),
-                max_digits=c.get('max_digits', 4))
+  valid_size, min_digits, max_digits, prosqa_nodes, prosqa_min_path; empty strings mean the defaults)."""
+  common = dict(data_dir=c.get('data_dir') or None, seed=seed, **generator_args(c))
   train = get_dataset(c.name, 'train', c.get('train_path') or None, size=c.get('train_size'), **common)
   valid = get_dataset(c.name, 'valid', c.get('valid_path') or None, size=c.get('valid_size'), **common)
   return train, valid

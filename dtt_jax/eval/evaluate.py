@@ -90,15 +90,15 @@ def latent_lens(model, hidden: np.ndarray, gates: np.ndarray, mask: np.ndarray, 
 
 def evaluate(model, prompt: np.ndarray, prompt_mask: np.ndarray, questions: Sequence[str],
              references: Sequence[str], tokenizer: Tokenizer, dataset: str, gen_cfg: engine.GenerateConfig,
-             tau: float, batch_size: int, mesh, reward_weights=None) -> EvalResult:
-  """prompt, prompt_mask [N,P] -> EvalResult (greedy, gate noise off). With `gen_cfg.return_hidden`, each row also
-  carries its decoded tokens and the latent lens of its blended positions."""
+             tau: float, batch_size: int, mesh, reward_weights=None, answer_match: str = 'lenient') -> EvalResult:
+  """prompt, prompt_mask [N,P] -> EvalResult (greedy, gate noise off; answers scored by `answer_match`). With
+  `gen_cfg.return_hidden`, each row also carries its decoded tokens and the latent lens of its blended positions."""
   out = generate_all(model, prompt, prompt_mask, gen_cfg, tau, batch_size, mesh)
   lens = (latent_lens(model, out.hidden_inputs, out.gates, out.mask, tokenizer) if gen_cfg.return_hidden
           else None)
   completions = reward.decode_completions(tokenizer, out.tokens, out.mask)
   r = reward.compute_rewards(out.tokens, out.mask, out.gates, completions, list(references), dataset,
-                             tokenizer.vocab, reward_weights)
+                             tokenizer.vocab, reward_weights, answer_match)
   inner, outer, _ = reward.span_masks(out.tokens, out.mask, tokenizer.vocab)
   gates = np.asarray(out.gates, np.float64)
   metrics = {

@@ -49,8 +49,8 @@ def eval_records(config, valid: list[dict]) -> tuple[str, list[dict]]:
   else:
     name = 'test'
     records = data_lib.get_dataset(d.name, 'test', d.get('test_path') or None, data_dir=d.get('data_dir') or None,
-                                   size=e.size or None, seed=0, min_digits=d.min_digits,
-                                   max_digits=d.max_digits)  # generated: the same test problems for every seed
+                                   size=e.size or None, seed=0,
+                                   **data_lib.generator_args(d))  # generated: the same test problems for every seed
   seen = set()
   distinct = [r for r in records if not (r['question'] in seen or seen.add(r['question']))]  # first of each
   if len(distinct) < len(records):

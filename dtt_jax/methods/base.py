@@ -83,6 +83,16 @@ class Method(abc.ABC):
 
 # ------------------------------------------------------------------------------------------- shared stage machinery
 
+# Validation metric present only where a method trains its final layout (every step latent / removed; always for a
+# method without a curriculum): `best_checkpoint = 'final_accuracy'` ranks only final-layout checkpoints, so the
+# checkpoint scored is the final layout's best on validation, as COCONUT's evaluation does.
+FINAL_METRIC = 'final_accuracy'
+
+
+def with_final_accuracy(metrics: dict, final: bool) -> dict:
+  """`metrics` plus FINAL_METRIC (= its accuracy) when `final`."""
+  return {**metrics, FINAL_METRIC: metrics['accuracy']} if final else metrics
+
 
 def validation_prompts(exp: Experiment):
   """Held-out prompts of `dataset.valid_size` validation records (left-padded), questions, reference answers."""

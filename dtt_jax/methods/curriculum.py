@@ -5,7 +5,7 @@ The four parts: the layout of a record at a step (`data/coconut.py`: `Curriculum
 method's sequences at the curriculum stage of that step: text steps, latents `<|latent|>`, pauses, iCoT's removed
 tokens), the loss (`train/coconut.py`: COCONUT's n + 1 passes with the latents fed back; one pass without
 latents), decoding (the method's head forced, then greedy text; `train/coconut.generate_config`) and scoring
-(`coconut.answer_match`, `train/coconut.score`). The optimizer recipe, the budget and the reset steps are
+(`eval.answer_match`, `train/coconut.score`). The optimizer recipe, the budget and the reset steps are
 `train/coconut.py`'s.
 """
 
@@ -93,13 +93,13 @@ def run_curriculum(exp: base.Experiment) -> loop.LoopResult:
     state, metrics = train_step(state, batch, tau)
     return state, dict(metrics, stage=float(batches.stage(step)), epoch=float(schedule.epoch_at_step(step, per_epoch)))
 
-  return base.run_stage(exp, 'bootstrap', state, step_fn, batches, make_validate(exp, graphdef, batches.stage))
+  return base.run_stage(exp, 'bootstrap', state, step_fn, batches, make_validate(exp, graphdef, batches))
 
 
-def make_validate(exp: base.Experiment, graphdef, stage_at):
-  """validate(state, step, tau) -> at the stage of the last trained step: greedy accuracy (`coconut.answer_match`)
+def make_validate(exp: base.Experiment, graphdef, batches: coconut_data.CurriculumBatches):
+  """validate(state, step, tau) -> at the stage of the last trained step: greedy accuracy (`eval.answer_match`)
   and generated tokens on the held-out prompts, teacher-forced CE / token / sequence accuracy on the held-out
-  samples."""
+  samples; `final_accuracy` (the accuracy) only in the method's final layout (`base.FINAL_METRIC`)."""
   c = exp.config
   prompts = base.validation_prompts(exp)
   held_out = coconut_data.fitting_records(exp.valid[:c.dataset.valid_size], c.method, curriculum(c), exp.tokenizer,
@@ -107,13 +107,14 @@ def make_validate(exp: base.Experiment, graphdef, stage_at):
 
   def validate(state, step, tau):
     del tau
-    stage = stage_at(max(step - 1, 0))
+    stage = batches.stage(max(step - 1, 0))
     gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens)
     metrics, _ = coconut_train.evaluate(nnx.merge(graphdef, state.params), prompts, exp.tokenizer, c.dataset.name,
-                                        gen_cfg, c.generate.batch_size, exp.mesh, c.coconut.answer_match)
+                                        gen_cfg, c.generate.batch_size, exp.mesh, c.eval.answer_match)
     batch = coconut_data.build_batch(held_out, c.method, stage, curriculum(c), exp.tokenizer, c.data.max_prompt_len,
                                      c.data.max_completion_len)
-    return {'stage': float(stage), **metrics, **coconut_train.teacher_forced_metrics(graphdef, state.params, batch)}
+    metrics = {'stage': float(stage), **metrics, **coconut_train.teacher_forced_metrics(graphdef, state.params, batch)}
+    return base.with_final_accuracy(metrics, batches.is_final(max(step - 1, 0)))
 
   return validate
 
@@ -134,10 +135,10 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
   gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens,
                                           return_hidden=True)
   metrics, rows = coconut_train.evaluate(nnx.merge(graphdef, params), prompts, exp.tokenizer, c.dataset.name,
-                                         gen_cfg, c.generate.batch_size, exp.mesh, c.coconut.answer_match)
+                                         gen_cfg, c.generate.batch_size, exp.mesh, c.eval.answer_match)
   info = {'method': c.method, 'stage': 'bootstrap', 'step': step, 'split': name, 'config': heldout.config_hash(c)}
   heldout.stamp(rows, **info)
-  metrics = {**info, 'checkpoint': why, 'curriculum_stage': stage, 'answer_match': c.coconut.answer_match,
+  metrics = {**info, 'checkpoint': why, 'curriculum_stage': stage, 'answer_match': c.eval.answer_match,
              'num_examples': len(rows), **metrics}
   if jax.process_index() == 0:
     out = heldout.output_dir(exp.workdir, name, 'bootstrap', c.eval.checkpoint)

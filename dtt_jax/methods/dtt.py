@@ -1,9 +1,14 @@
 """Dynamic Thinking Tokens (the paper's method): Stage 1, the supervised bootstrap (`train/bootstrap.py`), then
 Stage 2, GRPO (`rl/grpo.py`, rollouts by `rl/rollout.py`); greedy latent decoding with the engine at evaluation,
-scored by the reward's answer rule (`reward/reward.py`, `eval/evaluate.py`).
+scored by `eval.answer_match` on the text after `<|eot|>` (`reward/reward.py`, `eval/evaluate.py`).
 
-Data: Stage 1 builds `<|bot|> span <|eot|> answer` sequences (`data.stage1_iterator`: filler or CoT span with its
-noise), Stage 2 draws prompts (`data.prompt_iterator`) whose completions the policy samples.
+Data: Stage 1 builds `<|bot|> span <|eot|> answer` sequences. The seed's recipe (`data.span` 'none' or 'cot',
+`data.stage1_iterator`): a filler or the CoT span, one position per token. The compressing recipe
+(`data.span='curriculum'`, `data/coconut.py`'s 'dtt' layout): the CoT span under `config.coconut`'s stage schedule,
+stage k replacing the first k steps by ceil(m / r) `<|latent|>` positions each (r = `coconut.tokens_per_latent`),
+whose targets are `<|latent|>` and whose gate the hinge pushes towards 1; the optimizer resets as the COCONUT
+methods' (`coconut.reset_optimizer`). Stage 2 draws prompts (`data.prompt_iterator`) whose completions the policy
+samples.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from dtt_jax import data as data_lib
-from dtt_jax import parallel
+from dtt_jax import parallel, reward
 from dtt_jax import workdir as workdir_lib
+from dtt_jax.data import coconut as coconut_data
 from dtt_jax.eval import evaluate as eval_lib
 from dtt_jax.eval import heldout, report
 from dtt_jax.methods import base
@@ -27,6 +33,7 @@ from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import lora
 from dtt_jax.rl import grpo, rollout
 from dtt_jax.train import bootstrap, loop, state as state_lib
+from dtt_jax.train import coconut as coconut_train
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,19 @@ class DTT(base.Method):
     if c.bootstrap.steps <= 0:
       raise ValueError(f'config.bootstrap.steps={c.bootstrap.steps} must be positive.')
     grpo.check_config(c.grpo)  # raises on bad GRPO values (loss_agg, gate_as_action without gate_noise, ...)
+    if c.grpo.length_reward not in reward.LENGTH_REWARDS:
+      raise ValueError(f'config.grpo.length_reward={c.grpo.length_reward!r}: expected one of '
+                       f'{", ".join(map(repr, reward.LENGTH_REWARDS))}.')
+    if not 0 <= c.grpo.min_think <= c.grpo.max_think:
+      raise ValueError(f'config.grpo.min_think={c.grpo.min_think}: expected 0 (no drawn budgets) up to '
+                       f'config.grpo.max_think={c.grpo.max_think}.')
+    if compressing(c):
+      coconut_data.Curriculum.from_config(c.coconut)  # raises naming a bad config.coconut value
+
+  uses_dropout = True  # in the bootstrap (GRPO, validation and evaluation run without)
+
+  def vocab_texts(self, c, records):
+    return coconut_data.all_layout_texts(records) if compressing(c) else ()
 
   def train(self, exp: base.Experiment, stage: str) -> loop.LoopResult:
     return run_bootstrap(exp) if stage == 'bootstrap' else run_grpo(exp)
@@ -50,44 +70,73 @@ class DTT(base.Method):
 
 
 def bootstrap_optimizer(c, schedule_steps: int = 0):
-  """AdamW of `config.bootstrap`, its warmup + cosine over `schedule_steps` (default: the stage's steps)."""
-  b = c.bootstrap
-  return state_lib.make_optimizer(b.lr, schedule_steps or b.steps, b.warmup_steps, b.weight_decay, b.grad_clip,
-                                  b.gate_lr_mult, train_modules=lora.configured_train_modules(c.get('lora')))
+  """The supervised optimizer of `config.bootstrap` (`state.supervised_optimizer`), its schedule over
+  `schedule_steps` (default: the stage's steps)."""
+  return state_lib.supervised_optimizer(c.bootstrap, schedule_steps or c.bootstrap.steps,
+                                        lora.configured_train_modules(c.get('lora')))
+
+
+def compressing(c) -> bool:
+  """Whether the bootstrap follows the compressing curriculum (`data.span='curriculum'`)."""
+  return c.data.span == 'curriculum'
+
+
+def curriculum_batches(exp: base.Experiment) -> coconut_data.CurriculumBatches:
+  """The compressing recipe's Stage-1 batches: the 'dtt' layout at the schedule's stage of each step."""
+  c = exp.config
+  return coconut_data.CurriculumBatches(exp.train, 'dtt', coconut_data.Curriculum.from_config(c.coconut),
+                                        exp.tokenizer, c.bootstrap.batch_size, c.data.max_prompt_len,
+                                        c.data.max_completion_len, c.coconut.steps_per_epoch, seed=c.seed,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def run_bootstrap(exp: base.Experiment) -> loop.LoopResult:
   c, b = exp.config, exp.config.bootstrap
   parallel.check_divisible(b.batch_size, exp.mesh, 'bootstrap.batch_size')
-  tx = bootstrap_optimizer(c)
+  if compressing(c):
+    batches = curriculum_batches(exp)
+    resets = set(batches.reset_steps(b.steps, coconut_train.reset_every_epochs(c)))
+    is_final = batches.is_final
+    tx = coconut_train.make_optimizer(c, batches.steps_per_epoch, b.steps,
+                                      lora.configured_train_modules(c.get('lora')))
+    log.info('dtt (compressing curriculum): stages start at steps %s; optimizer resets at %d steps.',
+             batches.stage_starts(b.steps), len(resets))
+  else:
+    batches = data_lib.stage1_iterator(exp.train, exp.tokenizer, c.data, b.batch_size, seed=c.seed,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+    resets, is_final = set(), lambda step: True
+    tx = bootstrap_optimizer(c)
   graphdef, state = base.initial_state(exp, tx)  # with config.init_from: e.g. a CoT run's weights
-  train_step = bootstrap.make_train_step(graphdef, tx, bootstrap.LossConfig.from_config(b), exp.mesh, b.microbatches)
-  batches = data_lib.stage1_iterator(exp.train, exp.tokenizer, c.data, b.batch_size, seed=c.seed,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+  loss_cfg = bootstrap.LossConfig.from_config(b, dropout=c.model.dropout)
+  train_step = bootstrap.make_train_step(graphdef, tx, loss_cfg, exp.mesh, b.microbatches)
 
   def step_fn(state, batch, tau):
+    if int(state.step) in resets:
+      state = state.replace(opt_state=parallel.shard_state(tx.init(state.params), exp.mesh))
     return train_step(state, parallel.shard_batch(batch, exp.mesh), tau)
 
-  return base.run_stage(exp, 'bootstrap', state, step_fn, batches, make_validate(exp, graphdef))
+  return base.run_stage(exp, 'bootstrap', state, step_fn, batches, make_validate(exp, graphdef, is_final))
 
 
-def make_validate(exp: base.Experiment, graphdef):
-  """validate(state, step, tau) -> greedy-generation metrics on the held-out prompts, plus teacher-forced gate means
-  on the same examples with a filler span in every one (`tf_gate_inner`, `tf_gate_outer`)."""
+def make_validate(exp: base.Experiment, graphdef, is_final=lambda step: True):
+  """validate(state, step, tau) -> greedy-generation metrics on the held-out prompts (`final_accuracy` too where
+  `is_final(last trained step)`, `base.FINAL_METRIC`), plus teacher-forced gate means on the same examples with a
+  filler span in every one (`tf_gate_inner`, `tf_gate_outer`)."""
   c = exp.config
   prompts = base.validation_prompts(exp)
   gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think)
   records = exp.valid[:c.dataset.valid_size]
-  span_cfg = dataclasses.replace(data_lib.SampleConfig.from_config(c.data), filler_prob=1.0)
+  span_cfg = dataclasses.replace(data_lib.SampleConfig.from_config({**c.data, 'span': 'cot'} if compressing(c)
+                                                                    else c.data), filler_prob=1.0)
   span_batch = data_lib.stage1_batch(records, exp.tokenizer, span_cfg, seed=c.seed)
 
   def validate(state, step, tau):
-    del step
     result = eval_lib.evaluate(nnx.merge(graphdef, state.params), prompts.prompt, prompts.prompt_mask,
                                prompts.questions, prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau,
-                               c.generate.batch_size, exp.mesh)
-    return {**result.metrics, **eval_lib.teacher_forced_gates(graphdef, state.params, span_batch, tau,
-                                                              c.bootstrap.noisy_span_scale)}
+                               c.generate.batch_size, exp.mesh, answer_match=c.eval.answer_match)
+    metrics = {**result.metrics, **eval_lib.teacher_forced_gates(graphdef, state.params, span_batch, tau,
+                                                                 c.bootstrap.noisy_span_scale)}
+    return base.with_final_accuracy(metrics, is_final(max(step - 1, 0)))
 
   return validate
 
@@ -114,7 +163,7 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   state = base.place_state(exp, state_lib.init_state(policy, tx, seed=c.seed + 1))
   grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
-                                       dict(g.reward_weights))
+                                       dict(g.reward_weights), c.eval.answer_match, g.length_reward, g.min_think)
   prompts = data_lib.prompt_iterator(exp.train, exp.tokenizer, c.data.max_prompt_len, g.prompts_per_step,
                                      seed=c.seed)
 
@@ -123,8 +172,9 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
     rollout_batch, info = collector.collect(state.params, reference, batch.prompt, batch.prompt_mask, batch.answers,
                                             key, tau)
     state, metrics = grpo_step(state, rollout_batch)
-    return state, dict(metrics, **{f'reward_{k}': float(np.mean(info[k])) for k in ('structure', 'correctness',
-                                                                                     'efficiency', 'gate', 'total')})
+    return state, dict(metrics, reasoning_length=float(np.mean(info['reasoning_length'])),
+                       **{f'reward_{k}': float(np.mean(info[k])) for k in ('structure', 'correctness', 'efficiency',
+                                                                          'gate', 'total')})
 
   return base.run_stage(exp, 'grpo', state, step_fn, prompts, make_validate(exp, graphdef))
 
@@ -151,7 +201,7 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
     tau = c[stage].tau_min
     result = eval_lib.evaluate(nnx.merge(graphdef, params), prompts.prompt, prompts.prompt_mask, prompts.questions,
                                prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
-                               exp.mesh, dict(c.grpo.reward_weights))
+                               exp.mesh, dict(c.grpo.reward_weights), answer_match=c.eval.answer_match)
     info = {'method': c.method, 'stage': stage, 'step': step, 'split': name, 'config': heldout.config_hash(c)}
     heldout.stamp(result.rows, **info)
     prefix = f'eval/{name}/{stage}'

@@ -4,8 +4,13 @@ Components, each clipped to [-1.5, 1.5]; the total is their weighted sum (weight
 * structure: +0.2 if the completion has exactly one `<|bot|>`, exactly one `<|eot|>`, the `<|eot|>` after the
   `<|bot|>`, and a non-empty answer after it (`extract_answer` of the completion text is not ''), else -1.0.
   Tokens before `<|bot|>` are allowed (they are outer positions).
-* correctness: +1.0 if `check_answer(dataset, extract_answer(completion), reference)`, else -0.5.
-* efficiency: -0.01 per inner position (the reasoning length).
+* correctness: +1.0 if the answer `extract_answer(completion)` matches the reference under `answer_match`
+  ('lenient': `check_answer`, the per-dataset rules; 'exact': `answers.match_answer`'s string equality), else -0.5.
+* efficiency, `length` = 'flat' (the seed's): -0.01 per inner position (the reasoning length); 'group' (Kimi k1.5's
+  length reward, normalised within each group of `group_size` contiguous completions of one prompt):
+  lam = 0.5 - (len - min) / (max - min) over the group's reasoning lengths (0 when they are all equal), the
+  component lam for a correct answer and min(0, lam) for a wrong one: the shortest correct completion of a group
+  gets +0.5, the longest -0.5, and a short wrong answer is never rewarded for its length.
 * gate: 0.5 * mean inner gate - 0.2 * mean outer gate, a mean over an empty set being 0.
 
 Inner and outer positions (SPEC §3), the same rule as the generation engine's reasoning-budget counter: the span
@@ -26,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dtt_jax.data.answers import check_answer, extract_answer, validate_dataset
+from dtt_jax.data.answers import extract_answer, match_answer, validate_dataset
 from dtt_jax.tokens import Tokenizer, Vocab
 
 COMPONENTS = ('structure', 'correctness', 'efficiency', 'gate')
@@ -36,6 +41,7 @@ STRUCTURE_OK, STRUCTURE_BAD = 0.2, -1.0
 CORRECT, WRONG = 1.0, -0.5
 PER_REASONING_TOKEN = -0.01
 INNER_GATE_WEIGHT, OUTER_GATE_WEIGHT = 0.5, -0.2
+LENGTH_REWARDS = ('flat', 'group')
 
 
 def span_masks(tokens, mask, vocab: Vocab) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,8 +73,20 @@ def _masked_mean(values: np.ndarray, where: np.ndarray) -> np.ndarray:
   return np.where(count > 0, (values * where).sum(axis=1) / np.maximum(count, 1), 0.0)
 
 
+def group_length_reward(lengths: np.ndarray, correct: np.ndarray, group_size: int) -> np.ndarray:
+  """lengths, correct [N] (groups of `group_size` contiguous rows) -> [N] Kimi k1.5's length reward (module
+  docstring): lam = 0.5 - (len - min) / (max - min) within the group, min(0, lam) for wrong answers."""
+  if lengths.shape[0] % group_size:
+    raise ValueError(f'{lengths.shape[0]} completions are not whole groups of {group_size}.')
+  grouped = lengths.reshape(-1, group_size).astype(np.float64)
+  low, high = grouped.min(axis=1, keepdims=True), grouped.max(axis=1, keepdims=True)
+  lam = np.where(high > low, 0.5 - (grouped - low) / np.maximum(high - low, 1), 0.0).reshape(-1)
+  return np.where(correct, lam, np.minimum(0.0, lam))
+
+
 def compute_rewards(tokens, mask, gates, completions: Sequence[str], references: Sequence[str], dataset: str,
-                    vocab: Vocab, weights: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
+                    vocab: Vocab, weights: Mapping[str, float] | None = None, answer_match: str = 'lenient',
+                    length: str = 'flat', group_size: int = 1) -> dict[str, np.ndarray]:
   """Rewards of N completions.
 
   Args:
@@ -81,6 +99,8 @@ def compute_rewards(tokens, mask, gates, completions: Sequence[str], references:
     dataset: answer-checking rule, one of `answers.DATASETS`.
     vocab: gives the model ids of `<|bot|>` and `<|eot|>`.
     weights: component name -> weight; missing names weigh 1.0.
+    answer_match: 'lenient' | 'exact' (`answers.match_answer`).
+    length: the efficiency component, 'flat' | 'group' (module docstring); group_size: the rows of one group.
 
   Returns:
     [N] arrays: the clipped components `structure`, `correctness`, `efficiency`, `gate` and their weighted sum
@@ -97,6 +117,8 @@ def compute_rewards(tokens, mask, gates, completions: Sequence[str], references:
     raise ValueError(f'{n} token rows but {len(completions)} completions and {len(references)} references.')
   dataset = validate_dataset(dataset)
   weight = _weights(weights)
+  if length not in LENGTH_REWARDS:
+    raise ValueError(f'Unknown length reward {length!r}; expected one of {", ".join(LENGTH_REWARDS)}.')
 
   real = mask > 0
   inner, outer, closed = span_masks(tokens, mask, vocab)
@@ -104,7 +126,8 @@ def compute_rewards(tokens, mask, gates, completions: Sequence[str], references:
   num_eot = (real & (tokens == vocab.eot)).sum(axis=1)
   answers = [extract_answer(text) for text in completions]
   has_answer = np.array([bool(a) for a in answers], bool).reshape(n)
-  correct = np.array([check_answer(dataset, a, r) for a, r in zip(answers, references)], bool).reshape(n)
+  correct = np.array([match_answer(dataset, a, r, answer_match) for a, r in zip(answers, references)],
+                     bool).reshape(n)
   structure_ok = (num_bot == 1) & (num_eot == 1) & closed & has_answer
 
   gates = np.clip(np.where(np.isfinite(gates), gates, 0.0), 0.0, 1.0)
@@ -115,7 +138,8 @@ def compute_rewards(tokens, mask, gates, completions: Sequence[str], references:
   components = {
       'structure': np.where(structure_ok, STRUCTURE_OK, STRUCTURE_BAD),
       'correctness': np.where(correct, CORRECT, WRONG),
-      'efficiency': PER_REASONING_TOKEN * reasoning_length,
+      'efficiency': (PER_REASONING_TOKEN * reasoning_length if length == 'flat'
+                     else group_length_reward(reasoning_length, correct, group_size)),
       'gate': INNER_GATE_WEIGHT * inner_gate_mean + OUTER_GATE_WEIGHT * outer_gate_mean,
   }
   components = {name: np.clip(value, -CLIP, CLIP) for name, value in components.items()}

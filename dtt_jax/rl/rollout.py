@@ -14,7 +14,10 @@ the behaviour policy (at mu > 1 they differ by the ratio of the kept masses), an
 untruncated log-prob.
 
 `collect` takes the global batch of prompts (the same on every process); rewards are computed on the host from
-the decoded completions (`dtt_jax.reward`), and the large arrays (hidden states) never leave the devices. The batch
+the decoded completions (`dtt_jax.reward`: `answer_match` scores the answer, `length_reward` 'flat' or 'group'
+the efficiency term), and the large arrays (hidden states) never leave the devices. With `min_think` > 0 every
+completion gets its own reasoning budget, drawn uniformly from [min_think, max_think] (forced `<|eot|>` after it),
+so the completions of one group differ in length (L1's budgets drawn per rollout). The batch
 type, `RolloutBatch`, is defined by its consumer, `grpo.py` (this module imports grpo, never the reverse).
 """
 
@@ -55,17 +58,21 @@ def repeat_prompts(prompt: np.ndarray, prompt_mask: np.ndarray, num_generations:
   return np.repeat(prompt, num_generations, axis=0), np.repeat(prompt_mask, num_generations, axis=0)
 
 
-def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh):
+def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh, min_think: int = 0):
   """-> jitted `rollout(params, ref_params, prompt, prompt_mask, key, tau) -> (engine.Rollout, ref_logprobs [N,T])`.
 
   prompt, prompt_mask [N,P] sharded over ('data', 'fsdp'); params, ref_params (None when beta == 0) laid out by
   `parallel.state_shardings` (gathered inside); key, tau replicated. The reference parameters are only read.
+  min_think > 0: a budget per row, uniform in [min_think, cfg.max_think] (module docstring).
   """
   gen_cfg = generate_config(cfg, vocab)
 
   def rollout(params, ref_params, prompt, prompt_mask, key, tau):
     model = nnx.merge(graphdef, parallel.gather(params, mesh))
-    out = engine.generate_traced(model, prompt, prompt_mask, key, tau, gen_cfg, False)
+    budget = None
+    if min_think:
+      budget = jax.random.randint(jax.random.fold_in(key, 7), prompt.shape[:1], min_think, cfg.max_think + 1)
+    out = engine.generate_traced(model, prompt, prompt_mask, key, tau, gen_cfg, False, think_budget=budget)
     if cfg.beta:
       ref = nnx.merge(graphdef, parallel.gather(ref_params, mesh))
       target_hidden, _ = engine.rescore(ref, prompt, prompt_mask, out.tokens, out.hidden_inputs, out.gate_noise, tau,
@@ -93,10 +100,15 @@ class RolloutCollector:
   """Generates, scores and packs GRPO batches: `collect(params, ref_params, prompts...) -> (RolloutBatch, info)`."""
 
   def __init__(self, graphdef, cfg: GRPOConfig, tokenizer: Tokenizer, dataset: str, mesh,
-               reward_weights: Mapping[str, float] | None = None):
+               reward_weights: Mapping[str, float] | None = None, answer_match: str = 'lenient',
+               length_reward: str = 'flat', min_think: int = 0):
+    if not 0 <= min_think <= cfg.max_think:
+      raise ValueError(f'grpo.min_think={min_think}: expected 0 (no drawn budgets) up to grpo.max_think='
+                       f'{cfg.max_think}.')
     self.cfg, self.tokenizer, self.dataset, self.mesh = cfg, tokenizer, dataset, mesh
     self.reward_weights = None if reward_weights is None else dict(reward_weights)
-    self.rollout_fn = make_rollout_fn(graphdef, cfg, tokenizer.vocab, mesh)
+    self.answer_match, self.length_reward = answer_match, length_reward
+    self.rollout_fn = make_rollout_fn(graphdef, cfg, tokenizer.vocab, mesh, min_think)
 
   def collect(self, params, ref_params, prompt: np.ndarray, prompt_mask: np.ndarray, references: Sequence[str],
               key: jax.Array, tau: float) -> tuple[RolloutBatch, dict]:
@@ -121,7 +133,7 @@ class RolloutCollector:
     completions = reward.decode_completions(self.tokenizer, tokens, mask)
     refs = [r for r in references for _ in range(g)]
     r = reward.compute_rewards(tokens, mask, gates, completions, refs, self.dataset, self.tokenizer.vocab,
-                               self.reward_weights)
+                               self.reward_weights, self.answer_match, self.length_reward, g)
     inner, outer, _ = reward.span_masks(tokens, mask, self.tokenizer.vocab)
     host = {
         'inner_mask': inner.astype(np.float32), 'outer_mask': outer.astype(np.float32),

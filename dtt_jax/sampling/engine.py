@@ -46,7 +46,7 @@ class GenerateConfig:
   bot_id: int = 50257
   eot_id: int = 50258
   sampling: SamplingConfig = SamplingConfig()
-  max_think: int = 0  # > 0: force <|eot|> once the span holds this many tokens
+  max_think: int = 0  # > 0: force <|eot|> once the span holds this many tokens (per row: `think_budget`)
   gate_noise: bool = False  # Gumbel noise on the gate (True in rollouts, False for evaluation)
   hard_gate: bool = False
   early_stop: bool = True  # while_loop that stops when all rows are done; False: fixed-length loop
@@ -94,20 +94,23 @@ def step_bias(key_bias: jax.Array, index, cache_len: int) -> jax.Array:
   return (key_bias[:, :cache_len] + jnp.where(visible, 0.0, NEG_INF))[:, None, :]
 
 
-def trunk_step(trunk, cache: KVCache, key_bias, x, index, position) -> tuple[jax.Array, KVCache]:
+def trunk_step(trunk, cache: KVCache, key_bias, x, index, position, dropout=None) -> tuple[jax.Array, KVCache]:
   """One position of a plain trunk (GPT2 or Llama) against the cache: x [B,D] the input embedding, index its cache
   slot (scalar), position [B] its position ids. Attends over the whole cache (slots after `index` masked).
+  `dropout` (`gpt2.Dropout`): training mode, the masks of sequence column `index`.
   Returns hidden [B,D] (after the final norm), cache."""
-  h, cache = trunk(x[:, None], position[:, None], step_bias(key_bias, index, cache.length), cache, index)
+  h, cache = trunk(x[:, None], position[:, None], step_bias(key_bias, index, cache.length), cache, index, dropout)
   return h[:, 0], cache
 
 
 def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noise, index, position, tau, *,
-         hard: bool = False, with_logits: bool = True, token_embedding=None, forced_gate=None, output_kernel=None):
+         hard: bool = False, with_logits: bool = True, token_embedding=None, forced_gate=None, output_kernel=None,
+         dropout=None):
   """One position. prev_hidden [B,D], token [B], gate_noise [B], position [B]; index: cache slot (scalar).
   token_embedding [B,D]: the token's embedding when the caller looked it up already (else `token` is looked up).
   forced_gate [B]: a fixed gate instead of the model's (COCONUT: 1 = the input is exactly prev_hidden).
   output_kernel [D,V]: `model.gpt2.output_kernel()`, made once by a caller that steps many times.
+  dropout: `gpt2.Dropout` (training mode; the teacher-forced unroll of the bootstrap), else none.
 
   Attends over the whole cache (slots after `index` masked). Returns logits [B,V] float32 (None unless
   with_logits), hidden [B,D] (after ln_f), gate [B], cache.
@@ -118,7 +121,7 @@ def step(model: DTTModel, cache: KVCache, key_bias, prev_hidden, token, gate_noi
     x, gate = model.blend_embedding(prev_hidden, token_embedding, gate_noise, tau, hard)
   else:
     x, gate = blend(forced_gate, prev_hidden, token_embedding), forced_gate
-  h, cache = trunk_step(model.gpt2, cache, key_bias, x, index, position)
+  h, cache = trunk_step(model.gpt2, cache, key_bias, x, index, position, dropout)
   return (model.gpt2.logits(h, output_kernel) if with_logits else None), h, gate, cache
 
 
@@ -131,24 +134,25 @@ class Prefill:
 
 
 def prefill(model: DTTModel, prompt, prompt_mask, max_len: int, completion_key_bias=None,
-            cache_len: int | None = None) -> Prefill:
+            cache_len: int | None = None, dropout=None) -> Prefill:
   """`prefill_trunk` on the model's trunk."""
-  return prefill_trunk(model.gpt2, prompt, prompt_mask, max_len, completion_key_bias, cache_len)
+  return prefill_trunk(model.gpt2, prompt, prompt_mask, max_len, completion_key_bias, cache_len, dropout)
 
 
 def prefill_trunk(trunk, prompt, prompt_mask, max_len: int, completion_key_bias=None,
-                  cache_len: int | None = None) -> Prefill:
+                  cache_len: int | None = None, dropout=None) -> Prefill:
   """prompt, prompt_mask [B,P] (left-padded) -> cache of `cache_len` slots (default max_len) holding the
   prompt's keys/values in slots [0, P); key_bias (`prompt_key_bias`) covers all max_len slots. trunk: a plain
   GPT2 or Llama.
 
   completion_key_bias [B,T]: additive bias of completion keys (e.g. log 0.3 on injected filler), default 0.
+  dropout: `gpt2.Dropout` (training mode) over sequence columns [0, P), else none.
   """
   b, p = prompt.shape
   bias_k = prompt_key_bias(prompt_mask, max_len, completion_key_bias)
   cache = kv_cache_for(trunk.cfg, b, p)
   bias = causal_bias(prompt_mask) + bias_k[:, None, :p]
-  h, cache = trunk(trunk.embed(prompt), positions_from_mask(prompt_mask), bias, cache, 0)
+  h, cache = trunk(trunk.embed(prompt), positions_from_mask(prompt_mask), bias, cache, 0, dropout)
   return Prefill(cache.grow(cache_len or max_len), bias_k, h[:, -1],
                  jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32))
 
@@ -161,7 +165,7 @@ def step_segments(n_steps: int, prompt_len: int, segment: int, max_len: int):
 
 
 def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfig, return_logits: bool,
-              output_kernel=None):
+              output_kernel=None, think_budget=None):
   b, p = prompt.shape
   n = cfg.max_new_tokens
   max_len = p + n
@@ -185,7 +189,10 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
   def body(t, c):
     key_t = jax.random.fold_in(key, t)
     token, lognorm = sample(c['logits'], jax.random.fold_in(key_t, 0), cfg.sampling)
-    forced = (c['phase'] == 1) & (c['n_think'] >= cfg.max_think) if cfg.max_think > 0 else jnp.zeros((b,), bool)
+    if think_budget is not None:  # [B] per-row budgets (GRPO's drawn budgets)
+      forced = (c['phase'] == 1) & (c['n_think'] >= think_budget)
+    else:
+      forced = (c['phase'] == 1) & (c['n_think'] >= cfg.max_think) if cfg.max_think > 0 else jnp.zeros((b,), bool)
     token = jnp.where(forced, cfg.eot_id, token)
     if cfg.forced_prefix:
       prefix = jnp.asarray(cfg.forced_prefix, jnp.int32)
@@ -288,9 +295,10 @@ class Unrolled:
 
 
 def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *, hard: bool = False,
-           completion_key_bias=None, segment: int = 64, forced_gates=None) -> Unrolled:
+           completion_key_bias=None, segment: int = 64, forced_gates=None, dropout=None) -> Unrolled:
   """Teacher-forced recurrent pass over completion [B,T] with the exact blend; differentiable end to end.
   forced_gates [B,T]: fixed gates instead of the model's (COCONUT's latent positions: 1, elsewhere 0).
+  dropout: `gpt2.Dropout` over the P + T sequence columns (training mode), else none.
 
   gate_noise [B,T] (zeros for deterministic gates). Logits are not computed inside the recurrence (only hidden
   states feed back), so the caller computes them once, in one large matmul, where it needs them:
@@ -300,7 +308,7 @@ def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *,
   t_len = completion.shape[1]
   max_len = p + t_len
   segments = step_segments(t_len, p, segment, max_len)
-  pre = prefill(model, prompt, prompt_mask, max_len, completion_key_bias, cache_len=segments[0][2])
+  pre = prefill(model, prompt, prompt_mask, max_len, completion_key_bias, cache_len=segments[0][2], dropout=dropout)
   cache, hidden = pre.cache, pre.last_hidden
   hiddens, gates = [], []
 
@@ -310,7 +318,7 @@ def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *,
     cache, prev = carry
     embedding, noise, forced, t = xs
     _, h, g, cache = step(model, cache, pre.key_bias, prev, None, noise, p + t, pre.num_real + t, tau, hard=hard,
-                          with_logits=False, token_embedding=embedding, forced_gate=forced)
+                          with_logits=False, token_embedding=embedding, forced_gate=forced, dropout=dropout)
     return (cache, h), (h, g)
 
   for start, end, cache_len in segments:

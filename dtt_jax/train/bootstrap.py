@@ -31,6 +31,7 @@ from dtt_jax import parallel
 from dtt_jax.data.samples import BATCH_FIELDS
 from dtt_jax.model import check_master_weights, output_layer
 from dtt_jax.model.dtt import DTTModel, logistic_noise
+from dtt_jax.model.gpt2 import Dropout
 from dtt_jax.sampling import engine
 from dtt_jax.train import fast_unroll
 from dtt_jax.train.state import TrainState, step_key
@@ -47,11 +48,12 @@ class LossConfig:
   fast_unroll: bool = True  # the recurrence's hand-written backward (`fast_unroll.unroll`); False: autodiff of it
   fused_output: bool = True  # output layer + cross-entropy in vocabulary tiles (`output_layer.cross_entropy`)
   row_groups: int = 1  # rows of the fused output layer sorted per group: the number of devices (`make_train_step`)
+  dropout: float = 0.0  # GPT-2's training-mode dropout (`config.model.dropout`), masks from the step's key
 
   @classmethod
-  def from_config(cls, c) -> LossConfig:
-    """The fields `c` holds (the others keep their defaults)."""
-    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c})
+  def from_config(cls, c, **overrides) -> LossConfig:
+    """The fields `c` holds (the others keep their defaults), then `overrides`."""
+    return cls(**{**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c}, **overrides})
 
 
 COUNTED = ('loss_mask', 'inner_mask', 'outer_mask')
@@ -67,15 +69,19 @@ def noisy_span_bias(filler_mask, scale: float) -> jax.Array:
   return jnp.where(filler_mask > 0, math.log(scale), 0.0)
 
 
-def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts):
+def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts, dropout_key=None):
   """Sums of the loss terms over `batch` divided by the (whole-batch) `counts` -> (loss, metrics).
 
-  batch fields [B,P] / [B,T] as in `BATCH_FIELDS`; noise [B,T] logistic gate noise.
+  batch fields [B,P] / [B,T] as in `BATCH_FIELDS`; noise [B,T] logistic gate noise; dropout_key: the masks' key
+  (with `cfg.dropout` > 0).
   """
   chex.assert_equal_shape([batch['completion'], batch['loss_mask'], noise])
   unroll = fast_unroll.unroll if cfg.fast_unroll else engine.unroll
+  p, t = batch['prompt'].shape[1], batch['completion'].shape[1]
+  dropout = Dropout(dropout_key, cfg.dropout, p + t) if cfg.dropout else None
   out = unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'], noise, tau,
-               hard=cfg.hard_gate, completion_key_bias=noisy_span_bias(batch['filler_mask'], cfg.noisy_span_scale))
+               hard=cfg.hard_gate, completion_key_bias=noisy_span_bias(batch['filler_mask'], cfg.noisy_span_scale),
+               dropout=dropout)
   ce, prediction = output_layer.cross_entropy(model.gpt2, out.target_hidden, batch['completion'],
                                               batch['loss_mask'] / counts['loss_mask'], cfg.fused_output,
                                               cfg.row_groups)
@@ -105,7 +111,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig,
   def loss_fn(model, batch, key, tau, counts):
     shape = batch['completion'].shape
     noise = logistic_noise(key, shape) if cfg.gate_noise else jnp.zeros(shape, jnp.float32)
-    return loss_terms(model, batch, noise, tau, cfg, counts)
+    return loss_terms(model, batch, noise, tau, cfg, counts, jax.random.fold_in(key, 1))
 
   return make_step(graphdef, tx, loss_fn, BATCH_FIELDS, mesh, microbatches)
 

@@ -10,13 +10,12 @@ No-CoT, Pause, pause-as-thought) have no latent column: one pass (plain GPT-2). 
 mode (`model.gpt2.Dropout`), its masks drawn from the step's key per sequence column, so they do not depend on how
 the sequence is cut into passes and a resumed run draws the same ones.
 
-Optimizer (`config.coconut.optimizer`): 'coconut', the official recipe: AdamW at a constant `bootstrap.lr`, weight
-decay `bootstrap.weight_decay` on every parameter, no clipping, the state reset at every epoch with
-`reset_optimizer`; or 'warmup_cosine': the bootstrap's AdamW (warmup + cosine, clipping, decay on matrices), reset
-at every stage of the schedule with `reset_optimizer` (the schedule then spans one stage). The reset steps depend on
-the schedule only (`Curriculum.reset_steps`): the same for every method of one comparison, except iCoT, which resets
-where its removal count grows (`CurriculumBatches.reset_steps`, the official `--reset_optimizer`; a warmup + cosine
-then spans one removal interval).
+Optimizer: `config.bootstrap`'s (`state.supervised_optimizer`, the same fields as DTT's bootstrap; the official
+recipe is `schedule='constant'`, `decay='all'`, `grad_clip=0`), its state reset every epoch, every stage or never
+(`coconut.reset_optimizer`; a warmup + cosine schedule spans the steps between two resets). The reset steps depend
+on the schedule only (`Curriculum.reset_steps`): the same for every method of one comparison, except iCoT, which
+resets where its removal count grows (`CurriculumBatches.reset_steps`, the official `--reset_optimizer`; a warmup +
+cosine then spans one removal interval).
 
 Budget (`train_steps`): `bootstrap.steps` when > 0, else the epochs of `coconut.num_epochs` (0: every stage, the
 final one included, gets `epochs_per_stage` epochs) after `start_epoch`; a curriculum run that would stop before
@@ -54,7 +53,7 @@ from dtt_jax.train import bootstrap
 from dtt_jax.train import state as state_lib
 
 FIELDS = ('prompt', 'prompt_mask', 'completion', 'loss_mask', 'latent_mask')
-OPTIMIZERS = ('coconut', 'warmup_cosine')
+RESETS = {'epoch': 1, 'stage': 0, 'never': 0}  # coconut.reset_optimizer ('stage': epochs_per_stage)
 
 
 def latent_columns(latent_mask) -> tuple[int, ...]:
@@ -198,25 +197,20 @@ def train_steps(c, cfg: coconut_data.Curriculum, steps_per_epoch: int) -> int:
 
 
 def reset_every_epochs(c) -> int:
-  """Epochs between optimizer resets: 1 ('coconut'), epochs_per_stage ('warmup_cosine'), 0 without resets."""
-  if not c.coconut.reset_optimizer:
-    return 0
-  return 1 if c.coconut.optimizer == 'coconut' else c.coconut.epochs_per_stage
+  """Epochs between optimizer resets (`coconut.reset_optimizer`): 1 ('epoch'), epochs_per_stage ('stage'), 0
+  ('never')."""
+  every = c.coconut.reset_optimizer
+  return c.coconut.epochs_per_stage if every == 'stage' else RESETS[every]
 
 
 def make_optimizer(c, steps_per_epoch: int, total_steps: int, train_modules=()) -> optax.GradientTransformation:
-  """`config.coconut.optimizer` with the `config.bootstrap` lr / weight decay (module docstring); a warmup + cosine
-  schedule spans the steps between two resets (all steps without resets)."""
-  b = c.bootstrap
-  if c.coconut.optimizer == 'coconut':
-    return state_lib.make_optimizer(b.lr, total_steps, 0, b.weight_decay, 0.0, b.gate_lr_mult,
-                                    train_modules=train_modules, schedule='constant', decay='all')
+  """`config.bootstrap`'s optimizer (module docstring); a warmup + cosine schedule spans the steps between two
+  resets (all steps without resets)."""
   every = reset_every_epochs(c)
   span = every * steps_per_epoch if every else total_steps
   if every and c.method == 'icot':  # reset at every removal
     span = coconut_data.Curriculum.from_config(c.coconut).removal_interval(steps_per_epoch)
-  return state_lib.make_optimizer(b.lr, span, b.warmup_steps, b.weight_decay, b.grad_clip, b.gate_lr_mult,
-                                  train_modules=train_modules)
+  return state_lib.supervised_optimizer(c.bootstrap, span, train_modules)
 
 
 def resolve_config(c, steps_per_epoch: int, steps: int):
@@ -236,8 +230,7 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
     if value not in allowed:
       raise ValueError(f'config.{key}={value!r}: expected one of {", ".join(map(repr, allowed))}.')
   k = c.coconut
-  expect('coconut.optimizer', k.optimizer, OPTIMIZERS)
-  expect('coconut.answer_match', k.answer_match, answers.MATCHES)
+  expect('coconut.reset_optimizer', k.reset_optimizer, tuple(RESETS))
   for key, value in (('bootstrap.steps', c.bootstrap.steps), ('coconut.num_epochs', k.num_epochs),
                      ('coconut.steps_per_epoch', k.steps_per_epoch), ('coconut.eval_every_epochs',
                                                                       k.eval_every_epochs)):
@@ -249,10 +242,10 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
     raise ValueError(f'config.method="icot": the curriculum {cfg} lacks config.coconut.icot_* '
                      f'({coconut_data.Curriculum.from_config(k)}): build it with '
                      'data.coconut.Curriculum.from_config(config.coconut).')
-  if k.optimizer == 'warmup_cosine' and k.reset_optimizer and cfg.text_epochs != cfg.epochs_per_stage:
-    raise ValueError(f'config.coconut.first_stage_epochs={k.first_stage_epochs} with optimizer "warmup_cosine": its '
-                     f'schedule restarts every epochs_per_stage={k.epochs_per_stage} epochs, which would not fall on '
-                     'the stage starts; set first_stage_epochs=0 or coconut.optimizer="coconut".')
+  if k.reset_optimizer == 'stage' and cfg.text_epochs != cfg.epochs_per_stage:
+    raise ValueError(f'config.coconut.first_stage_epochs={k.first_stage_epochs} with reset_optimizer="stage": the '
+                     f'resets every epochs_per_stage={k.epochs_per_stage} epochs would not fall on the stage starts; '
+                     'set first_stage_epochs=0 or coconut.reset_optimizer to "epoch" or "never".')
   if cfg.start_epoch >= num_epochs(c):
     raise ValueError(f'config.coconut.start_epoch={cfg.start_epoch} leaves no epoch of config.coconut.num_epochs='
                      f'{num_epochs(c)}.')

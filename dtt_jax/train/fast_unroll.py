@@ -32,17 +32,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dtt_jax.model.dtt import DTTModel
-from dtt_jax.model.gpt2 import KVCache, causal_bias, kv_cache_for, positions_from_mask
+from dtt_jax.model.gpt2 import Dropout, KVCache, causal_bias, kv_cache_for, positions_from_mask
 from dtt_jax.sampling import engine
 
 
-def _prefill(model: DTTModel, prompt_embedding, prompt_mask, key_bias):
+def _prefill(model: DTTModel, prompt_embedding, prompt_mask, key_bias, dropout=None):
   """`engine.prefill` from looked-up embeddings [B,P,D] -> (cache of P slots, last hidden [B,D])."""
   b, p = prompt_mask.shape
   cache = kv_cache_for(model.gpt2.cfg, b, p)
   bias = causal_bias(prompt_mask) + key_bias[:, None, :p]
-  h, cache = model.gpt2(prompt_embedding, positions_from_mask(prompt_mask), bias, cache, 0)
+  h, cache = model.gpt2(prompt_embedding, positions_from_mask(prompt_mask), bias, cache, 0, dropout)
   return cache, h[:, -1]
+
+
+def _dropout(static, dropout_key) -> Dropout | None:
+  """The Dropout of the static (rate, sequence length) and the key (None at rate 0)."""
+  _, _, _, rate, key_len = static
+  return Dropout(dropout_key, rate, key_len) if rate else None
 
 
 def _truncate(cache: KVCache, length: int) -> KVCache:
@@ -52,22 +58,24 @@ def _truncate(cache: KVCache, length: int) -> KVCache:
   return KVCache(tuple(map(cut, cache.k)), tuple(map(cut, cache.v)))
 
 
-def _step(static, rest, wte, cache, key_bias, prev, embedding, noise, forced, index, position, tau):
+def _step(static, rest, wte, cache, key_bias, prev, embedding, noise, forced, index, position, tau, dropout_key):
   """One completion step as a pure function of the parameters -> (h [B,D], gate [B], cache)."""
-  graphdef, hard, _ = static
+  graphdef, hard, *_ = static
   model = nnx.merge(graphdef, wte, rest)
   _, h, g, cache = engine.step(model, cache, key_bias, prev, None, noise, index, position, tau, hard=hard,
-                               with_logits=False, token_embedding=embedding, forced_gate=forced)
+                               with_logits=False, token_embedding=embedding, forced_gate=forced,
+                               dropout=_dropout(static, dropout_key))
   return h, g, cache
 
 
-def _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias):
-  graphdef, _, segment = static
+def _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias,
+             dropout_key):
+  graphdef, _, segment, *_ = static
   model = nnx.merge(graphdef, wte, rest)
   p = prompt_mask.shape[1]
   t_len = embeddings.shape[1]
   num_real = jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32)
-  cache, h0 = _prefill(model, prompt_embedding, prompt_mask, key_bias)
+  cache, h0 = _prefill(model, prompt_embedding, prompt_mask, key_bias, _dropout(static, dropout_key))
   hidden = h0
   hs, gs = [], []
 
@@ -75,7 +83,7 @@ def _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau
     cache, prev = carry
     embedding, noise_t, forced_t, t = xs
     h, g, cache = _step(static, rest, wte, cache, key_bias, prev, embedding, noise_t, forced_t, p + t,
-                        num_real + t, tau)
+                        num_real + t, tau, dropout_key)
     return (cache, h), (h, g)
 
   for start, end, cache_len in engine.step_segments(t_len, p, segment, p + t_len):
@@ -89,15 +97,19 @@ def _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias):
+def _core(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias, dropout_key):
   """-> (h [B,T,D] (h_t of every completion step), gates [B,T], h_{-1} [B,D] (last prompt position))."""
-  return _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias)[0]
+  return _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias,
+                  dropout_key)[0]
 
 
-def _core_fwd(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias):
-  out, cache = _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias)
+def _core_fwd(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias,
+              dropout_key):
+  out, cache = _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias,
+                        dropout_key)
   h_all, _, h0 = out
-  return out, (rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias, cache, h_all, h0)
+  return out, (rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias, dropout_key,
+               cache, h_all, h0)
 
 
 def _zeros_like(tree):
@@ -105,9 +117,9 @@ def _zeros_like(tree):
 
 
 def _core_bwd(static, res, cotangents):
-  rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias, cache, h_all, h0 = res
+  rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias, dropout_key, cache, h_all, h0 = res
   d_h_all, d_gates, d_h0 = cotangents
-  _, _, segment = static
+  _, _, segment, *_ = static
   p = prompt_mask.shape[1]
   t_len = embeddings.shape[1]
   num_real = jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32)
@@ -124,7 +136,8 @@ def _core_bwd(static, res, cotangents):
     def body(carry, xs, seg_cache=seg_cache):
       d_rest, d_next, d_kv = carry
       prev, embedding, noise_t, forced_t, t, d_h, d_g = xs
-      f = lambda r, h, e, c: _step(static, r, wte, c, key_bias, h, e, noise_t, forced_t, p + t, num_real + t, tau)
+      f = lambda r, h, e, c: _step(static, r, wte, c, key_bias, h, e, noise_t, forced_t, p + t, num_real + t, tau,
+                                   dropout_key)
       _, vjp = jax.vjp(f, rest, prev, embedding, seg_cache)
       d_r, d_prev, d_e, d_kv = vjp((d_h + d_next, d_g, d_kv))
       return (jax.tree.map(jnp.add, d_rest, d_r), d_prev, d_kv), d_e
@@ -139,31 +152,34 @@ def _core_bwd(static, res, cotangents):
   graphdef = static[0]
 
   def prefill(r, e):
-    return _prefill(nnx.merge(graphdef, wte, r), e, prompt_mask, key_bias)
+    return _prefill(nnx.merge(graphdef, wte, r), e, prompt_mask, key_bias, _dropout(static, dropout_key))
 
   _, vjp = jax.vjp(prefill, rest, prompt_embedding)
   d_r, d_prompt_embedding = vjp((_truncate(d_kv, p), d_h0 + d_next))
   d_rest = jax.tree.map(jnp.add, d_rest, d_r)
-  return (d_rest, None, d_prompt_embedding, jnp.concatenate(d_embeddings, 1), None, None, None, None, None)
+  return (d_rest, None, d_prompt_embedding, jnp.concatenate(d_embeddings, 1), None, None, None, None, None, None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
 def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *, hard: bool = False,
-           completion_key_bias=None, forced_gates=None, segment: int = 64) -> engine.Unrolled:
-  """`engine.unroll` (same arguments and outputs) with the backward pass of the module docstring."""
+           completion_key_bias=None, forced_gates=None, segment: int = 64, dropout: Dropout | None = None
+           ) -> engine.Unrolled:
+  """`engine.unroll` (same arguments and outputs) with the backward pass of the module docstring; `dropout`'s
+  masks depend on its key and the sequence column only, so the backward pass recomputes the forward's."""
   if model.hrpo is not None:
     return engine.unroll(model, prompt, prompt_mask, completion, gate_noise, tau, hard=hard,
-                         completion_key_bias=completion_key_bias, segment=segment, forced_gates=forced_gates)
+                         completion_key_bias=completion_key_bias, segment=segment, forced_gates=forced_gates,
+                         dropout=dropout)
   p = prompt.shape[1]
   key_bias = engine.prompt_key_bias(prompt_mask, p + completion.shape[1], completion_key_bias)
   prompt_embedding = model.gpt2.embed(prompt)
   embeddings = model.gpt2.embed(completion)  # [B,T,D], looked up once (one gradient scatter)
   graphdef, wte, rest = nnx.split(model, nnx.PathContains('wte'), ...)
   forced = None if forced_gates is None else forced_gates.astype(jnp.float32)
-  h_all, gates, h0 = _core((graphdef, hard, segment), rest, wte, prompt_embedding, embeddings,
-                           gate_noise.astype(jnp.float32), forced, jnp.asarray(tau, jnp.float32), prompt_mask,
-                           key_bias)
+  static = (graphdef, hard, segment, dropout.rate if dropout else 0.0, dropout.key_len if dropout else 0)
+  h_all, gates, h0 = _core(static, rest, wte, prompt_embedding, embeddings, gate_noise.astype(jnp.float32), forced,
+                           jnp.asarray(tau, jnp.float32), prompt_mask, key_bias, dropout.key if dropout else None)
   target_hidden = jnp.concatenate([h0[:, None], h_all[:, :-1]], axis=1)
   return engine.Unrolled(target_hidden, gates, h_all[:, -1])

@@ -101,6 +101,14 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, weight_decay: float
                                       lambda updates, state, params=None: pick(updates).update(updates, state, params))
 
 
+def supervised_optimizer(b, steps: int, train_modules: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """The optimizer of every supervised method (DTT's bootstrap, COCONUT and its baselines) from a
+  `config.bootstrap` section: lr, schedule, warmup_steps, weight_decay, decay, grad_clip, gate_lr_mult; a
+  warmup_cosine schedule spans `steps`."""
+  return make_optimizer(b.lr, steps, b.warmup_steps, b.weight_decay, b.grad_clip, b.gate_lr_mult,
+                        train_modules=train_modules, schedule=b.schedule, decay=b.decay)
+
+
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
   opt_state = tx.init(params)
   size = lambda tree: sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
