@@ -253,6 +253,9 @@ def get_config() -> ml_collections.ConfigDict:
   # data/answers.py, SPEC §8) | 'exact' (COCONUT's: the answer text, commas removed and stripped, equals the
   # reference). The answer is the text after <|eot|> (DTT) or after the last '#' (COCONUT's layouts)
   c.eval.answer_match = 'lenient'
+  # >= 0: the reasoning budget forced at decoding (reports in <split>@budget<k>/): DTT's span positions before
+  # <|eot|>, COCONUT's / pause-as-thought's thoughts, the Pause baseline's pauses (python -m dtt_jax.eval.budget)
+  c.eval.budget = -1
   c.eval.stages = ('bootstrap', 'grpo')  # the trained stages evaluated (those with checkpoints)
 
   return c

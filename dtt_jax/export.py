@@ -31,6 +31,7 @@ from absl import app, flags
 from ml_collections import config_dict
 
 from dtt_jax import pipeline, tokens
+from dtt_jax.workdir import load_run_config
 from dtt_jax.methods import base
 from dtt_jax.model import hf_io
 
@@ -39,14 +40,6 @@ flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
 flags.DEFINE_string('out', None, 'Output directory for the HF checkpoint.')
 flags.DEFINE_string('stage', '', "'grpo' or 'bootstrap' ('' = the newest finished stage).")
 flags.mark_flags_as_required(['workdir', 'out'])
-
-
-def load_run_config(workdir: str) -> config_dict.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} is missing: {workdir} is not a dtt_jax workdir (run dtt_jax.main first).')
-  with open(path) as f:
-    return config_dict.ConfigDict(json.load(f))
 
 
 BLENDS = {

@@ -123,7 +123,7 @@ def setup(config, workdir: str) -> Experiment:
   """Data, tokenizer and vocabulary (the compact map is fixed at the first run and reused on resume)."""
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  workdir_lib.check_resume(config, workdir)  # before anything in the workdir changes
+  workdir_lib.check_resume(config, workdir, methods.get(config.method))  # before anything in the workdir changes
   hf = tokens.load_tokenizer(_tokenizer_source(config))
   train, valid = data_lib.load_splits(config.dataset, seed=config.seed)
   vocab_path = os.path.join(workdir, 'vocab.json')

@@ -206,6 +206,24 @@ def default_config() -> dict:
   return config_dict(base.get_config())
 
 
+def load_run_config(workdir: str):
+  """The ml_collections config a run in `workdir` was configured with (its `config.json`), keys it lacks (added to
+  configs/base.py after the run) at their defaults."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing: {workdir} is not a dtt_jax workdir (run dtt_jax.main first).')
+  with open(path) as f:
+    saved = json.load(f)
+
+  def merge(default, value):
+    if isinstance(default, dict) and isinstance(value, dict):
+      return {**default, **{k: merge(default.get(k), v) for k, v in value.items()}}
+    return value
+  return ml_collections.ConfigDict(merge(config_dict(base.get_config()), saved))
+
+
 def checkpoint_steps(stage_dir: str) -> list[int]:
   """Finished checkpoint steps in `<stage_dir>/checkpoints` (Orbax renames a step's folder to its number last)."""
   ckpt = os.path.join(stage_dir, 'checkpoints')
@@ -230,10 +248,11 @@ def _format(diffs) -> str:
   return '\n'.join(f'  {key}: {a!r} (saved) -> {b!r} (now)' for key, a, b in diffs)
 
 
-def check_resume(config, workdir: str, defaults: dict | None = None) -> None:
+def check_resume(config, workdir: str, method, defaults: dict | None = None) -> None:
   """Before any compute: stops (WorkdirError) when this run's config differs meaningfully from the run whose
   checkpoints it would resume or read; logs harmless differences; with `config.on_config_change='move_aside'`,
-  moves the differing stages (and the stages after them) to `<workdir>/moved-<time>/` instead.
+  moves the differing stages (and the stages after them) to `<workdir>/moved-<time>/` instead. `method`: the
+  `methods.base.Method` of `config.method` (its stages and their config sections).
 
   A key that a saved config lacks (a workdir from before the key existed) is no difference when this run keeps
   its default: `defaults` (default: `default_config()`, configs/base.py)."""
@@ -242,8 +261,6 @@ def check_resume(config, workdir: str, defaults: dict | None = None) -> None:
     raise ValueError(f"config.on_config_change={on_change!r}: expected one of 'stop', 'move_aside'.")
   current = config_dict(config)
   defaults = default_config() if defaults is None else defaults
-  from dtt_jax import methods  # pylint: disable=g-import-not-at-top  (methods use this module)
-  method = methods.get(config.method)
   stages, trained = method.stages, method.stages_to_train(config.stage)
   conflicts = {}  # stage -> (saved config path, differences)
   for stage in stages:

@@ -152,6 +152,18 @@ def test_reasoning_budget_forces_eot():
   np.testing.assert_array_equal(out.forced, [[0, 0, 0, 0, 1, 0, 0, 0, 0, 0]] * 2)
 
 
+def test_per_row_budgets_force_eot_at_each_rows_own_position():
+  """`think_budget` [B] overrides max_think row by row, 0 closing the span right after <|bot|> (GRPO's drawn
+  budgets, the evaluation's forced budget)."""
+  model = _always_predicts(BOT)
+  prompt, mask = _prompts()
+  out = engine.generate(model, prompt, mask, jax.random.key(0), 1.0,
+                        _gen_cfg(max_think=3, sampling=SamplingConfig(greedy=True)),
+                        think_budget=jnp.array([0, 5], jnp.int32))
+  np.testing.assert_array_equal(out.tokens, [[BOT, EOT] + [BOT] * 8, [BOT] * 6 + [EOT] + [BOT] * 3])
+  np.testing.assert_array_equal(out.forced[:, :7], [[0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1]])
+
+
 @pytest.mark.parametrize('early_stop', [True, False])
 def test_rows_stop_at_eos(early_stop):
   model = _always_predicts(EOS)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from dtt_jax import methods
 from dtt_jax import workdir as workdir_lib
 from tests.conftest import PROJECT_ROOT
 from tests.test_main import _cmd, _env, _final_state, _metric_lines, _run, _wait_for
@@ -259,9 +260,9 @@ def test_keys_newer_than_the_workdir_are_no_difference_at_their_defaults(tmp_pat
   current = workdir_lib.config_dict(config)
   assert [k for k, _, _ in workdir_lib.differences(saved, current)] == sorted(NEWER_KEYS)
   assert workdir_lib.differences(saved, current, defaults=workdir_lib.default_config()) == []
-  workdir_lib.check_resume(config, workdir)
+  workdir_lib.check_resume(config, workdir, methods.get(config.method))
   config.stage = 'grpo'
-  workdir_lib.check_resume(config, workdir)
+  workdir_lib.check_resume(config, workdir, methods.get(config.method))
 
 
 @pytest.mark.parametrize('stage,key,value', [('bootstrap', 'data.span_text', 'answer_digits'),
@@ -276,5 +277,5 @@ def test_a_newer_key_away_from_its_default_still_stops(stage, key, value, tmp_pa
   section, name = key.split('.')
   config[section][name] = value
   with pytest.raises(workdir_lib.WorkdirError, match=re.escape(f"{key}: '(absent)' (saved) -> {value!r} (now)")) as e:
-    workdir_lib.check_resume(config, workdir)
+    workdir_lib.check_resume(config, workdir, methods.get(config.method))
   assert sum(k in str(e.value) for k in NEWER_KEYS) == 1  # the others keep their defaults

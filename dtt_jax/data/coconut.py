@@ -218,13 +218,19 @@ def check_method(method: str) -> str:
   return method
 
 
-def head_tokens(method: str, stage: int, cfg: Curriculum, vocab) -> list[int]:
+BUDGETED = ('coconut', 'pause_as_thought', 'pause')  # layouts whose head a forced budget resizes (`head_tokens`)
+
+
+def head_tokens(method: str, stage: int, cfg: Curriculum, vocab, budget: int = -1) -> list[int]:
   """The tokens between the question and the text for `method` at `stage`: [<|bot|>, thoughts, <|eot|>],
-  pauses, or nothing (also the forced start of generation at evaluation)."""
+  pauses, or nothing (also the forced start of generation at evaluation). `budget` >= 0 (a `BUDGETED` method):
+  that many thoughts / pauses instead."""
   if method in ('coconut', 'pause_as_thought'):
     thought = vocab.latent if method == 'coconut' else vocab.pause
-    return [vocab.bot] + [thought] * cfg.thoughts(stage) + [vocab.eot]
-  return [vocab.pause] * (cfg.max_stage * cfg.c_thoughts) if method == 'pause' else []
+    return [vocab.bot] + [thought] * (cfg.thoughts(stage) if budget < 0 else budget) + [vocab.eot]
+  if method == 'pause':
+    return [vocab.pause] * (cfg.max_stage * cfg.c_thoughts if budget < 0 else budget)
+  return []
 
 
 def kept_steps(method: str, stage: int, cfg: Curriculum, steps: list) -> list:

@@ -20,7 +20,6 @@ from dtt_jax import parallel, reward
 from dtt_jax.data.answers import extract_answer
 from dtt_jax.eval.compare import example_id
 from dtt_jax.sampling import engine
-from dtt_jax.train.bootstrap import noisy_span_bias
 from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.tokens import Tokenizer
 
@@ -41,17 +40,22 @@ def greedy_config(vocab, max_new_tokens: int, max_think: int, return_hidden: boo
 
 
 def generate_all(model, prompt: np.ndarray, prompt_mask: np.ndarray, gen_cfg: engine.GenerateConfig, tau: float,
-                 batch_size: int, mesh, key=None) -> engine.Rollout:
+                 batch_size: int, mesh, key=None, think_budget: int | None = None) -> engine.Rollout:
   """Runs `engine.generate` over [N,P] prompts in fixed-size batches (the last padded by repeating rows, so nothing
-  recompiles); returns the rollout fields for the N rows, as numpy."""
+  recompiles); returns the rollout fields for the N rows, as numpy. `think_budget` >= 0: `<|eot|>` forced after
+  that many span positions in every row (`engine.generate`)."""
   n = prompt.shape[0]
   parallel.check_divisible(batch_size, mesh, 'generate.batch_size')
   key = jax.random.key(0) if key is None else key
   parts = []
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size) % n
-    batch = parallel.to_global({'prompt': prompt[idx], 'mask': prompt_mask[idx]}, mesh)
-    out = engine.generate(model, batch['prompt'], batch['mask'], jax.random.fold_in(key, start), tau, gen_cfg)
+    batch = {'prompt': prompt[idx], 'mask': prompt_mask[idx]}
+    if think_budget is not None:
+      batch['budget'] = np.full((batch_size,), think_budget, np.int32)
+    batch = parallel.to_global(batch, mesh)
+    out = engine.generate(model, batch['prompt'], batch['mask'], jax.random.fold_in(key, start), tau, gen_cfg,
+                          think_budget=batch.get('budget'))
     parts.append(parallel.to_host(out))
   keep = n - (len(parts) - 1) * batch_size
   parts[-1] = jax.tree.map(lambda x: x[:keep], parts[-1])
@@ -90,10 +94,12 @@ def latent_lens(model, hidden: np.ndarray, gates: np.ndarray, mask: np.ndarray, 
 
 def evaluate(model, prompt: np.ndarray, prompt_mask: np.ndarray, questions: Sequence[str],
              references: Sequence[str], tokenizer: Tokenizer, dataset: str, gen_cfg: engine.GenerateConfig,
-             tau: float, batch_size: int, mesh, reward_weights=None, answer_match: str = 'lenient') -> EvalResult:
-  """prompt, prompt_mask [N,P] -> EvalResult (greedy, gate noise off; answers scored by `answer_match`). With
-  `gen_cfg.return_hidden`, each row also carries its decoded tokens and the latent lens of its blended positions."""
-  out = generate_all(model, prompt, prompt_mask, gen_cfg, tau, batch_size, mesh)
+             tau: float, batch_size: int, mesh, reward_weights=None, answer_match: str = 'lenient',
+             think_budget: int | None = None) -> EvalResult:
+  """prompt, prompt_mask [N,P] -> EvalResult (greedy, gate noise off; answers scored by `answer_match`; a forced
+  `think_budget` as `generate_all`'s). With `gen_cfg.return_hidden`, each row also carries its decoded tokens and
+  the latent lens of its blended positions."""
+  out = generate_all(model, prompt, prompt_mask, gen_cfg, tau, batch_size, mesh, think_budget=think_budget)
   lens = (latent_lens(model, out.hidden_inputs, out.gates, out.mask, tokenizer) if gen_cfg.return_hidden
           else None)
   completions = reward.decode_completions(tokenizer, out.tokens, out.mask)
@@ -132,7 +138,7 @@ def _teacher_forced_gates(graphdef, params, batch, tau, noisy_span_scale):
   model = nnx.merge(graphdef, params)
   out = engine.unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'],
                       jnp.zeros(batch['completion'].shape, jnp.float32), tau,
-                      completion_key_bias=noisy_span_bias(batch['filler_mask'], noisy_span_scale))
+                      completion_key_bias=engine.noisy_span_bias(batch['filler_mask'], noisy_span_scale))
   mean = lambda m: jnp.sum(out.gates * m) / jnp.maximum(jnp.sum(m), 1)
   return {'tf_gate_inner': mean(batch['inner_mask']), 'tf_gate_outer': mean(batch['outer_mask'])}
 

@@ -7,7 +7,7 @@
   for every `config.seed`, which changes the training data and initialisation only). Repeated questions are dropped
   (the first is kept), then the first `eval.size` records are taken (0: all).
 * Reports: `<workdir>/eval/<split or file name>/<stage>/` (`report.write_report`); an `eval.checkpoint` other than
-  'best' in `<split or file name>@<checkpoint>/`. Every row carries the example's `id` (a hash of its question,
+  'best' in `<split or file name>@<checkpoint>/`, a forced budget (`eval.budget`) in `...@budget<k>/`. Every row carries the example's `id` (a hash of its question,
   `compare.example_id`), the `stage`, the checkpoint `step`, the `split` and a hash of the config, so rows of two
   runs join by id (`python -m dtt_jax.eval.compare`).
 """
@@ -84,10 +84,12 @@ def config_hash(config) -> str:
   return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:12]
 
 
-def output_dir(workdir: str, name: str, stage: str, checkpoint='best') -> str:
+def output_dir(workdir: str, name: str, stage: str, checkpoint='best', budget: int = -1) -> str:
   """`<workdir>/eval/<name>/<stage>`; another `eval.checkpoint` than 'best' reports in `<name>@<checkpoint>`
-  (`test@latest`, `test@800`), beside the best's report."""
-  return os.path.join(workdir, 'eval', name if str(checkpoint) == 'best' else f'{name}@{checkpoint}', stage)
+  (`test@latest`, `test@800`), a forced reasoning budget `eval.budget` >= 0 in `<name>@budget<k>` (`test@budget2`,
+  `test@latest@budget2`), beside the best's report."""
+  folder = name if str(checkpoint) == 'best' else f'{name}@{checkpoint}'
+  return os.path.join(workdir, 'eval', folder if budget < 0 else f'{folder}@budget{budget}', stage)
 
 
 def stamp(rows: list[dict], **fields) -> list[dict]:

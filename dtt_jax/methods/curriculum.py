@@ -132,16 +132,21 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
   stage = curriculum_batches(exp, exp.train, c.bootstrap.batch_size).stage(max(step - 1, 0))
   name, records = heldout.eval_records(c, exp.valid)
   prompts = data_lib.build_prompts(records, exp.tokenizer, c.data.max_prompt_len)
+  budget = c.eval.budget
+  if budget >= 0 and c.method not in coconut_data.BUDGETED:
+    raise ValueError(f'config.eval.budget={budget}: config.method={c.method!r} has no reasoning budget to force '
+                     f'(those with one: {", ".join(coconut_data.BUDGETED)}, dtt); set config.eval.budget=-1.')
   gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab, c.generate.max_new_tokens,
-                                          return_hidden=True)
+                                          return_hidden=True, budget=budget)
   metrics, rows = coconut_train.evaluate(nnx.merge(graphdef, params), prompts, exp.tokenizer, c.dataset.name,
                                          gen_cfg, c.generate.batch_size, exp.mesh, c.eval.answer_match)
-  info = {'method': c.method, 'stage': 'bootstrap', 'step': step, 'split': name, 'config': heldout.config_hash(c)}
+  info = {'method': c.method, 'stage': 'bootstrap', 'step': step, 'split': name, 'config': heldout.config_hash(c),
+          'budget': budget}
   heldout.stamp(rows, **info)
   metrics = {**info, 'checkpoint': why, 'curriculum_stage': stage, 'answer_match': c.eval.answer_match,
              'num_examples': len(rows), **metrics}
   if jax.process_index() == 0:
-    out = heldout.output_dir(exp.workdir, name, 'bootstrap', c.eval.checkpoint)
+    out = heldout.output_dir(exp.workdir, name, 'bootstrap', c.eval.checkpoint, budget)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
       json.dump(metrics, f, indent=2)

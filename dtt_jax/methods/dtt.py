@@ -201,8 +201,10 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
     tau = c[stage].tau_min
     result = eval_lib.evaluate(nnx.merge(graphdef, params), prompts.prompt, prompts.prompt_mask, prompts.questions,
                                prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
-                               exp.mesh, dict(c.grpo.reward_weights), answer_match=c.eval.answer_match)
-    info = {'method': c.method, 'stage': stage, 'step': step, 'split': name, 'config': heldout.config_hash(c)}
+                               exp.mesh, dict(c.grpo.reward_weights), answer_match=c.eval.answer_match,
+                               think_budget=c.eval.budget if c.eval.budget >= 0 else None)
+    info = {'method': c.method, 'stage': stage, 'step': step, 'split': name, 'config': heldout.config_hash(c),
+            'budget': c.eval.budget}
     heldout.stamp(result.rows, **info)
     prefix = f'eval/{name}/{stage}'
     writer = MetricWriter(exp.workdir, c.get('wandb'), c.to_dict())
@@ -214,7 +216,8 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
                                                  for r in result.rows[:64]])
     writer.close()
     if jax.process_index() == 0:
-      paths = report.write_report(result, heldout.output_dir(exp.workdir, name, stage, c.eval.checkpoint),
+      paths = report.write_report(result, heldout.output_dir(exp.workdir, name, stage, c.eval.checkpoint,
+                                                              c.eval.budget),
                                   {**info, 'checkpoint': why, 'tau': tau})
       log.info('Evaluation of %s step %d (%s) on %s, %d examples: %s. Reports: %s', stage, step, why, name,
                len(result.rows), result.metrics, os.path.dirname(paths['metrics.json']))

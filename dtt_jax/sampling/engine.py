@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import weakref
 
 import flax
@@ -73,6 +74,12 @@ class Rollout:
   forced: jax.Array  # 1 where the reasoning budget forced <|eot|>
   hidden_inputs: jax.Array | None  # [B,N,D] h_{t-1}
   logits: jax.Array | None = None  # [B,N,V] float32, only from `generate(..., return_logits=True)` (tests)
+
+
+def noisy_span_bias(filler_mask, scale: float) -> jax.Array:
+  """filler_mask [B,T] -> additive attention bias of those keys (a `completion_key_bias`): log(scale) on injected
+  filler, 0 elsewhere."""
+  return jnp.where(filler_mask > 0, math.log(scale), 0.0)
 
 
 def prompt_key_bias(prompt_mask, max_len: int, completion_key_bias=None) -> jax.Array:
@@ -237,8 +244,9 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'return_logits'))
-def _generate_jit(graphdef, state, prompt, prompt_mask, key, tau, cfg, return_logits, output_kernel):
-  return _generate(nnx.merge(graphdef, state), prompt, prompt_mask, key, tau, cfg, return_logits, output_kernel)
+def _generate_jit(graphdef, state, prompt, prompt_mask, key, tau, cfg, return_logits, output_kernel, think_budget):
+  return _generate(nnx.merge(graphdef, state), prompt, prompt_mask, key, tau, cfg, return_logits, output_kernel,
+                   think_budget)
 
 
 _KERNEL_CACHE = {}  # 'entry': (weakref to the output table, dtype, [D,V] kernel); dropped when that array is freed
@@ -273,15 +281,18 @@ def _transpose_kernel(table, dtype):
 
 
 def generate(model: DTTModel, prompt, prompt_mask, key, tau=1.0, cfg: GenerateConfig = GenerateConfig(),
-             return_logits: bool = False) -> Rollout:
+             return_logits: bool = False, think_budget=None) -> Rollout:
   """prompt, prompt_mask [B,P] (left-padded) -> Rollout of cfg.max_new_tokens positions. Jitted; compiled once
-  per (config, shapes). Inside another jitted function, call `generate_traced` instead."""
+  per (config, shapes). Inside another jitted function, call `generate_traced` instead.
+
+  think_budget [B] int (optional): per row, `<|eot|>` is forced once the span holds that many positions (0: right
+  after `<|bot|>`), instead of `cfg.max_think`."""
   kernel = None
   if cfg.transposed_output or (cfg.transposed_output is None and jax.default_backend() == 'cpu'):
     kernel = _cached_output_kernel(model.gpt2)
   graphdef, state = nnx.split(model)
   return _generate_jit(graphdef, state, prompt, prompt_mask, key, jnp.asarray(tau, jnp.float32), cfg,
-                       return_logits, kernel)
+                       return_logits, kernel, think_budget)
 
 
 generate_traced = _generate

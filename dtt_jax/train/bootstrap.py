@@ -19,7 +19,6 @@ microbatch's loss is normalised by the whole batch's counts, so the summed gradi
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import chex
 import jax
@@ -64,11 +63,6 @@ def _counts(batch) -> dict[str, jax.Array]:
   return {name: jnp.maximum(jnp.sum(batch[name]), 1).astype(jnp.float32) for name in COUNTED if name in batch}
 
 
-def noisy_span_bias(filler_mask, scale: float) -> jax.Array:
-  """filler_mask [B,T] -> additive attention bias of those keys: log(scale) on fillers, 0 elsewhere."""
-  return jnp.where(filler_mask > 0, math.log(scale), 0.0)
-
-
 def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts, dropout_key=None):
   """Sums of the loss terms over `batch` divided by the (whole-batch) `counts` -> (loss, metrics).
 
@@ -80,7 +74,7 @@ def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts, drop
   p, t = batch['prompt'].shape[1], batch['completion'].shape[1]
   dropout = Dropout(dropout_key, cfg.dropout, p + t) if cfg.dropout else None
   out = unroll(model, batch['prompt'], batch['prompt_mask'], batch['completion'], noise, tau,
-               hard=cfg.hard_gate, completion_key_bias=noisy_span_bias(batch['filler_mask'], cfg.noisy_span_scale),
+               hard=cfg.hard_gate, completion_key_bias=engine.noisy_span_bias(batch['filler_mask'], cfg.noisy_span_scale),
                dropout=dropout)
   ce, prediction = output_layer.cross_entropy(model.gpt2, out.target_hidden, batch['completion'],
                                               batch['loss_mask'] / counts['loss_mask'], cfg.fused_output,

@@ -275,10 +275,11 @@ def check_config(c, cfg: coconut_data.Curriculum) -> None:
 
 
 def generate_config(method: str, stage: int, cfg: coconut_data.Curriculum, vocab,
-                    max_new_tokens: int, return_hidden: bool = False) -> engine.GenerateConfig:
+                    max_new_tokens: int, return_hidden: bool = False, budget: int = -1) -> engine.GenerateConfig:
   """Greedy decoding of at most `max_new_tokens` tokens after the forced head of `method` at `stage` (COCONUT
-  counts them after it); gate 1 exactly at `<|latent|>`."""
-  head = tuple(coconut_data.head_tokens(method, stage, cfg, vocab))
+  counts them after it; `budget` >= 0: that many thoughts / pauses, `data.coconut.head_tokens`); gate 1 exactly
+  at `<|latent|>`."""
+  head = tuple(coconut_data.head_tokens(method, stage, cfg, vocab, budget))
   return engine.GenerateConfig(max_new_tokens=len(head) + max_new_tokens, eos_id=vocab.eos, bot_id=vocab.bot,
                                eot_id=vocab.eot, sampling=SamplingConfig(greedy=True), max_think=0, gate_noise=False,
                                return_hidden=return_hidden, forced_prefix=head, latent_id=vocab.latent)

@@ -1,0 +1,118 @@
+"""The compressing DTT (issue #28): the curriculum's layouts (which positions hold latents, which have targets, where
+the gate hinge acts), the final layout each method is scored in, the group-normalised length reward, and the
+forced budgets of the evaluation."""
+
+import numpy as np
+import pytest
+
+from configs import coconut as coconut_configs
+from dtt_jax import tokens
+from dtt_jax.data import coconut
+from dtt_jax.reward import compute_rewards, group_length_reward
+
+RECORD = {'question': '53 + 56 =', 'steps': ['3+6=9 write 9', '5+5=10 write 0 carry 1', 'carry 1 write 1'],
+          'answer': '109'}
+
+
+@pytest.fixture(scope='module')
+def tok(hf_tokenizer):
+  return tokens.Tokenizer(hf_tokenizer, tokens.Vocab.full())
+
+
+def _ids(tok, *texts):
+  return [int(i) for t in texts for i in tok.encode(t)]
+
+
+@pytest.mark.parametrize('stage', [0, 1, 2, 3, 4])
+@pytest.mark.parametrize('ratio', [0, 4])
+def test_curriculum_layouts_per_stage(tok, stage, ratio):
+  """Stage k <= K replaces the first k steps by latents (c = 1 each, or ceil(m / r) for a step of m tokens), stage
+  K + 1 every step; the completion is `<|bot|> latents steps[k:] <|eot|> answer <|endoftext|>`, every token a
+  target (the latents predict `<|latent|>`), the inner positions (gate hinge towards 1) strictly between <|bot|>
+  and <|eot|>, no filler."""
+  cfg = coconut.Curriculum(c_thoughts=1, max_stage=3, tokens_per_latent=ratio)
+  v = tok.vocab
+  steps = [s + '\n' for s in RECORD['steps']]
+  lengths = [len(tok.encode(s)) for s in steps]  # 8, 10, 5
+  replaced = lengths[:stage] if stage <= 3 else lengths
+  latents = sum(-(-m // ratio) for m in replaced) if ratio else len(replaced)
+  kept = steps[stage:] if stage <= 3 else []
+  expected = [v.bot] + [v.latent] * latents + _ids(tok, *kept) + [v.eot] + _ids(tok, '109') + [v.eos]
+  sample = coconut.build_sample(RECORD, 'dtt', stage, cfg, tok)
+  assert sample.completion.tolist() == expected
+  assert sample.latent_mask.tolist() == [0] + [1] * latents + [0] * (len(expected) - 1 - latents)
+  assert sample.loss_mask.tolist() == [1] * len(expected)
+  batch = coconut.stage1_batch(coconut.build_batch([RECORD], 'dtt', stage, cfg, tok, 16, 40), v)
+  n = len(expected)
+  span = n - 4 - len(_ids(tok, '109')) + 1  # latents + kept step tokens
+  assert batch.inner_mask[0].tolist() == [0] + [1] * span + [0] * (40 - 1 - span)
+  assert batch.loss_mask[0].tolist() == batch.completion_mask[0].tolist() == [1] * n + [0] * (40 - n)
+  assert (batch.outer_mask[0] + batch.inner_mask[0]).tolist() == batch.completion_mask[0].tolist()
+  assert not batch.filler_mask.any()
+  if ratio == 4 and stage >= 1:  # 8 tokens -> 2 latents, 10 -> 3, 5 -> 2
+    assert latents == [0, 2, 5, 7, 7][stage]
+
+
+def test_final_layout_per_method(tok):
+  """The checkpoints ranked for the headline (`final_accuracy`) are those trained in the method's final layout: the
+  schedule's last stage for the step curriculum (the compressing DTT included), all CoT tokens removed for iCoT,
+  every step for the layouts without a curriculum."""
+  records = [RECORD] * 4
+  cfg = coconut.Curriculum(c_thoughts=1, max_stage=3, epochs_per_stage=1, first_stage_epochs=2)
+  final = {}
+  for method in ('coconut', 'dtt', 'cot', 'pause', 'icot'):
+    k = cfg if method != 'icot' else coconut.Curriculum(max_stage=3, epochs_per_stage=1, first_stage_epochs=2,
+                                                       icot_delta=10.0, icot_pretrain_epochs=2, icot_lambda=np.inf)
+    batches = coconut.CurriculumBatches(records, method, k, tok, 2, 16, 48, steps_per_epoch=10)
+    final[method] = [s for s in range(400) if batches.is_final(s)][:1]
+  assert final['coconut'] == final['dtt'] == [50]  # epochs 0-1 text, 2-4 stages 1-3, from epoch 5 the final stage
+  assert final['cot'] == final['pause'] == [0]
+  assert final['icot'] == [20 + 23]  # one token a step after 20 steps: the 23-token CoT is gone at step 43
+  no_curriculum = coconut.Curriculum(max_stage=3, curriculum=False)
+  assert coconut.CurriculumBatches(records, 'coconut', no_curriculum, tok, 2, 16, 48, steps_per_epoch=10).is_final(0)
+
+
+def test_group_length_reward_ranks_the_lengths_of_a_group():
+  """Kimi k1.5's length term: within each group, the shortest correct completion gets +0.5, the longest -0.5,
+  linearly between; a wrong answer never gains from being short (min(0, lam)); a group of equal lengths carries no
+  length signal (0), where the flat -0.01 per position would charge them all alike."""
+  lengths = np.array([2, 4, 6, 3, 3, 3, 1, 9, 5, 5, 5, 5])
+  correct = np.array([1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 0, 0], bool)
+  out = group_length_reward(lengths, correct, group_size=3)
+  np.testing.assert_allclose(out, [0.5, 0.0, -0.5, 0.0, 0.0, 0.0, 0.0, -0.5, 0.0, 0.0, 0.0, 0.0])
+  out = group_length_reward(np.array([1, 3, 5, 2]), np.array([0, 1, 0, 1], bool), group_size=4)
+  np.testing.assert_allclose(out, [0.0, 0.0, -0.5, 0.25])
+  with pytest.raises(ValueError, match='7 completions are not whole groups of 2'):
+    group_length_reward(np.zeros(7), np.zeros(7, bool), 2)
+
+
+def test_length_reward_enters_the_rewards_of_a_rollout_group():
+  """compute_rewards with length='group' puts that term in `efficiency` (and the total), for rollouts of one prompt
+  whose spans differ in length; 'exact' answer matching rejects what 'lenient' accepts."""
+  v = tokens.Vocab.full()
+  spans = [1, 2, 4, 1]
+  toks = np.full((4, 9), v.eos, np.int32)
+  for i, n in enumerate(spans):
+    toks[i, :n + 3] = [v.bot] + [v.latent] * n + [v.eot, 16]
+  mask = (np.arange(9)[None] < np.array([n + 4 for n in spans])[:, None]).astype(np.int32)
+  texts = [f'{tokens.BOT}{tokens.EOT}{a}{tokens.EOS}' for a in ('12', '12', '12', '012')]
+  flat = compute_rewards(toks, mask, np.zeros((4, 9)), texts, ['12'] * 4, 'addition', v)
+  group = compute_rewards(toks, mask, np.zeros((4, 9)), texts, ['12'] * 4, 'addition', v, answer_match='exact',
+                          length='group', group_size=4)
+  np.testing.assert_allclose(flat['efficiency'], [-0.01, -0.02, -0.04, -0.01], atol=1e-7)
+  assert flat['correct'].tolist() == [True] * 4  # leading zero: the lenient integer rule
+  assert group['correct'].tolist() == [True, True, True, False]  # '012' != '12' exactly
+  np.testing.assert_allclose(group['efficiency'], [0.5, 0.5 - 1 / 3, -0.5, 0.0], atol=1e-6)
+  np.testing.assert_allclose(group['total'] - flat['total'],
+                             group['efficiency'] - flat['efficiency'] + group['correctness'] - flat['correctness'],
+                             atol=1e-6)
+
+
+def test_the_compressing_configs():
+  """`configs/coconut.py:<task>,dtt_compress[,long]`: DTT on the CoT span under the suite's stage schedule, c = 1
+  latent per replaced step, GRPO with budgets drawn in [1, K + 1] and the group length reward."""
+  c = coconut_configs.get_config('addition2,dtt_compress,long')
+  assert (c.method, c.data.span, c.coconut.tokens_per_latent, c.coconut.c_thoughts) == ('dtt', 'curriculum', 0, 1)
+  assert (c.grpo.length_reward, c.grpo.min_think, c.grpo.max_think) == ('group', 1, 4)
+  seed = coconut_configs.get_config('addition2,dtt,long')
+  assert (seed.data.span, seed.grpo.length_reward, seed.grpo.min_think) == ('cot', 'flat', 0)
