@@ -1,6 +1,6 @@
 """COCONUT in the pipeline: generation with the forced head equals the training pass; a run's budget, optimizer
 resets, evaluation at the best checkpoint and start from another run's weights; the configs (tiny study and the
-paper's settings) and the study table."""
+paper's settings)."""
 
 import json
 import os
@@ -15,7 +15,6 @@ from flax import nnx
 from configs import coconut as coconut_configs
 from dtt_jax import pipeline, tokens
 from dtt_jax.checkpoint import Checkpointer
-from dtt_jax.eval import study
 from dtt_jax.methods import base, curriculum, dtt
 from dtt_jax.model.dtt import DTTConfig, DTTModel
 from dtt_jax.model.gpt2 import GPT2Config
@@ -250,15 +249,3 @@ def test_bad_method_and_stage_are_named():
   with pytest.raises(ValueError, match="config.method='latent': expected one of 'dtt', 'think_tokens', 'coconut'"):
     pipeline.check_config(c)
 
-
-def test_study_table_reads_the_runs(tmp_path):
-  for name, stage, metrics in (
-      ('prontoqa_coconut', 'bootstrap', {'accuracy': 0.5, 'generated_tokens': 9.25, 'num_examples': 200}),
-      ('prosqa_dtt', 'grpo', {'accuracy': 0.125, 'completion_tokens': 30.0, 'num_examples': 300})):
-    os.makedirs(tmp_path / name / 'eval' / 'valid' / stage)
-    with open(tmp_path / name / 'eval' / 'valid' / stage / 'metrics.json', 'w') as f:
-      json.dump(metrics, f)
-  text = study.render(str(tmp_path), 'launch/reproduce.sh x')
-  assert '| COCONUT | 50.0 | 9.2 | 99.8 / 9.0 | not run |  | 97.0 / 14.2 |' in text
-  assert '| DTT (bootstrap + GRPO) | not run |  | — | 12.5 | 30.0 | — |' in text
-  assert text.startswith('Command: `launch/reproduce.sh x`')

@@ -82,9 +82,9 @@ def run_curriculum(exp: base.Experiment) -> loop.LoopResult:
   resets = set(batches.reset_steps(steps, coconut_train.reset_every_epochs(c)))
   graphdef, state = base.initial_state(exp, tx)
   train_step = coconut_train.make_train_step(graphdef, tx, exp.mesh, b.microbatches, c.model.get('dropout', 0.0))
-  log.info('%s: %d steps of %d per epoch from epoch %d; stages start at steps %s; optimizer (%s) resets at %d '
-           'steps.', c.method, steps, per_epoch, schedule.start_epoch, schedule.stage_starts(per_epoch, steps),
-           c.coconut.optimizer, len(resets))
+  log.info('%s: %d steps of %d per epoch from epoch %d; stages start at steps %s; optimizer (%s lr, decay on %s) '
+           'resets at %d steps.', c.method, steps, per_epoch, schedule.start_epoch,
+           schedule.stage_starts(per_epoch, steps), b.schedule, b.decay, len(resets))
 
   def step_fn(state, batch, tau):
     step = batches.step - 1  # this batch's step
