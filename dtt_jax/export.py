@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 from absl import app, flags
@@ -42,6 +43,8 @@ flags.DEFINE_string('stage', '', "'grpo' or 'bootstrap' ('' = the newest finishe
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
+REMOTE_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'model', 'modeling_dtt.py')
+REMOTE_CLASSES = {'gpt2': 'DTTGPT2ForCausalLM', 'llama': 'DTTLlamaForCausalLM', 'qwen2': 'DTTQwen2ForCausalLM'}
 BLENDS = {
     'dtt': 'x_t = g*P(h_{t-1}) + (1-g)*E[y_t], g = sigmoid((gate(h_{t-1}) + noise) / tau)',
     'hrpo': 'x_t = a*e + sqrt(1-a^2)*(i*z), e = E[y_t], a = sigmoid(Lambda)^(c*r), r = sigmoid(gate_r(e)), '
@@ -85,6 +88,23 @@ def write_export(model, tokenizer: tokens.Tokenizer, out_dir: str, stage: str, e
                    (tokenizer.hf.eos_token,) + tokens.SPECIAL_TOKENS, vocab.special_ids)}}, f, indent=2)
   with open(os.path.join(out_dir, 'dtt_vocab.json'), 'w') as f:
     f.write(vocab.to_json())
+  write_remote_code(out_dir, model.gpt2.cfg.family, {
+      'gate': model.cfg.gate, 'use_projection': model.proj is not None, 'tau': eval_tau,
+      'hrpo_c': model.hrpo.c if model.hrpo is not None else None, 'bot_id': vocab.bot, 'eot_id': vocab.eot,
+      'latent_id': vocab.latent, 'pause_id': vocab.pause})
+
+
+def write_remote_code(out_dir: str, family: str, dtt: dict) -> None:
+  """Copies `model/modeling_dtt.py` into out_dir and names its class for `family` in config.json's `auto_map`, with
+  the gate's settings as `config.json`'s `dtt` (read by `AutoModelForCausalLM.from_pretrained(out_dir,
+  trust_remote_code=True)`; without it transformers ignores both)."""
+  shutil.copyfile(REMOTE_CODE, os.path.join(out_dir, 'modeling_dtt.py'))
+  path = os.path.join(out_dir, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  config.update(auto_map={'AutoModelForCausalLM': f'modeling_dtt.{REMOTE_CLASSES[family]}'}, dtt=dtt)
+  with open(path, 'w') as f:
+    json.dump(config, f, indent=2)
 
 
 def export(workdir: str, out_dir: str, stage: str = '') -> str:
