@@ -29,10 +29,8 @@ import shutil
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_dict
 
 from dtt_jax import pipeline, tokens
-from dtt_jax.workdir import load_run_config
 from dtt_jax.methods import base
 from dtt_jax.model import hf_io
 
@@ -109,15 +107,12 @@ def write_remote_code(out_dir: str, family: str, dtt: dict) -> None:
 
 def export(workdir: str, out_dir: str, stage: str = '') -> str:
   """Writes the HF directory for `stage`'s best checkpoint; returns the stage exported."""
-  config = load_run_config(workdir)
-  config.num_devices = 1
-  config.parallel = config_dict.ConfigDict({'fsdp': 1})  # one device: nothing to shard
-  exp = pipeline.setup(config, workdir)
+  exp = pipeline.open_workdir(workdir)
   if not stage:
     stage = 'grpo' if os.path.isdir(os.path.join(workdir, 'grpo', 'checkpoints')) else 'bootstrap'
   graphdef, params = base.stage_params(exp, stage)
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  write_export(nnx.merge(graphdef, params), exp.tokenizer, out_dir, stage, config[stage].tau_min)
+  write_export(nnx.merge(graphdef, params), exp.tokenizer, out_dir, stage, exp.config[stage].tau_min)
   return stage
 
 

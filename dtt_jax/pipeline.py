@@ -148,6 +148,24 @@ def setup(config, workdir: str) -> Experiment:
   return Experiment(config, workdir, mesh, tokens.Tokenizer(hf, vocab), train, valid)
 
 
+def open_workdir(workdir: str) -> Experiment:
+  """The Experiment of a trained workdir on one device, read only (nothing written, no lock): the config of its last
+  run, its vocabulary, tokenizer and data splits (a method may need the train split, e.g. COCONUT's curriculum stage
+  at a checkpoint's step). For the tools that use a trained model: export, generate."""
+  config = workdir_lib.load_run_config(workdir)
+  config.num_devices = 1
+  config.parallel = ml_collections.ConfigDict({'fsdp': 1})  # one device: nothing to shard
+  check_config(config)
+  vocab_path = os.path.join(workdir, 'vocab.json')
+  if not os.path.isfile(vocab_path):
+    raise FileNotFoundError(f'{vocab_path} is missing: {workdir} has no trained model (run dtt_jax.main first).')
+  with open(vocab_path) as f:
+    vocab = tokens.Vocab.from_json(f.read())
+  hf = tokens.load_tokenizer(_tokenizer_source(config))
+  train, valid = data_lib.load_splits(config.dataset, seed=config.seed)
+  return Experiment(config, workdir, parallel.make_mesh(1, 1), tokens.Tokenizer(hf, vocab), train, valid)
+
+
 def _generated_test_records(config, valid: list[dict]) -> list[dict]:
   """The test records `config.eval` reads, for a generated dataset evaluated on its test split: their tokens join the
   compact vocabulary (which tokens exist, not their answers), so a small train split still covers every question."""

@@ -239,6 +239,43 @@ def test_config_switch_runs_end_to_end(mode, tmp_path):
     assert metrics[key] > 0
   assert (out / 'think_histogram.png').stat().st_size > 0 and (out / 'samples.jsonl').read_text()
   assert (tmp_path / 'teacher' / 'checkpoints').is_dir() and (tmp_path / 'think' / 'checkpoints').is_dir()
+  _generate_matches_a_full_recompute(tmp_path, max_think=2, real_tokens=3)
+
+
+def _generate_matches_a_full_recompute(workdir, max_think: int, real_tokens: int):
+  """`python -m dtt_jax.generate` on a think_tokens run: greedy decoding after each question (the KV-cache rollout)
+  equals a loop that reruns the policy on the whole sequence, a thinking token allowed while fewer than max_think
+  came in a row, until eos or `real_tokens` real tokens; with budget 0 no thinking token appears."""
+  from dtt_jax import generate, pipeline  # pylint: disable=g-import-not-at-top
+  from dtt_jax.methods import base  # pylint: disable=g-import-not-at-top
+  exp = pipeline.open_workdir(str(workdir))
+  questions = [r['question'] for r in exp.valid[:4]]
+  rows = generate.generate(str(workdir), questions, max_new_tokens=real_tokens)
+  teacher_cfg = tt_policy.build_teacher(exp.config, exp.vocab).cfg
+  graphdef, params = base.stage_params(exp, 'think', 'latest', model=tt_policy.policy_model(
+      teacher_cfg, exp.config.think.num_tokens, exp.config.seed + 1))
+  model = nnx.merge(graphdef, params)
+  vr, width = model.cfg.vocab_rows, 32  # sequences right-padded to one width: one compilation
+
+  @jax.jit
+  def next_logits(ids, length):  # ids [width] -> logits [V+K] after its first `length` tokens
+    mask = (jnp.arange(width) < length).astype(jnp.int32)[None]
+    return model.logits(tt_policy.forward(model, ids[None], mask))[0, length - 1]
+
+  for question, row in zip(questions, rows):
+    seq, run, real, want = exp.tokenizer.encode(question.strip() + '\n').tolist(), 0, 0, []
+    while real < real_tokens and len(want) < real_tokens * (max_think + 1):
+      logits = next_logits(jnp.asarray(seq + [0] * (width - len(seq)), jnp.int32), len(seq))
+      token = int(jnp.argmax(tt_policy.mask_thinking(logits, jnp.asarray(run < max_think), vr)))
+      want.append(token)
+      seq.append(token)
+      run, real = (run + 1, real) if token >= vr else (0, real + 1)
+      if token == exp.vocab.eos:
+        break
+    assert row['tokens'] == [tt_eval.decode_with_thinking([t], exp.tokenizer, vr) for t in want], question
+    assert (row['method'], row['stage']) == ('think_tokens', 'think')
+  for row in generate.generate(str(workdir), questions, budget=0, max_new_tokens=real_tokens):
+    assert '<think_' not in row['completion'] and len(row['tokens']) <= real_tokens
 
 
 def test_think_stage_without_a_teacher_says_which_stage_to_run(tmp_path):

@@ -133,6 +133,21 @@ def evaluate(model, prompt: np.ndarray, prompt_mask: np.ndarray, questions: Sequ
                     np.asarray(r['reasoning_length']))
 
 
+def decoded_rows(model, out: engine.Rollout, tokenizer: Tokenizer, answer_of) -> list[dict]:
+  """A rollout with its hidden states (numpy, from `generate_all`) -> per row the fields of the evaluation's rows:
+  completion (specials included), answer (`answer_of(completion)`), tokens, gates, latent_lens (positions with gate
+  >= 0.5), and forced (the positions where the budget forced `<|eot|>`)."""
+  lens = latent_lens(model, out.hidden_inputs, out.gates, out.mask, tokenizer)
+  rows = []
+  for i, text in enumerate(reward.decode_completions(tokenizer, out.tokens, out.mask)):
+    real = np.asarray(out.mask[i]) > 0
+    rows.append({'completion': text, 'answer': answer_of(text),
+                 'tokens': [tokenizer.decode([int(t)]) for t in np.asarray(out.tokens[i])[real]],
+                 'gates': [round(float(g), 4) for g in np.asarray(out.gates[i])[real]],
+                 'latent_lens': lens[i], 'forced': np.flatnonzero(np.asarray(out.forced[i])[real]).tolist()})
+  return rows
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'noisy_span_scale'))
 def _teacher_forced_gates(graphdef, params, batch, tau, noisy_span_scale):
   model = nnx.merge(graphdef, params)

@@ -28,6 +28,7 @@ from dtt_jax import workdir as workdir_lib
 from dtt_jax.checkpoint import Checkpointer
 from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import build_model, lora
+from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.train import loop, state as state_lib
 from dtt_jax.train.temperature import Temperature
 
@@ -46,6 +47,15 @@ class Experiment:
   @property
   def vocab(self) -> tokens.Vocab:
     return self.tokenizer.vocab
+
+
+@dataclasses.dataclass
+class Decoded:
+  """Prompts decoded by one stage's checkpoint (`Method.decode`)."""
+  stage: str
+  step: int
+  checkpoint: str  # why this checkpoint (e.g. 'best by accuracy of ...')
+  rows: list[dict]  # per prompt: completion, answer, tokens; with a gate also gates, latent_lens, forced
 
 
 class Method(abc.ABC):
@@ -71,6 +81,15 @@ class Method(abc.ABC):
   def evaluate(self, exp: Experiment) -> dict[str, float]:
     """Decodes the records of `config.eval` with the trained stages and writes the reports under
     `<workdir>/eval/<split or file>/<stage>/`; returns the metrics of the last stage evaluated."""
+
+  def decode(self, exp: Experiment, prompts: data_lib.Prompts, stage: str, checkpoint: str = 'best',
+             budget: int | None = None, sampling: SamplingConfig | None = None, seed: int = 0,
+             max_new_tokens: int = 0) -> Decoded:
+    """Decodes `prompts` with `stage`'s checkpoint `checkpoint` (see `stage_checkpoint`) as the method's evaluation
+    does: greedy, or `sampling` with the key of `seed`; at most `max_new_tokens` generated tokens (0: the config's).
+    `budget`: the reasoning forced to end after that many positions (None: as configured); a method with nothing
+    to force raises ValueError."""
+    raise NotImplementedError(f'{type(self).__name__} does not decode prompts.')
 
   def config_sections(self, stage: str) -> tuple[str, ...]:
     """The config sections of `stage` among `workdir.STAGE_SECTIONS` (the others' changes do not stop a resume)."""

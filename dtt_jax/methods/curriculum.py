@@ -23,6 +23,7 @@ from dtt_jax import data as data_lib
 from dtt_jax import parallel
 from dtt_jax.data import coconut as coconut_data
 from dtt_jax.eval import heldout, report
+from dtt_jax.eval.evaluate import decoded_rows, generate_all
 from dtt_jax.methods import base
 from dtt_jax.model import lora
 from dtt_jax.train import coconut as coconut_train
@@ -50,6 +51,10 @@ class CurriculumMethod(base.Method):
 
   def evaluate(self, exp: base.Experiment) -> dict[str, float]:
     return run_eval(exp)
+
+  def decode(self, exp, prompts, stage='bootstrap', checkpoint='best', budget=None, sampling=None, seed=0,
+             max_new_tokens=0) -> base.Decoded:
+    return decode_prompts(exp, prompts, checkpoint, budget, sampling, seed, max_new_tokens)
 
 
 def curriculum(c) -> coconut_data.Curriculum:
@@ -157,3 +162,28 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
     log.info('Evaluation of %s at step %d (%s), curriculum stage %d, on %s (%d examples): %s. Reports: %s',
              c.method, step, why, stage, name, len(rows), metrics, out)
   return metrics
+
+
+def decode_prompts(exp: base.Experiment, prompts: data_lib.Prompts, checkpoint: str = 'best',
+                   budget: int | None = None, sampling=None, seed: int = 0, max_new_tokens: int = 0) -> base.Decoded:
+  """`Method.decode` of the bootstrap checkpoint `checkpoint`: the evaluation's decoding (`run_eval`: the head of
+  the curriculum stage the checkpoint was trained at, then text). `budget`: the head's thoughts (COCONUT's
+  `<|latent|>`, pause-as-thought's `<|pause|>`) or the Pause baseline's pauses, `budget` of them (`eval.budget`)."""
+  c = exp.config
+  step, why = base.stage_checkpoint(exp, 'bootstrap', checkpoint)
+  graphdef, params = base.stage_params(exp, 'bootstrap', str(step))
+  stage = curriculum_batches(exp, exp.train, c.bootstrap.batch_size).stage(max(step - 1, 0))
+  if budget is not None and c.method not in coconut_data.BUDGETED:
+    raise ValueError(f'A budget applies to the methods that force thoughts or pauses '
+                     f'({", ".join(coconut_data.BUDGETED)}, dtt); config.method={c.method!r} reasons in text.')
+  gen_cfg = coconut_train.generate_config(c.method, stage, curriculum(c), exp.vocab,
+                                          max_new_tokens or c.generate.max_new_tokens, return_hidden=True,
+                                          budget=-1 if budget is None else budget)
+  if sampling is not None:
+    gen_cfg = dataclasses.replace(gen_cfg, sampling=sampling)
+  model = nnx.merge(graphdef, params)
+  out = generate_all(model, prompts.prompt, prompts.prompt_mask, gen_cfg, 1.0, c.generate.batch_size, exp.mesh,
+                     jax.random.key(seed))
+  rows = decoded_rows(model, out, exp.tokenizer, coconut_train.answer_of)
+  return base.Decoded('bootstrap', step, f'{why}; curriculum stage {stage}', rows)
+

@@ -26,6 +26,7 @@ from dtt_jax import data as data_lib
 from dtt_jax import parallel, reward
 from dtt_jax import workdir as workdir_lib
 from dtt_jax.data import coconut as coconut_data
+from dtt_jax.data.answers import extract_answer
 from dtt_jax.eval import evaluate as eval_lib
 from dtt_jax.eval import heldout, report
 from dtt_jax.methods import base
@@ -64,6 +65,10 @@ class DTT(base.Method):
 
   def evaluate(self, exp: base.Experiment) -> dict[str, float]:
     return run_eval(exp)
+
+  def decode(self, exp, prompts, stage, checkpoint='best', budget=None, sampling=None, seed=0,
+             max_new_tokens=0) -> base.Decoded:
+    return decode_prompts(exp, prompts, stage, checkpoint, budget, sampling, seed, max_new_tokens)
 
 
 # -------------------------------------------------------------------------------------------------- Stage 1
@@ -223,3 +228,21 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
                len(result.rows), result.metrics, os.path.dirname(paths['metrics.json']))
     metrics = result.metrics
   return metrics
+
+
+def decode_prompts(exp: base.Experiment, prompts: data_lib.Prompts, stage: str, checkpoint: str = 'best',
+                   budget: int | None = None, sampling=None, seed: int = 0, max_new_tokens: int = 0) -> base.Decoded:
+  """`Method.decode`: the evaluation's decoding (`run_eval`: the stage's tau_min, gate noise off, the latent lens)
+  of `prompts`; `budget`: `<|eot|>` forced after that many span positions (`eval.budget`'s `think_budget`)."""
+  c = exp.config
+  step, why = base.stage_checkpoint(exp, stage, checkpoint)
+  graphdef, params = base.stage_params(exp, stage, str(step))
+  gen_cfg = eval_lib.greedy_config(exp.vocab, max_new_tokens or c.generate.max_new_tokens, c.generate.max_think,
+                                   return_hidden=True)
+  if sampling is not None:
+    gen_cfg = dataclasses.replace(gen_cfg, sampling=sampling)
+  model = nnx.merge(graphdef, params)
+  out = eval_lib.generate_all(model, prompts.prompt, prompts.prompt_mask, gen_cfg, c[stage].tau_min,
+                              c.generate.batch_size, exp.mesh, jax.random.key(seed), think_budget=budget)
+  return base.Decoded(stage, step, why, eval_lib.decoded_rows(model, out, exp.tokenizer, extract_answer))
+

@@ -51,6 +51,7 @@ in full, and process 0 writes the report; the result equals one process's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -59,10 +60,12 @@ import numpy as np
 from flax import nnx
 
 from dtt_jax import parallel
+from dtt_jax import tokens as tokens_lib
 from dtt_jax.eval import heldout
 from dtt_jax.methods import base
-from dtt_jax.methods.think_tokens import data, evaluate as eval_lib, policy, train as train_lib
+from dtt_jax.methods.think_tokens import data, decode, evaluate as eval_lib, policy, train as train_lib
 from dtt_jax.metrics import MetricWriter
+from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.train import loop, state as state_lib
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,10 @@ class ThinkTokens(base.Method):
 
   def evaluate(self, exp: base.Experiment) -> dict[str, float]:
     return evaluate_think(exp)
+
+  def decode(self, exp, prompts, stage, checkpoint='best', budget=None, sampling=None, seed=0,
+             max_new_tokens=0) -> base.Decoded:
+    return decode_prompts(exp, prompts, stage, checkpoint, budget, sampling, seed, max_new_tokens)
 
 
 def encode_splits(exp: base.Experiment, cfg: policy.ThinkConfig) -> tuple[data.Texts, data.Texts]:
@@ -245,3 +252,44 @@ def evaluate_think(exp: base.Experiment) -> dict[str, float]:
     log.info('think_tokens evaluation of think step %d (%s) on %s (%d texts): %s. Reports: %s', step, why, name,
              len(texts), result.metrics, ', '.join(paths.values()))
   return result.metrics
+
+
+def decode_prompts(exp: base.Experiment, prompts, stage: str, checkpoint: str = 'best', budget: int | None = None,
+                   sampling: SamplingConfig | None = None, seed: int = 0, max_new_tokens: int = 0) -> base.Decoded:
+  """`Method.decode`: free decoding after each prompt (`decode.generate` in teacher mode, greedy by default) until
+  eos or `max_new_tokens` real tokens (0: `generate.max_new_tokens`). Stage 'think': the policy, at most `budget`
+  (None: `think.max_think`) thinking tokens in a row; 'teacher': the teacher, text alone. The answer is the last
+  line of the real text."""
+  c = exp.config
+  cfg = policy.check_config(c)
+  teacher = restore_teacher(exp)
+  max_think = cfg.max_think if budget is None else budget
+  if max_think < 0:
+    raise ValueError(f'budget={budget}: expected a number of thinking tokens in a row >= 0.')
+  if stage == 'teacher':
+    graphdef, params = teacher[:2]
+    step, why, max_think = 0, 'the teacher', 0
+    if c.think.teacher_steps and not c.get('init_from'):
+      step, why = base.stage_checkpoint(exp, 'teacher', 'latest')
+  else:
+    _require(exp, 'think', 'train the thinking stage first: --config.stage=grpo (after bootstrap) or pipeline')
+    step, why = base.stage_checkpoint(exp, 'think', checkpoint)
+    graphdef, params = base.stage_params(exp, 'think', str(step),
+                                         model=policy.policy_model(teacher[2], cfg.num_tokens, c.seed + 1))
+  rollout_cfg = dataclasses.replace(cfg, mode='teacher', real_tokens=max_new_tokens or c.generate.max_new_tokens,
+                                    max_think=max_think)
+  out = _rollout(graphdef, params, jnp.asarray(prompts.prompt), jnp.asarray(prompts.prompt_mask),
+                 jax.random.key(seed), rollout_cfg, exp.vocab.eos, sampling or SamplingConfig(greedy=True))
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask) > 0
+  vocab_rows, rows = nnx.merge(graphdef, params).cfg.vocab_rows, []
+  for ids in (row[keep] for row, keep in zip(tokens, mask)):
+    real = exp.tokenizer.decode(ids[ids < vocab_rows])
+    rows.append({'completion': eval_lib.decode_with_thinking(ids, exp.tokenizer, vocab_rows),
+                 'answer': real.split(tokens_lib.EOS, 1)[0].rstrip('\n').split('\n')[-1].strip(),
+                 'tokens': [eval_lib.decode_with_thinking([i], exp.tokenizer, vocab_rows) for i in ids]})
+  return base.Decoded(stage, step, why, rows)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'eos_id', 'sampling'))
+def _rollout(graphdef, params, prompt, prompt_mask, key, cfg, eos_id, sampling):
+  return decode.generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, cfg, eos_id, sampling=sampling)

@@ -38,17 +38,19 @@ class Rollout:
   target_logprob: jax.Array  # next_token mode: log p(target) over the real tokens where the rollout ended
 
 
-def generate(model: GPT2, prefix, prefix_mask, key, cfg: ThinkConfig, eos_id: int, targets=None) -> Rollout:
+def generate(model: GPT2, prefix, prefix_mask, key, cfg: ThinkConfig, eos_id: int, targets=None,
+             sampling: SamplingConfig | None = None) -> Rollout:
   """prefix, prefix_mask [B,P] (left-padded), targets [B] (next_token mode) -> Rollout of N = cfg.rollout_len
-  positions. Thinking tokens (at most max_think in a row) and real tokens are sampled at cfg.temperature; the
-  rollout ends after cfg.stop_after real tokens or an eos. In next_token mode the ending real token is recorded as
-  `targets` (the data's token) and target_logprob = log p(target) over the real tokens there."""
+  positions. Thinking tokens (at most max_think in a row) and real tokens are sampled at cfg.temperature (or by
+  `sampling`, e.g. greedy); the rollout ends after cfg.stop_after real tokens or an eos. In next_token mode the
+  ending real token is recorded as `targets` (the data's token) and target_logprob = log p(target) over the real
+  tokens there."""
   b, p = prefix.shape
   n, vr = cfg.rollout_len, model.cfg.vocab_rows
   next_token = cfg.mode == 'next_token'
   targets = jnp.zeros((b,), jnp.int32) if targets is None else targets.astype(jnp.int32)
   pre = engine.prefill_trunk(model, prefix, prefix_mask, p + n)  # cache of P + N slots
-  sampling = SamplingConfig(temperature=cfg.temperature)
+  sampling = sampling or SamplingConfig(temperature=cfg.temperature)
   zeros_i = jnp.zeros((b, n), jnp.int32)
   carry = dict(cache=pre.cache, hidden=pre.last_hidden, run=jnp.zeros((b,), jnp.int32),
                n_real=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
