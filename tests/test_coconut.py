@@ -139,7 +139,7 @@ def test_coconut_optimizer_is_torch_adamw_at_a_constant_rate():
 
   c = coconut_configs.get_config('prontoqa,coconut')
   assert (c.bootstrap.schedule, c.bootstrap.decay, c.bootstrap.grad_clip, c.coconut.reset_optimizer,
-          c.model.dropout) == ('constant', 'all', 0.0, 'epoch', 0.1)
+          c.model.dropout) == ('constant', 'all', 0.0, 'epoch', 0.0)
   lr, wd = c.bootstrap.lr, c.bootstrap.weight_decay
   tx = coconut_train.make_optimizer(c, steps_per_epoch=10, total_steps=80)
   rng = np.random.default_rng(0)

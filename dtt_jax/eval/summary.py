@@ -6,7 +6,8 @@
     reasoning tokens, mean inner / outer gate), then one line per evaluation;
   * writes the same text to `<workdir>/summary.txt`;
   * draws `<workdir>/eval/training_curves.png` (beside the evaluation's histograms): one row of panels per trained
-    stage (loss, gate temperature tau, validation accuracy, validation reward), matplotlib's Agg backend.
+    stage (loss, gate temperature tau, validation accuracy, reward and reasoning tokens, GRPO's mean rollout span
+    length per step), matplotlib's Agg backend.
 Stages are the prefixes that have a `<stage>/loss` record, in the order they first appear (`bootstrap`, `grpo`; any
 other stage trained by the shared loop too). A stage that did not run has no line and no row; a metric a stage did
 not log is shown as `-` and its panel says so. Records of a resumed run that repeat a step: the later one counts.
@@ -23,7 +24,8 @@ import os
 CURVES = 'training_curves.png'
 SUMMARY = 'summary.txt'
 PANELS = (('loss', 'loss'), ('tau', 'gate temperature tau'), ('valid/accuracy', 'validation accuracy'),
-          ('valid/reward', 'validation reward'))
+          ('valid/reward', 'validation reward'), ('valid/reasoning_tokens', 'validation reasoning tokens'),
+          ('reasoning_length', 'rollout span length'))
 _LINE_METRICS = (('accuracy', 'accuracy {}', '.3f'), ('completion_tokens', 'tokens {}', '.1f'),
                  ('reasoning_tokens', 'reasoning {}', '.1f'), ('gate_inner_mean', 'gate inner {}', '.3f'),
                  ('gate_outer_mean', 'outer {}', '.3f'))
