@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.gate_bias_init = -4.0  # gate sigmoid(-4 / tau) starts near 0 (0.12 at tau0 = 2, 0.02 at tau = 1)
   c.model.use_projection = False
   c.model.gate = 'dtt'  # 'dtt' (Gumbel-sigmoid gate head) | 'hrpo' (HRPO's thinking-residual gate; model/dtt.py)
+  # True: the gate is 1 at `<|latent|>` positions (their input is the previous hidden state, a continuous thought),
+  # the gate head decides elsewhere (the compressing DTT; model/dtt.py pin_noise)
+  c.model.pin_latent = False
   c.model.hrpo_c = 8.0  # HRPO gate: a = sigmoid(lam)^(c * r)
   c.model.hrpo_a_init = (0.99, 0.999)  # HRPO gate: initial a over the D dimensions (input starts as the token)
   # GPT-2's training-mode dropout (embedding, attention probabilities, residual branches) in the supervised steps

@@ -107,9 +107,11 @@ def _recipe(c, paper: bool) -> None:
 def _compress(c) -> None:
   """The compressing DTT (issue #28): DTT's bootstrap on the CoT span under COCONUT's stage schedule, stage k
   replacing the first k steps by c_thoughts latent positions each (`data.span='curriculum'`,
-  `coconut.tokens_per_latent` = 0), then GRPO with budgets drawn per rollout and the group-normalised length
-  reward gated on correctness."""
+  `coconut.tokens_per_latent` = 0) whose gate is pinned to 1 (a learned one closes at each stage switch and stays
+  shut: docs/study.md), then GRPO with budgets drawn per rollout and the group-normalised length reward gated on
+  correctness."""
   c.data.span = 'curriculum'
+  c.model.pin_latent = True
   c.coconut.tokens_per_latent = 0
   c.grpo.length_reward = 'group'
   c.grpo.max_think = c.coconut.max_stage * c.coconut.c_thoughts + 1

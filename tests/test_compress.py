@@ -116,3 +116,33 @@ def test_the_compressing_configs():
   assert (c.grpo.length_reward, c.grpo.min_think, c.grpo.max_think) == ('group', 1, 4)
   seed = coconut_configs.get_config('addition2,dtt,long')
   assert (seed.data.span, seed.grpo.length_reward, seed.grpo.min_think) == ('cot', 'flat', 0)
+
+
+def test_pinned_latent_gates_are_exactly_one_and_the_rest_stay_learned():
+  """`model.pin_latent`: at a `<|latent|>` position the gate is 1 (its input exactly the previous hidden state),
+  through the noise the rollout stores (so GRPO's re-scoring reproduces it); every other gate is the head's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dtt_jax.model.dtt import DTTConfig, DTTModel, pin_noise  # pylint: disable=g-import-not-at-top
+  from dtt_jax.model.gpt2 import GPT2Config  # pylint: disable=g-import-not-at-top
+  from dtt_jax.sampling import engine  # pylint: disable=g-import-not-at-top
+  from dtt_jax.sampling.sampler import SamplingConfig  # pylint: disable=g-import-not-at-top
+
+  model = DTTModel(DTTConfig(GPT2Config(vocab_rows=16, num_tokens=16, n_positions=32, n_embd=16, n_layer=1,
+                                        n_head=2), gate_bias_init=0.0), rngs=nnx.Rngs(0))
+  model.gate_head.kernel.value = jax.random.normal(jax.random.key(1), (16, 1))
+  prompt, mask = jnp.array([[5, 6, 7]], jnp.int32), jnp.ones((1, 3), jnp.int32)
+  cfg = engine.GenerateConfig(max_new_tokens=8, eos_id=0, bot_id=1, eot_id=2, sampling=SamplingConfig(),
+                              gate_noise=True, pinned_id=3, early_stop=False)
+  for key in range(40):  # a rollout with both latent and other tokens
+    out = engine.generate(model, prompt, mask, jax.random.key(key), 0.7, cfg)
+    if 0 < int(jnp.sum(out.tokens == 3)) < 8:
+      break
+  latent = np.asarray(out.tokens == 3)
+  assert (np.asarray(out.gates)[latent] == 1.0).all() and (np.asarray(out.gates)[~latent] < 1.0).all()
+  _, gates = engine.rescore(model, prompt, mask, out.tokens, out.hidden_inputs, out.gate_noise, 0.7)
+  np.testing.assert_allclose(np.asarray(gates), np.asarray(out.gates), atol=1e-6)
+  tokens = jnp.array([3, 4, 3])
+  np.testing.assert_array_equal(pin_noise(jnp.zeros(3), tokens, 3), [1e4, 0.0, 1e4])
+  np.testing.assert_array_equal(pin_noise(jnp.ones(3), tokens, -1), [1.0, 1.0, 1.0])

@@ -54,6 +54,9 @@ class DTT(base.Method):
                        f'config.grpo.max_think={c.grpo.max_think}.')
     if compressing(c):
       coconut_data.Curriculum.from_config(c.coconut)  # raises naming a bad config.coconut value
+    if c.model.pin_latent and (c.model.gate != 'dtt' or c.grpo.gate_as_action):
+      raise ValueError('config.model.pin_latent=True pins the Gumbel-sigmoid gate through its noise: it needs '
+                       'config.model.gate="dtt" and config.grpo.gate_as_action=False.')
 
   uses_dropout = True  # in the bootstrap (GRPO, validation and evaluation run without)
 
@@ -79,6 +82,11 @@ def bootstrap_optimizer(c, schedule_steps: int = 0):
   `schedule_steps` (default: the stage's steps)."""
   return state_lib.supervised_optimizer(c.bootstrap, schedule_steps or c.bootstrap.steps,
                                         lora.configured_train_modules(c.get('lora')))
+
+
+def pinned_id(c, vocab) -> int:
+  """The token whose gate is pinned to 1 (`config.model.pin_latent`: `<|latent|>`), else -1."""
+  return vocab.latent if c.model.pin_latent else -1
 
 
 def compressing(c) -> bool:
@@ -112,7 +120,7 @@ def run_bootstrap(exp: base.Experiment) -> loop.LoopResult:
     resets, is_final = set(), lambda step: True
     tx = bootstrap_optimizer(c)
   graphdef, state = base.initial_state(exp, tx)  # with config.init_from: e.g. a CoT run's weights
-  loss_cfg = bootstrap.LossConfig.from_config(b, dropout=c.model.dropout)
+  loss_cfg = bootstrap.LossConfig.from_config(b, dropout=c.model.dropout, pinned_id=pinned_id(c, exp.vocab))
   train_step = bootstrap.make_train_step(graphdef, tx, loss_cfg, exp.mesh, b.microbatches)
 
   def step_fn(state, batch, tau):
@@ -129,7 +137,8 @@ def make_validate(exp: base.Experiment, graphdef, is_final=lambda step: True):
   filler span in every one (`tf_gate_inner`, `tf_gate_outer`)."""
   c = exp.config
   prompts = base.validation_prompts(exp)
-  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think)
+  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think,
+                                   pinned_id=pinned_id(c, exp.vocab))
   records = exp.valid[:c.dataset.valid_size]
   span_cfg = dataclasses.replace(data_lib.SampleConfig.from_config({**c.data, 'span': 'cot'} if compressing(c)
                                                                     else c.data), filler_prob=1.0)
@@ -168,7 +177,8 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   state = base.place_state(exp, state_lib.init_state(policy, tx, seed=c.seed + 1))
   grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
-                                       dict(g.reward_weights), c.eval.answer_match, g.length_reward, g.min_think)
+                                       dict(g.reward_weights), c.eval.answer_match, g.length_reward, g.min_think,
+                                       pinned_id(c, exp.vocab))
   prompts = data_lib.prompt_iterator(exp.train, exp.tokenizer, c.data.max_prompt_len, g.prompts_per_step,
                                      seed=c.seed)
 
@@ -194,7 +204,8 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
   c = exp.config
   name, records = heldout.eval_records(c, exp.valid)
   prompts = data_lib.build_prompts(records, exp.tokenizer, c.data.max_prompt_len)
-  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think, return_hidden=True)
+  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think, return_hidden=True,
+                                   pinned_id=pinned_id(c, exp.vocab))
   stages = [s for s in c.eval.stages if workdir_lib.checkpoint_steps(os.path.join(exp.workdir, s))]
   if not stages:
     raise FileNotFoundError(f'No checkpoint of {", ".join(c.eval.stages)} in {exp.workdir}: train first '

@@ -70,6 +70,16 @@ class DTTConfig:
       raise ValueError('config.model.use_projection=True only applies to config.model.gate="dtt".')
 
 
+PINNED = 1e4  # gate noise that pins a DTT gate to exactly 1 (sigmoid((logit + 1e4) / tau) rounds to 1 in float32)
+
+
+def pin_noise(noise: jax.Array, tokens: jax.Array, pinned_id: int) -> jax.Array:
+  """noise, tokens [...] -> the noise with PINNED where tokens == pinned_id (>= 0; -1: unchanged): the gate of those
+  positions is 1, their input exactly P(h) (`config.model.pin_latent`: `<|latent|>` positions are continuous
+  thoughts), with no gradient through the gate there; a rollout stores this noise, so re-scoring reproduces it."""
+  return noise if pinned_id < 0 else jnp.where(tokens == pinned_id, PINNED, noise)
+
+
 def logistic_noise(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   """n = log u - log(1 - u), u ~ U(0,1): the difference of two Gumbels (binary-concrete noise)."""
   u = jax.random.uniform(key, shape, dtype, minval=1e-6, maxval=1.0 - 1e-6)

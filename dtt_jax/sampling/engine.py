@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dtt_jax.model.dtt import DTTModel, blend, logistic_noise
+from dtt_jax.model.dtt import DTTModel, blend, logistic_noise, pin_noise
 from dtt_jax.model.gpt2 import NEG_INF, KVCache, causal_bias, kv_cache_for, positions_from_mask
 from dtt_jax.sampling.sampler import SamplingConfig, sample, token_logprob
 
@@ -56,6 +56,7 @@ class GenerateConfig:
   forced_prefix: tuple[int, ...] = ()  # tokens forced at the first steps (COCONUT: <|bot|>, latents, <|eot|>)
   latent_id: int = -1  # >= 0: no gate head; the gate is 1 at this token (the input is exactly the previous hidden
   # state, COCONUT's continuous thought) and 0 at every other token (plain GPT-2 decoding)
+  pinned_id: int = -1  # >= 0: the gate head decides everywhere but at this token, where the gate is 1 (`pin_noise`)
   transposed_output: bool | None = None  # logits against a [D,V] copy of the output table (`output_kernel`: a faster
   # dot on XLA CPU, one more copy of the table in memory). None: `generate` on the CPU backend uses one kept between
   # calls for the same table array (made once per distinct weights); `generate_traced` makes none. True: always (in
@@ -209,6 +210,7 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
     logp = token_logprob(c['logits'], token, lognorm, cfg.sampling)
     noise = (logistic_noise(jax.random.fold_in(key_t, 1), (b,)) if cfg.gate_noise
              else jnp.zeros((b,), jnp.float32))
+    noise = pin_noise(noise, token, cfg.pinned_id)
     forced_gate = (token == cfg.latent_id).astype(jnp.float32) if cfg.latent_id >= 0 else None
     logits, hidden, gate, cache = step(model, c['cache'], pre.key_bias, c['hidden'], token, noise, p + t,
                                        pre.num_real + t, tau, hard=cfg.hard_gate, forced_gate=forced_gate,

@@ -29,7 +29,7 @@ from flax import nnx
 from dtt_jax import parallel
 from dtt_jax.data.samples import BATCH_FIELDS
 from dtt_jax.model import check_master_weights, output_layer
-from dtt_jax.model.dtt import DTTModel, logistic_noise
+from dtt_jax.model.dtt import DTTModel, logistic_noise, pin_noise
 from dtt_jax.model.gpt2 import Dropout
 from dtt_jax.sampling import engine
 from dtt_jax.train import fast_unroll
@@ -48,6 +48,7 @@ class LossConfig:
   fused_output: bool = True  # output layer + cross-entropy in vocabulary tiles (`output_layer.cross_entropy`)
   row_groups: int = 1  # rows of the fused output layer sorted per group: the number of devices (`make_train_step`)
   dropout: float = 0.0  # GPT-2's training-mode dropout (`config.model.dropout`), masks from the step's key
+  pinned_id: int = -1  # >= 0: the gate is 1 at this token (`model.dtt.pin_noise`; `config.model.pin_latent`)
 
   @classmethod
   def from_config(cls, c, **overrides) -> LossConfig:
@@ -105,6 +106,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig,
   def loss_fn(model, batch, key, tau, counts):
     shape = batch['completion'].shape
     noise = logistic_noise(key, shape) if cfg.gate_noise else jnp.zeros(shape, jnp.float32)
+    noise = pin_noise(noise, batch['completion'], cfg.pinned_id)
     return loss_terms(model, batch, noise, tau, cfg, counts, jax.random.fold_in(key, 1))
 
   return make_step(graphdef, tx, loss_fn, BATCH_FIELDS, mesh, microbatches)
