@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   # A rerun whose config differs from the checkpoints in the workdir beyond steps / intervals / logging:
   # 'stop' (an error listing the differences) | 'move_aside' (old stages to <workdir>/moved-<time>/, start anew)
   c.on_config_change = 'stop'
-  c.dry_run = False  # True: report per-device memory and the steps' FLOPs for this config, then exit (dtt_jax/dry_run.py)
+  c.dry_run = False  # True: report per-device memory and the steps' FLOPs, then exit (dtt_jax/dry_run.py)
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.enabled = False  # also log to Weights & Biases
