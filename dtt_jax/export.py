@@ -18,7 +18,11 @@ id of each row): the dataset's text tokenizes to exactly the ids dtt_jax gives i
 compact vocabulary gets ids >= vocab_size, which the model cannot embed (dtt_jax's tokenizer refuses such text
 too).
 
-The exported model alone decodes as dtt_jax does with the gate off (the plain trunk); the gate needs `dtt_head`.
+The directory also carries the method as transformers remote code: `modeling_dtt.py` (a copy of
+`model/modeling_dtt.py`: the gate, the projection and the latent generation loop in PyTorch), named by config.json's
+`auto_map` with the gate's settings in its `dtt` entry, so `AutoModelForCausalLM.from_pretrained(out,
+trust_remote_code=True)` and its `generate` decode with the gate as dtt_jax does (GPT-2, Llama, Qwen2; the DTT and
+HRPO gates). Loaded without `trust_remote_code` it is the plain trunk: dtt_jax's decoding with the gate off.
 """
 
 from __future__ import annotations
