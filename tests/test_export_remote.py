@@ -5,6 +5,7 @@ an untied Qwen2 checkpoint with its own tokenizer (`tests/test_checkpoint_tokeni
 `max_think` forces `<|eot|>` as the engine's budget does. Without remote code the same directory loads as the plain
 trunk. Tiny random models, exported in-process."""
 
+import dataclasses
 import json
 
 import jax
@@ -133,22 +134,26 @@ def test_remote_code_decodes_like_the_engine(case, records, hf_tokenizer, tmp_pa
   assert (np.where(real, gate_off.numpy(), -1) != np.where(real, theirs, -1)).any(1).sum() >= NUM_PROMPTS // 4
 
 
-def test_max_think_forces_eot_like_the_engine(records, hf_tokenizer, tmp_path):
+def test_max_think_and_a_pinned_gate_like_the_engine(records, hf_tokenizer, tmp_path):
   """`generate(max_think=k)` (a LogitsProcessor) forces `<|eot|>` where the engine's `GenerateConfig.max_think`
-  does; the model's bias favours <|bot|> first, so every row opens a span."""
+  does, and a pinned token's gate is 1 as the engine's `pinned_id` makes it (`model.pin_latent` pins `<|latent|>`;
+  here `<|bot|>`, which every row emits first: the model's <|bot|> row is aligned with the last prompt states)."""
   model, ours = _tiny_model('gpt2_projection', records, hf_tokenizer, tmp_path)
   vocab = ours.vocab
   wte = model.gpt2.wte.embedding
-  # <|bot|> is the first greedy token of every prompt: its row aligned with the last prompt hidden states
   prompts = data_lib.build_prompts(records[:16], ours, max_prompt_len=16)
-  last = engine.prefill(model, prompts.prompt, prompts.prompt_mask, 16).last_hidden
-  wte[...] = wte[...].at[vocab.bot].set(20.0 * np.asarray(last).mean(0) / np.linalg.norm(np.asarray(last).mean(0)))
-  hf_tok, hf_model = _export(model, ours, tmp_path)
+  last = np.asarray(engine.prefill(model, prompts.prompt, prompts.prompt_mask, 16).last_hidden).mean(0)
+  wte[...] = wte[...].at[vocab.bot].set(20.0 * last / np.linalg.norm(last))
+  export.write_export(model, ours, str(tmp_path), stage='grpo', eval_tau=TAU, pinned_id=vocab.bot)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
   texts = [data_lib.record_texts(records[i])[0] for i in prompts.indices]
-  cfg = greedy_config(vocab, NEW_TOKENS, max_think=3)
+  cfg = dataclasses.replace(greedy_config(vocab, NEW_TOKENS, max_think=3), pinned_id=vocab.bot)
   rollout = engine.generate(model, prompts.prompt, prompts.prompt_mask, jax.random.key(0), TAU, cfg)
-  ours_tokens, real = np.asarray(rollout.tokens), np.asarray(rollout.mask) > 0
+  ours_tokens, ours_gates, real = np.asarray(rollout.tokens), np.asarray(rollout.gates), np.asarray(rollout.mask) > 0
   assert (ours_tokens[:, 0] == vocab.bot).all() and (ours_tokens[:, 4] == vocab.eot).all()
-  assert np.asarray(rollout.forced).sum() > 0
-  _, theirs, _ = _hf_generate(hf_tok, hf_model, texts, max_think=3)
+  assert np.asarray(rollout.forced).sum() > 0 and (ours_gates[:, 0] == 1.0).all()
+  _, theirs, gates = _hf_generate(hf_tok, hf_model, texts, max_think=3)
   np.testing.assert_array_equal(np.where(real, theirs, -1), np.where(real, ours_tokens, -1))
+  np.testing.assert_allclose(np.where(real, gates, 0), np.where(real, ours_gates, 0), atol=1e-4, rtol=0)
+  assert (gates[:, 0] == 1.0).all()

@@ -249,7 +249,7 @@ def decode_prompts(exp: base.Experiment, prompts: data_lib.Prompts, stage: str, 
   step, why = base.stage_checkpoint(exp, stage, checkpoint)
   graphdef, params = base.stage_params(exp, stage, str(step))
   gen_cfg = eval_lib.greedy_config(exp.vocab, max_new_tokens or c.generate.max_new_tokens, c.generate.max_think,
-                                   return_hidden=True)
+                                   return_hidden=True, pinned_id=pinned_id(c, exp.vocab))
   if sampling is not None:
     gen_cfg = dataclasses.replace(gen_cfg, sampling=sampling)
   model = nnx.merge(graphdef, params)

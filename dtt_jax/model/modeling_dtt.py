@@ -12,6 +12,7 @@ Qwen2ForCausalLM): dtt_jax's decoding with the gate off. This file imports torch
 The gate (`config.dtt['gate']`), computed in float32 at the evaluation temperature `config.dtt['tau']`, noise 0:
 
     'dtt':  g_t = sigmoid(gate_head(h_{t-1}) / tau),  x_t = g_t * P(h_{t-1}) + (1 - g_t) * E[y_t]
+            (g_t = 1 where y_t is `config.dtt['pinned_id']` >= 0: `model.pin_latent`'s `<|latent|>`)
     'hrpo': p = softmax(lm_head(h_{t-1}) / tau), z = E^T p / |p|_2, e = E[y_t], r = sigmoid(gate_r(e)),
             i = sigmoid(gate_i(e)), a = sigmoid(lam)^(c r),  x_t = a e + sqrt(1 - a^2) (i z),  g_t = mean sqrt(1 - a^2)
 
@@ -131,6 +132,7 @@ class DTTMixin:
     if dtt['gate'] not in ('dtt', 'hrpo'):
       raise ValueError(f"config.json dtt.gate={dtt['gate']!r}: expected 'dtt' or 'hrpo'.")
     self.tau = float(dtt['tau'])
+    self.pinned_id = int(dtt.get('pinned_id', -1))
     self.gate_head = nn.Linear(d, 1) if dtt['gate'] == 'dtt' else None
     self.proj = nn.Linear(d, d) if dtt.get('use_projection') else None
     self.hrpo = HRPOGate(d, float(dtt['hrpo_c'])) if dtt['gate'] == 'hrpo' else None
@@ -163,12 +165,15 @@ class DTTMixin:
   def project(self, hidden: torch.Tensor) -> torch.Tensor:
     return hidden if self.proj is None else self.proj(hidden)
 
-  def blend_embedding(self, prev_hidden: torch.Tensor, token_embedding: torch.Tensor):
-    """prev_hidden, token_embedding [..., D] -> (blended input [..., D], gate [...])."""
+  def blend_embedding(self, prev_hidden: torch.Tensor, tokens: torch.LongTensor):
+    """prev_hidden [..., D], tokens [...] -> (blended input [..., D], gate [...])."""
+    token_embedding = self.get_input_embeddings()(tokens)
     if self.hrpo is not None:
       latent = normalized_soft_embedding(self.lm_head(prev_hidden), self.get_input_embeddings().weight, self.tau)
       return self.hrpo(token_embedding, latent)
     gate = gumbel_sigmoid(self.gate_logit(prev_hidden), self.tau)
+    if self.pinned_id >= 0:
+      gate = torch.where(tokens == self.pinned_id, 1.0, gate)
     return blend(gate, self.project(prev_hidden), token_embedding), gate
 
   def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
@@ -179,7 +184,7 @@ class DTTMixin:
     if dtt_prev_hidden is not None:
       if input_ids is None or input_ids.shape[1] != 1:
         raise ValueError('dtt_prev_hidden blends one position: pass input_ids of shape [B, 1].')
-      inputs_embeds, gates = self.blend_embedding(dtt_prev_hidden[:, None], self.get_input_embeddings()(input_ids))
+      inputs_embeds, gates = self.blend_embedding(dtt_prev_hidden[:, None], input_ids)
       input_ids = None
     outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -228,7 +233,7 @@ class DTTMixin:
     """new_tokens [B, N], hiddens: h_{t-1} for t = 0.. -> gates [B, N] of their inputs, 0 after each row's eos."""
     n = new_tokens.shape[1]
     with torch.no_grad():
-      _, gates = self.blend_embedding(torch.stack(hiddens[:n], 1), self.get_input_embeddings()(new_tokens))
+      _, gates = self.blend_embedding(torch.stack(hiddens[:n], 1), new_tokens)
     eos = self.generation_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=new_tokens.device)
     ended = torch.isin(new_tokens, eos).long().cumsum(1)  # counts eos at and before each position
