@@ -164,6 +164,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.coconut.icot_lambda = 4.0
   c.coconut.icot_pretrain_epochs = 0
   c.coconut.icot_remove_all_beyond = 0
+  # The compressing DTT (config.data.span='curriculum'): stage k replaces the first k steps by <|latent|> positions,
+  # COCONUT's k * c_thoughts (0), or ceil(m / this) for a step of m tokens (> 0)
+  c.coconut.tokens_per_latent = 0
+  # False: the latents are no targets and decoding forces <|bot|> and the stage's latents (COCONUT's head);
+  # True: the latents are targets and the model emits them itself (a count of its own choosing)
+  c.coconut.latent_targets = False
 
   # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/methods/think_tokens/)
   c.think = ml_collections.ConfigDict()

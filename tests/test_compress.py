@@ -24,33 +24,50 @@ def _ids(tok, *texts):
 
 
 @pytest.mark.parametrize('stage', [0, 1, 2, 3, 4])
-@pytest.mark.parametrize('ratio', [0, 4])
-def test_curriculum_layouts_per_stage(tok, stage, ratio):
-  """Stage k <= K replaces the first k steps by latents (c = 1 each, or ceil(m / r) for a step of m tokens), stage
-  K + 1 every step; the completion is `<|bot|> latents steps[k:] <|eot|> answer <|endoftext|>`, every token a
-  target (the latents predict `<|latent|>`), the inner positions (gate hinge towards 1) strictly between <|bot|>
-  and <|eot|>, no filler."""
-  cfg = coconut.Curriculum(c_thoughts=1, max_stage=3, tokens_per_latent=ratio)
+@pytest.mark.parametrize('ratio,targets', [(0, False), (0, True), (4, True)])
+def test_curriculum_layouts_per_stage(tok, stage, ratio, targets):
+  """Stage k <= K replaces the first k steps by latents: COCONUT's k c (r = 0; K c past stage K, even for a record
+  with fewer steps), or ceil(m / r) for each replaced step of m tokens; stage K + 1 every step. The completion is
+  `<|bot|> latents steps[k:] <|eot|> answer <|endoftext|>`; every other token is a target, the latents only when
+  the model emits them itself (`latent_targets`; else decoding forces them); the inner positions (gate hinge,
+  pinned gates at the latents) strictly between <|bot|> and <|eot|>; no filler."""
+  cfg = coconut.Curriculum(c_thoughts=1, max_stage=3, tokens_per_latent=ratio, latent_targets=targets)
   v = tok.vocab
   steps = [s + '\n' for s in RECORD['steps']]
   lengths = [len(tok.encode(s)) for s in steps]  # 8, 10, 5
   replaced = lengths[:stage] if stage <= 3 else lengths
-  latents = sum(-(-m // ratio) for m in replaced) if ratio else len(replaced)
+  latents = sum(-(-m // ratio) for m in replaced) if ratio else min(stage, 3)
   kept = steps[stage:] if stage <= 3 else []
   expected = [v.bot] + [v.latent] * latents + _ids(tok, *kept) + [v.eot] + _ids(tok, '109') + [v.eos]
   sample = coconut.build_sample(RECORD, 'dtt', stage, cfg, tok)
   assert sample.completion.tolist() == expected
-  assert sample.latent_mask.tolist() == [0] + [1] * latents + [0] * (len(expected) - 1 - latents)
-  assert sample.loss_mask.tolist() == [1] * len(expected)
+  latent_mask = [0] + [1] * latents + [0] * (len(expected) - 1 - latents)
+  assert sample.latent_mask.tolist() == latent_mask
+  assert sample.loss_mask.tolist() == [1 - (m and not targets) for m in latent_mask]
   batch = coconut.stage1_batch(coconut.build_batch([RECORD], 'dtt', stage, cfg, tok, 16, 40), v)
   n = len(expected)
   span = n - 4 - len(_ids(tok, '109')) + 1  # latents + kept step tokens
   assert batch.inner_mask[0].tolist() == [0] + [1] * span + [0] * (40 - 1 - span)
-  assert batch.loss_mask[0].tolist() == batch.completion_mask[0].tolist() == [1] * n + [0] * (40 - n)
+  assert batch.completion_mask[0].tolist() == [1] * n + [0] * (40 - n)
+  assert batch.loss_mask[0].tolist() == sample.loss_mask.tolist() + [0] * (40 - n)
   assert (batch.outer_mask[0] + batch.inner_mask[0]).tolist() == batch.completion_mask[0].tolist()
   assert not batch.filler_mask.any()
   if ratio == 4 and stage >= 1:  # 8 tokens -> 2 latents, 10 -> 3, 5 -> 2
     assert latents == [0, 2, 5, 7, 7][stage]
+
+
+def test_the_forced_head_is_coconuts_without_its_eot(tok):
+  """The compressing DTT's decoding forces `<|bot|>` and the latents of the checkpoint's stage (the final one after
+  GRPO), or a budget of them; the seed's recipe forces nothing."""
+  from dtt_jax.methods import dtt  # pylint: disable=g-import-not-at-top
+  c = coconut_configs.get_config('addition2,dtt_compress,long')
+  v = tok.vocab
+  c.coconut.start_epoch = 16  # the study's: the run starts at stage 1, 1000 steps per stage
+  assert dtt.forced_head(c, v, 'bootstrap', 1000) == (v.bot, v.latent)
+  assert dtt.forced_head(c, v, 'bootstrap', 1001) == (v.bot, v.latent, v.latent)
+  assert dtt.forced_head(c, v, 'bootstrap', 3150) == dtt.forced_head(c, v, 'grpo', 20) == (v.bot,) + (v.latent,) * 3
+  assert dtt.forced_head(c, v, 'grpo', 20, budget=1) == (v.bot, v.latent)
+  assert dtt.forced_head(coconut_configs.get_config('addition2,dtt,long'), v, 'grpo', 20) == ()
 
 
 def test_final_layout_per_method(tok):
@@ -110,10 +127,11 @@ def test_length_reward_enters_the_rewards_of_a_rollout_group():
 
 def test_the_compressing_configs():
   """`configs/coconut.py:<task>,dtt_compress[,long]`: DTT on the CoT span under the suite's stage schedule, c = 1
-  latent per replaced step, GRPO with budgets drawn in [1, K + 1] and the group length reward."""
+  pinned, forced latent per replaced step, GRPO with the group length reward."""
   c = coconut_configs.get_config('addition2,dtt_compress,long')
   assert (c.method, c.data.span, c.coconut.tokens_per_latent, c.coconut.c_thoughts) == ('dtt', 'curriculum', 0, 1)
-  assert (c.grpo.length_reward, c.grpo.min_think, c.grpo.max_think) == ('group', 1, 4)
+  assert (c.grpo.length_reward, c.grpo.min_think, c.grpo.max_think) == ('group', 0, 4)
+  assert (c.model.pin_latent, c.coconut.latent_targets) == (True, False)
   seed = coconut_configs.get_config('addition2,dtt,long')
   assert (seed.data.span, seed.grpo.length_reward, seed.grpo.min_think) == ('cot', 'flat', 0)
 

@@ -12,9 +12,10 @@ the method and the curriculum stage k (c = thoughts per step, K = max_stage):
     no_cot              `### answer` <|endoftext|>                                     (k ignored)
     pause               <|pause|> x (K c) `### answer` <|endoftext|>                  (k ignored)
     dtt                 <|bot|> <|latent|> x L steps[k:] (each + `\n`) <|eot|> answer <|endoftext|>
-                        (the compressing DTT span, `data.span='curriculum'`: L latent positions for the k replaced
-                        steps, ceil(m / r) for a step of m tokens with r = `tokens_per_latent`, c each when r = 0;
-                        every token is a target, the latents' `<|latent|>` included)
+                        (the compressing DTT span, `data.span='curriculum'`: L = k c latent positions as COCONUT's
+                        (K c past the last stage), or ceil(m / r) for each replaced step of m tokens with r =
+                        `tokens_per_latent`; every other token is a target, the latents only with `latent_targets`
+                        (the model emits them itself), else evaluation forces them as COCONUT's head)
 
 with n = k up to stage K (a record with fewer than k steps loses all of them but still gets k c thoughts), and
 past stage K every step removed and n = K (COCONUT's data code with `pad_latent_to_max`, its ProsQA/ProntoQA
@@ -81,6 +82,7 @@ class Curriculum:
   icot_pretrain_epochs: int = 0  # iCoT: epochs of full CoT before the removal starts (official --pretrain_epochs)
   icot_remove_all_beyond: int = 0  # iCoT: all removed once this many are (--remove_all_when_remove_beyond; 0: inf)
   tokens_per_latent: int = 0  # 'dtt' layout: a replaced step of m tokens becomes ceil(m / this) latents (0: c each)
+  latent_targets: bool = False  # 'dtt' layout: the latents are targets (the model emits them) or forced (COCONUT's)
 
   def __post_init__(self):
     for name in ('c_thoughts', 'epochs_per_stage'):
@@ -123,11 +125,14 @@ class Curriculum:
     return min(stage, self.max_stage) * self.c_thoughts
 
   def span_latents(self, step_lengths: Sequence[int], stage: int) -> int:
-    """The 'dtt' layout's latent positions at `stage` for steps of these token counts: ceil(m / r) per replaced
-    step (c with r = `tokens_per_latent` = 0); the first k steps are replaced at stage k <= K, all of them after."""
-    replaced = step_lengths[:stage] if stage <= self.max_stage else step_lengths
+    """The 'dtt' layout's latent positions at `stage`: COCONUT's k c (`thoughts`, K c past the last stage) with r =
+    `tokens_per_latent` = 0; else ceil(m / r) per replaced step of m tokens (the first k steps at stage k <= K, all
+    of them after)."""
     r = self.tokens_per_latent
-    return sum(-(-m // r) for m in replaced) if r else len(replaced) * self.c_thoughts
+    if not r:
+      return self.thoughts(stage)
+    replaced = step_lengths[:stage] if stage <= self.max_stage else step_lengths
+    return sum(-(-m // r) for m in replaced)
 
   def is_final(self, stage: int) -> bool:
     """Whether `stage` (of the step curriculum) is the last of the schedule, every step latent or removed."""
@@ -263,8 +268,8 @@ def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokeniz
 
 
 def _dtt_sample(record: dict, stage: int, cfg: Curriculum, tokenizer: Tokenizer) -> Sample:
-  """The 'dtt' layout (module docstring): every real completion token is a target, `latent_mask` marks the
-  latents."""
+  """The 'dtt' layout (module docstring): every real completion token is a target, the latents' `<|latent|>` only
+  when the model emits them itself (`latent_targets`), and `latent_mask` marks the latents."""
   vocab = tokenizer.vocab
   question, steps, _ = layout_texts(record)
   prompt, *step_ids, answer = model_ids(tokenizer, [question] + steps + [record['answer'].strip()])
@@ -272,8 +277,8 @@ def _dtt_sample(record: dict, stage: int, cfg: Curriculum, tokenizer: Tokenizer)
   kept = kept_steps('dtt', stage, cfg, step_ids)
   completion = np.concatenate([[vocab.bot], [vocab.latent] * latents, *kept, [vocab.eot], answer,
                                [vocab.eos]]).astype(np.int32)
-  return Sample(prompt.astype(np.int32), completion, np.ones_like(completion),
-                (completion == vocab.latent).astype(np.int32))
+  latent = (completion == vocab.latent).astype(np.int32)
+  return Sample(prompt.astype(np.int32), completion, 1 - latent * (not cfg.latent_targets), latent)
 
 
 def build_batch(records, method: str, stage: int | Sequence[int], cfg: Curriculum, tokenizer: Tokenizer,
@@ -302,15 +307,15 @@ def build_batch(records, method: str, stage: int | Sequence[int], cfg: Curriculu
 
 
 def stage1_batch(batch: dict[str, np.ndarray], vocab) -> Stage1Batch:
-  """A 'dtt' layout `build_batch` -> the DTT bootstrap's Stage1Batch [B,P] / [B,T]: every real completion token a
-  target, inner positions strictly between `<|bot|>` (column 0) and the `<|eot|>`, no filler."""
-  completion, real = batch['completion'], batch['loss_mask']
+  """A 'dtt' layout `build_batch` -> the DTT bootstrap's Stage1Batch [B,P] / [B,T]: its targets (`loss_mask`),
+  inner positions strictly between `<|bot|>` (column 0) and the `<|eot|>`, no filler."""
+  completion, real = batch['completion'], ((batch['loss_mask'] + batch['latent_mask']) > 0).astype(np.int32)
   closed = np.cumsum((completion == vocab.eot) & (real > 0), axis=1) > 0  # from the <|eot|> on
   inner = (real > 0) & ~closed
   inner[:, 0] = False  # <|bot|>
   inner = inner.astype(np.int32)
   return Stage1Batch(prompt=batch['prompt'], prompt_mask=batch['prompt_mask'], completion=completion,
-                     completion_mask=real, loss_mask=real, inner_mask=inner, outer_mask=real - inner,
+                     completion_mask=real, loss_mask=batch['loss_mask'], inner_mask=inner, outer_mask=real - inner,
                      filler_mask=np.zeros_like(real))
 
 

@@ -54,6 +54,10 @@ class DTT(base.Method):
                        f'config.grpo.max_think={c.grpo.max_think}.')
     if compressing(c):
       coconut_data.Curriculum.from_config(c.coconut)  # raises naming a bad config.coconut value
+      if not c.coconut.latent_targets and c.coconut.tokens_per_latent:
+        raise ValueError(f'config.coconut.tokens_per_latent={c.coconut.tokens_per_latent} gives each record its own '
+                         'latent count, which a forced head cannot: set it to 0 (COCONUT\'s k * c_thoughts) or '
+                         'config.coconut.latent_targets=True (the model emits its latents).')
     if c.model.pin_latent and (c.model.gate != 'dtt' or c.grpo.gate_as_action):
       raise ValueError('config.model.pin_latent=True pins the Gumbel-sigmoid gate through its noise: it needs '
                        'config.model.gate="dtt" and config.grpo.gate_as_action=False.')
@@ -94,6 +98,33 @@ def compressing(c) -> bool:
   return c.data.span == 'curriculum'
 
 
+def forced_head(c, vocab, stage: str, step: int, budget: int | None = None) -> tuple[int, ...]:
+  """The tokens decoding forces first: with the compressing recipe's forced latents (`coconut.latent_targets`
+  False), `<|bot|>` and the latents of the stage checkpoint `step` was trained at (GRPO: the final stage's), or
+  `budget` of them (COCONUT's head without its `<|eot|>`: the model closes the span itself); () otherwise."""
+  if not compressing(c) or c.coconut.latent_targets:
+    return ()
+  schedule = coconut_data.Curriculum.from_config(c.coconut)
+  layout = schedule.max_stage + 1 if stage == 'grpo' else schedule.stage_at_step(max(step - 1, 0),
+                                                                                   c.coconut.steps_per_epoch)
+  return (vocab.bot,) + (vocab.latent,) * (schedule.thoughts(layout) if budget is None else budget)
+
+
+def decode_config(exp: base.Experiment, stage: str, step: int, budget: int | None = None, max_new_tokens: int = 0,
+                  return_hidden: bool = False):
+  """(engine.GenerateConfig, think_budget) of DTT's greedy decoding at the checkpoint `step` of `stage`: the gate
+  pinned at `<|latent|>` with `model.pin_latent`; a reasoning `budget` is the forced head's latents
+  (`forced_head`), else `<|eot|>` forced after that many span positions (`think_budget`)."""
+  c = exp.config
+  new_tokens = max_new_tokens or c.generate.max_new_tokens
+  head = forced_head(c, exp.vocab, stage, step, budget)
+  gen_cfg = eval_lib.greedy_config(exp.vocab, len(head) + new_tokens, c.generate.max_think, return_hidden,
+                                   pinned_id(c, exp.vocab))
+  if head:
+    return dataclasses.replace(gen_cfg, forced_prefix=head), None
+  return gen_cfg, budget
+
+
 def curriculum_batches(exp: base.Experiment) -> coconut_data.CurriculumBatches:
   """The compressing recipe's Stage-1 batches: the 'dtt' layout at the schedule's stage of each step."""
   c = exp.config
@@ -128,23 +159,23 @@ def run_bootstrap(exp: base.Experiment) -> loop.LoopResult:
       state = state.replace(opt_state=parallel.shard_state(tx.init(state.params), exp.mesh))
     return train_step(state, parallel.shard_batch(batch, exp.mesh), tau)
 
-  return base.run_stage(exp, 'bootstrap', state, step_fn, batches, make_validate(exp, graphdef, is_final))
+  return base.run_stage(exp, 'bootstrap', state, step_fn, batches, make_validate(exp, graphdef, 'bootstrap',
+                                                                                is_final))
 
 
-def make_validate(exp: base.Experiment, graphdef, is_final=lambda step: True):
+def make_validate(exp: base.Experiment, graphdef, stage: str, is_final=lambda step: True):
   """validate(state, step, tau) -> greedy-generation metrics on the held-out prompts (`final_accuracy` too where
   `is_final(last trained step)`, `base.FINAL_METRIC`), plus teacher-forced gate means on the same examples with a
   filler span in every one (`tf_gate_inner`, `tf_gate_outer`)."""
   c = exp.config
   prompts = base.validation_prompts(exp)
-  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think,
-                                   pinned_id=pinned_id(c, exp.vocab))
   records = exp.valid[:c.dataset.valid_size]
   span_cfg = dataclasses.replace(data_lib.SampleConfig.from_config({**c.data, 'span': 'cot'} if compressing(c)
                                                                     else c.data), filler_prob=1.0)
   span_batch = data_lib.stage1_batch(records, exp.tokenizer, span_cfg, seed=c.seed)
 
   def validate(state, step, tau):
+    gen_cfg, _ = decode_config(exp, stage, step)
     result = eval_lib.evaluate(nnx.merge(graphdef, state.params), prompts.prompt, prompts.prompt_mask,
                                prompts.questions, prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau,
                                c.generate.batch_size, exp.mesh, answer_match=c.eval.answer_match)
@@ -178,7 +209,7 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
                                        dict(g.reward_weights), c.eval.answer_match, g.length_reward, g.min_think,
-                                       pinned_id(c, exp.vocab))
+                                       pinned_id(c, exp.vocab), forced_head(c, exp.vocab, 'grpo', 0))
   prompts = data_lib.prompt_iterator(exp.train, exp.tokenizer, c.data.max_prompt_len, g.prompts_per_step,
                                      seed=c.seed)
 
@@ -191,7 +222,7 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
                        **{f'reward_{k}': float(np.mean(info[k])) for k in ('structure', 'correctness', 'efficiency',
                                                                           'gate', 'total')})
 
-  return base.run_stage(exp, 'grpo', state, step_fn, prompts, make_validate(exp, graphdef))
+  return base.run_stage(exp, 'grpo', state, step_fn, prompts, make_validate(exp, graphdef, 'grpo'))
 
 
 # ------------------------------------------------------------------------------------------- decoding, scoring
@@ -204,8 +235,6 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
   c = exp.config
   name, records = heldout.eval_records(c, exp.valid)
   prompts = data_lib.build_prompts(records, exp.tokenizer, c.data.max_prompt_len)
-  gen_cfg = eval_lib.greedy_config(exp.vocab, c.generate.max_new_tokens, c.generate.max_think, return_hidden=True,
-                                   pinned_id=pinned_id(c, exp.vocab))
   stages = [s for s in c.eval.stages if workdir_lib.checkpoint_steps(os.path.join(exp.workdir, s))]
   if not stages:
     raise FileNotFoundError(f'No checkpoint of {", ".join(c.eval.stages)} in {exp.workdir}: train first '
@@ -215,10 +244,12 @@ def run_eval(exp: base.Experiment) -> dict[str, float]:
     step, why = base.stage_checkpoint(exp, stage, c.eval.checkpoint)
     graphdef, params = base.stage_params(exp, stage, str(step))
     tau = c[stage].tau_min
+    gen_cfg, think_budget = decode_config(exp, stage, step, c.eval.budget if c.eval.budget >= 0 else None,
+                                          return_hidden=True)
     result = eval_lib.evaluate(nnx.merge(graphdef, params), prompts.prompt, prompts.prompt_mask, prompts.questions,
                                prompts.answers, exp.tokenizer, c.dataset.name, gen_cfg, tau, c.generate.batch_size,
                                exp.mesh, dict(c.grpo.reward_weights), answer_match=c.eval.answer_match,
-                               think_budget=c.eval.budget if c.eval.budget >= 0 else None)
+                               think_budget=think_budget)
     info = {'method': c.method, 'stage': stage, 'step': step, 'split': name, 'config': heldout.config_hash(c),
             'budget': c.eval.budget}
     heldout.stamp(result.rows, **info)
@@ -248,8 +279,7 @@ def decode_prompts(exp: base.Experiment, prompts: data_lib.Prompts, stage: str, 
   c = exp.config
   step, why = base.stage_checkpoint(exp, stage, checkpoint)
   graphdef, params = base.stage_params(exp, stage, str(step))
-  gen_cfg = eval_lib.greedy_config(exp.vocab, max_new_tokens or c.generate.max_new_tokens, c.generate.max_think,
-                                   return_hidden=True, pinned_id=pinned_id(c, exp.vocab))
+  gen_cfg, budget = decode_config(exp, stage, step, budget, max_new_tokens, return_hidden=True)
   if sampling is not None:
     gen_cfg = dataclasses.replace(gen_cfg, sampling=sampling)
   model = nnx.merge(graphdef, params)

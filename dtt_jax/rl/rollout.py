@@ -59,15 +59,18 @@ def repeat_prompts(prompt: np.ndarray, prompt_mask: np.ndarray, num_generations:
   return np.repeat(prompt, num_generations, axis=0), np.repeat(prompt_mask, num_generations, axis=0)
 
 
-def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh, min_think: int = 0, pinned_id: int = -1):
+def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh, min_think: int = 0, pinned_id: int = -1,
+                    forced_prefix: tuple[int, ...] = ()):
   """-> jitted `rollout(params, ref_params, prompt, prompt_mask, key, tau) -> (engine.Rollout, ref_logprobs [N,T])`.
 
   prompt, prompt_mask [N,P] sharded over ('data', 'fsdp'); params, ref_params (None when beta == 0) laid out by
   `parallel.state_shardings` (gathered inside); key, tau replicated. The reference parameters are only read.
   min_think > 0: a budget per row, uniform in [min_think, cfg.max_think] (module docstring). pinned_id >= 0: that
   token's gate is 1 (`model.dtt.pin_noise`, stored in the rollout's noise, so the update re-scores it alike).
+  forced_prefix: tokens forced first (the compressing DTT's latent head; marked `forced`: no loss).
   """
-  gen_cfg = dataclasses.replace(generate_config(cfg, vocab), pinned_id=pinned_id)
+  gen_cfg = dataclasses.replace(generate_config(cfg, vocab), pinned_id=pinned_id, forced_prefix=forced_prefix,
+                                max_new_tokens=cfg.max_new_tokens + len(forced_prefix))
 
   def rollout(params, ref_params, prompt, prompt_mask, key, tau):
     model = nnx.merge(graphdef, parallel.gather(params, mesh))
@@ -103,14 +106,15 @@ class RolloutCollector:
 
   def __init__(self, graphdef, cfg: GRPOConfig, tokenizer: Tokenizer, dataset: str, mesh,
                reward_weights: Mapping[str, float] | None = None, answer_match: str = 'lenient',
-               length_reward: str = 'flat', min_think: int = 0, pinned_id: int = -1):
+               length_reward: str = 'flat', min_think: int = 0, pinned_id: int = -1,
+               forced_prefix: tuple[int, ...] = ()):
     if not 0 <= min_think <= cfg.max_think:
       raise ValueError(f'grpo.min_think={min_think}: expected 0 (no drawn budgets) up to grpo.max_think='
                        f'{cfg.max_think}.')
     self.cfg, self.tokenizer, self.dataset, self.mesh = cfg, tokenizer, dataset, mesh
     self.reward_weights = None if reward_weights is None else dict(reward_weights)
     self.answer_match, self.length_reward = answer_match, length_reward
-    self.rollout_fn = make_rollout_fn(graphdef, cfg, tokenizer.vocab, mesh, min_think, pinned_id)
+    self.rollout_fn = make_rollout_fn(graphdef, cfg, tokenizer.vocab, mesh, min_think, pinned_id, forced_prefix)
 
   def collect(self, params, ref_params, prompt: np.ndarray, prompt_mask: np.ndarray, references: Sequence[str],
               key: jax.Array, tau: float) -> tuple[RolloutBatch, dict]:

@@ -72,7 +72,7 @@ class Rollout:
   logprobs: jax.Array  # log p(token) under the temperature-scaled policy, 0 where mask is 0
   gates: jax.Array  # gate value g_t that blended position t's input
   gate_noise: jax.Array  # logistic noise n_t used for g_t (0 when noise is off)
-  forced: jax.Array  # 1 where the reasoning budget forced <|eot|>
+  forced: jax.Array  # 1 where the token was forced, not sampled (the reasoning budget's <|eot|>, `forced_prefix`)
   hidden_inputs: jax.Array | None  # [B,N,D] h_{t-1}
   logits: jax.Array | None = None  # [B,N,V] float32, only from `generate(..., return_logits=True)` (tests)
 
@@ -204,7 +204,9 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
     token = jnp.where(forced, cfg.eot_id, token)
     if cfg.forced_prefix:
       prefix = jnp.asarray(cfg.forced_prefix, jnp.int32)
-      token = jnp.where(t < len(cfg.forced_prefix), prefix[jnp.minimum(t, len(cfg.forced_prefix) - 1)], token)
+      in_prefix = t < len(cfg.forced_prefix)
+      token = jnp.where(in_prefix, prefix[jnp.minimum(t, len(cfg.forced_prefix) - 1)], token)
+      forced = forced | in_prefix
     live = ~c['done']
     token = jnp.where(live, token, cfg.eos_id)
     logp = token_logprob(c['logits'], token, lognorm, cfg.sampling)
