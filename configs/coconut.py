@@ -1,38 +1,38 @@
-"""COCONUT and its baselines (issue #9): `--config=configs/coconut.py:<dataset>,<method>[,paper|long]`.
+"""COCONUT, its baselines and DTT's two recipes, one recipe for all: `--config=configs/coconut.py:<dataset>,<method>`.
 
 method: 'coconut' | 'coconut_no_curriculum' | 'coconut_no_thought' | 'pause_as_thought' | 'cot' | 'no_cot' |
-'pause' | 'icot' | 'dtt' ('coconut_no_thought': COCONUT "w/o thought", the stage schedule removing steps with no
-thought; 'icot': stepwise internalization, `coconut.icot_*`; 'dtt': this project's bootstrap on the CoT span, then
-GRPO, with the same model and data; tiny scale only).
+'pause' | 'icot' | 'dtt' | 'dtt_compress' ('coconut_no_thought': COCONUT "w/o thought", the stage schedule removing
+steps with no thought; 'icot': stepwise internalization, `coconut.icot_*`; 'dtt': this project's bootstrap on the
+CoT span, then GRPO; 'dtt_compress': the bootstrap under COCONUT's stage schedule, latents in place of the first k
+steps (`_compress`); the DTT methods at tiny scale only). Every method of a study shares one recipe (`_recipe`).
 
 Tiny scale (default): GPT-2 with 2 layers from scratch on CPU. Datasets: 'prontoqa', 'prosqa', 'addition' (2
-digits): docs/study.md's budget, d = 128, lr 1e-3, "epochs" of `coconut.steps_per_epoch` = 25 steps (100 for
-addition), one per stage. The study suite of docs/study_mini.md (`_suite_schedule`): 'addition2' | 'addition3' |
-'addition4' (seed 002's carry steps at exactly 2, 3 or 4 digits, K = digits + 1) and 'prosqa_mini' (ProsQA's
-generator on graphs of N = 8 nodes, answer paths of 3 or more steps, `PROSQA_MINI`, K = 3),
-with disjoint train / valid / test splits: d = 64, lr 3e-3, epochs of 50 steps, a text stage of `TEXT_STEPS`, one
-epoch per latent stage (`,long`: `LONG_STAGE_EPOCHS`, docs/study_mini_long.md) and `FINAL_EPOCHS` of the final
-one. iCoT removes one CoT token every `removal_interval` steps, from the end of the text stage (suite) or the first
-step, chosen so that the longest CoT of the training records (`ICOT_LONGEST`) is gone when the final stage of the
-others starts.
+digits): d = 128, lr 1e-3, "epochs" of `coconut.steps_per_epoch` = 25 steps (100 for addition), one per stage. The
+study suite of docs/study.md (`_suite_schedule`): 'addition2' | 'addition3' | 'addition4' (seed 002's carry steps at
+exactly 2, 3 or 4 digits, K = digits + 1) and 'prosqa_mini' (ProsQA's generator on graphs of N = 8 nodes, answer
+paths of 3 or more steps, `PROSQA_MINI`, K = 3), with disjoint train / valid / test splits: d = 64, lr 3e-3, epochs
+of 50 steps, a text stage of `TEXT_STEPS`, one epoch per latent stage (`,long`, the study's: `LONG_STAGE_EPOCHS`)
+and `FINAL_EPOCHS` of the final one. iCoT removes one CoT token every `removal_interval` steps, from the end of the
+text stage (suite) or the first step, chosen so that the longest CoT of the training records (`ICOT_LONGEST`) is
+gone when the final stage of the others starts.
 
-    python -m dtt_jax.main --config=configs/coconut.py:prontoqa,coconut --workdir=runs/prontoqa_coconut
+    python -m dtt_jax.main --config=configs/coconut.py:addition2,coconut,long --workdir=runs/addition2_coconut
 
 Paper scale (`,paper`; dataset 'prontoqa' | 'prosqa' | 'gsm8k'): the official args/<dataset>_coconut.yaml on
 pretrained GPT-2: real epochs, COCONUT's optimizer (AdamW, constant lr 1e-4, weight decay 0.01 on every parameter,
 no clipping, reset every epoch), dropout 0.1, global batch 128 (32 per GPU on the 4 GPUs of the official runs),
-validation and a checkpoint every epoch, the test split scored exactly at the checkpoint best on validation.
-ProntoQA / ProsQA: c = 1, K = 6, 5 epochs per stage, 50 epochs, 128 new tokens. GSM8K: c = 2, K = 3, 3 epochs per
-stage, 25 epochs, 64 new tokens; COCONUT starts at epoch 3 (stage 1) from a CoT run (official `resume: 3`):
+validation and a checkpoint every epoch, the test split scored exactly at the final stage's checkpoint best on
+validation. ProntoQA / ProsQA: c = 1, K = 6, 5 epochs per stage, 50 epochs, 128 new tokens. GSM8K: c = 2, K = 3, 3
+epochs per stage, 25 epochs, 64 new tokens; COCONUT starts at epoch 3 (stage 1) from a CoT run (official
+`resume: 3`):
 
     python -m dtt_jax.main --config=configs/coconut.py:gsm8k,cot,paper --workdir=runs/gsm8k_cot
     python -m dtt_jax.main --config=configs/coconut.py:gsm8k,coconut,paper --workdir=runs/gsm8k_coconut \\
         --config.init_from=runs/gsm8k_cot
 
-Every method of one scale gets the same model, data, batch, optimizer schedule (the same reset steps) and number
-of epochs; COCONUT methods set `bootstrap.steps = 0`, so the budget follows from the schedule; DTT's bootstrap
-trains as many steps, then `grpo.steps` of GRPO. `launch/reproduce.sh` runs the first tiny study and writes its
-table (docs/study.md); `python -m dtt_jax.eval.study_mini` runs the suite (docs/study_mini.md).
+Every method of one scale gets the same model, data, batch, optimizer (the same reset steps) and number of epochs;
+COCONUT methods set `bootstrap.steps = 0`, so the budget follows from the schedule; DTT's bootstrap trains as many
+steps, then `grpo.steps` of GRPO. `python -m dtt_jax.eval.study` runs the study (docs/study.md).
 """
 
 import importlib
@@ -45,10 +45,10 @@ PAPER_DATASETS = ('prontoqa', 'prosqa', 'gsm8k')
 METHODS = ('coconut', 'coconut_no_curriculum', 'coconut_no_thought', 'pause_as_thought', 'cot', 'no_cot', 'pause',
            'icot', 'dtt', 'dtt_compress')  # the DTT methods last: tiny scale only
 DTT_METHODS = ('dtt', 'dtt_compress')  # config.method 'dtt': the seed's recipe, and the compressing curriculum
-SUITE = ('addition2', 'addition3', 'addition4', 'prosqa_mini')  # the CPU study (docs/study_mini.md)
+SUITE = ('addition2', 'addition3', 'addition4', 'prosqa_mini')  # the CPU suite (docs/study.md: all but addition4)
 TEXT_STEPS = {'addition2': 800, 'addition3': 1200, 'addition4': 1600, 'prosqa_mini': 2000}  # stage 0, the text CoT
 FINAL_EPOCHS = 3  # of the final stage
-LONG_STAGE_EPOCHS = 20  # ',long': 1000 steps per latent stage (docs/study_mini_long.md: 50 are too few)
+LONG_STAGE_EPOCHS = 20  # ',long': 1000 steps per latent stage (50 are too few: docs/study_notes.md)
 STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought', 'dtt_compress')  # from `start_epoch`
 # Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
 ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
@@ -142,7 +142,7 @@ def _paper(dataset: str, method: str):
 
 
 def _suite_schedule(c, dataset: str, stage_epochs: int) -> None:
-  """The study suite (docs/study_mini.md): GPT-2 with 2 layers, d = 64, lr 3e-3; epochs of 50 steps; a text stage
+  """The study suite (docs/study.md): GPT-2 with 2 layers, d = 64, lr 3e-3; epochs of 50 steps; a text stage
   (stage 0, CoT) of `TEXT_STEPS` in which CoT learns the task, then `stage_epochs` per latent stage 1..K and
   `FINAL_EPOCHS` of the final stage (every step latent). Every method trains that many steps; the study starts the
   latent methods from the CoT run's checkpoint at the end of the text stage (`--config.init_from`,

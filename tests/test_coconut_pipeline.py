@@ -188,7 +188,7 @@ def test_paper_settings():
 @pytest.mark.parametrize('method', coconut_configs.METHODS)
 def test_study_configs_are_valid(dataset, scale, method):
   """Every method of a tiny-scale task gets the same budget (DTT: as bootstrap.steps): docs/study.md's tasks one
-  epoch per stage, the final one included; the suite of docs/study_mini.md its text stage, one 50-step epoch per
+  epoch per stage, the final one included; the suite of docs/study.md its text stage, one 50-step epoch per
   latent stage (',long': 20) and 3 of the final stage (addition at 2 digits: 800 + 3 x 50 + 150; long:
   800 + 3 x 1000 + 150)."""
   c = coconut_configs.get_config(f'{dataset},{method}' + (f',{scale}' if scale else ''))
