@@ -130,16 +130,16 @@ def test_optimizer_resets_follow_the_schedule_the_same_for_every_method():
 
 
 def test_coconut_optimizer_is_torch_adamw_at_a_constant_rate():
-  """The COCONUT configs' default optimizer is the official one, `torch.optim.AdamW(model.parameters(), lr,
+  """The paper configs' optimizer is the official one, `torch.optim.AdamW(model.parameters(), lr,
   weight_decay)` recreated every epoch: constant lr from the first step, decoupled weight decay on every parameter
   (vectors too), no gradient clipping. Checked against torch's update written in NumPy over 3 steps with gradients
   far above any clipping norm."""
   from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
   from dtt_jax.train import coconut as coconut_train  # pylint: disable=g-import-not-at-top
 
-  c = coconut_configs.get_config('prontoqa,coconut')
+  c = coconut_configs.get_config('prontoqa,coconut,paper')
   assert (c.bootstrap.schedule, c.bootstrap.decay, c.bootstrap.grad_clip, c.coconut.reset_optimizer,
-          c.model.dropout) == ('constant', 'all', 0.0, 'epoch', 0.0)
+          c.model.dropout) == ('constant', 'all', 0.0, 'epoch', 0.1)
   lr, wd = c.bootstrap.lr, c.bootstrap.weight_decay
   tx = coconut_train.make_optimizer(c, steps_per_epoch=10, total_steps=80)
   rng = np.random.default_rng(0)

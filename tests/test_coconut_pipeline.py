@@ -226,8 +226,8 @@ RECIPE = ('bootstrap.lr', 'bootstrap.schedule', 'bootstrap.warmup_steps', 'boots
 def test_every_method_of_a_study_shares_one_recipe(dataset, scale):
   """Every method of one study (a task at one scale) trains with the same optimizer, schedule, clipping, weight
   decay, dropout and batch, scores the final layout's best checkpoint and matches answers by one rule: COCONUT's
-  optimizer (constant lr, decay on all parameters, no clipping) and exact match; dropout 0.1 (COCONUT's) at paper
-  scale, none where DTT is compared too."""
+  optimizer (constant lr, decay on all parameters) and exact match; at paper scale COCONUT's dropout 0.1 and no
+  clipping, where DTT is compared too no dropout and clipping at norm 1."""
   methods = coconut_configs.METHODS[:-len(coconut_configs.DTT_METHODS)] if scale == 'paper' else coconut_configs.METHODS
   values = {}
   for method in methods:
@@ -237,7 +237,8 @@ def test_every_method_of_a_study_shares_one_recipe(dataset, scale):
   recipe = dict(zip(RECIPE, values['coconut']))
   assert (recipe['bootstrap.schedule'], recipe['bootstrap.decay'], recipe['bootstrap.grad_clip'],
           recipe['model.dropout'], recipe['bootstrap.best_checkpoint'], recipe['eval.answer_match']) == (
-              'constant', 'all', 0.0, 0.1 if scale == 'paper' else 0.0, 'final_accuracy', 'exact')
+              'constant', 'all', 0.0 if scale == 'paper' else 1.0, 0.1 if scale == 'paper' else 0.0,
+              'final_accuracy', 'exact')
 
 
 def test_bad_method_and_stage_are_named():
