@@ -145,7 +145,8 @@ def generate(workdir: str, texts: Sequence[str], stage: str = '', checkpoint: st
 
 def format_row(row: dict) -> str:
   """The table of one decoded prompt: completion, answer, then per position the token, its gate and the latent
-  lens's top token (where the gate is >= 0.5) with its probability."""
+  lens's top token (where the gate is >= 0.5) with its probability; '(forced)' marks a token the decoding forced
+  (the budget's `<|eot|>`, a forced head)."""
   lines = [row['prompt'], f'  completion  {row["completion"]!r}', f'  answer      {row["answer"]!r}']
   gates = row.get('gates')
   lens = {entry['position']: entry['top'][0] for entry in row.get('latent_lens') or ()}
@@ -157,7 +158,7 @@ def format_row(row: dict) -> str:
       if t in lens:
         line += f'   {json.dumps(lens[t][0], ensure_ascii=False)} {lens[t][1]:.2f}'
       if t in row.get('forced', ()):
-        line += '   (forced by the budget)'
+        line += '   (forced)'
     lines.append(line.rstrip())
   return '\n'.join(lines)
 

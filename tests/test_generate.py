@@ -90,7 +90,7 @@ def test_coconut_run(tmp_path, hf_tokenizer):
     assert {k: row[k] for k in FIELDS} == {k: want[k] for k in FIELDS}, row['prompt']
     assert row['checkpoint'].endswith('curriculum stage 2')  # the final stage: K = 1 thought
   row = generate.generate(str(tmp_path), [report[0]['question']], budget=3)[0]
-  assert row['tokens'][:5] == [tokens.BOT] + [tokens.LATENT] * 3 + [tokens.EOT]
+  assert row['tokens'][:5] == [tokens.BOT] + [tokens.LATENT] * 3 + [tokens.EOT] and row['forced'] == [0, 1, 2, 3, 4]
   assert [entry['position'] for entry in row['latent_lens']] == [1, 2, 3] and row['gates'][1:4] == [1.0] * 3
 
 
@@ -108,7 +108,7 @@ def test_table_of_a_decoded_prompt():
       '         0  "<|bot|>"        0.000',
       '         1  "4"              0.988   "4" 0.90',
       '         2  " 5"             1.000   " 5" 0.61',
-      '         3  "<|eot|>"        0.000   (forced by the budget)',
+      '         3  "<|eot|>"        0.000   (forced)',
       '         4  "9"              0.000',
       '         5  "<|endoftext|>"  0.000']
 

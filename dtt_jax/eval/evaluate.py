@@ -138,7 +138,7 @@ def evaluate(model, prompt: np.ndarray, prompt_mask: np.ndarray, questions: Sequ
 def decoded_rows(model, out: engine.Rollout, tokenizer: Tokenizer, answer_of) -> list[dict]:
   """A rollout with its hidden states (numpy, from `generate_all`) -> per row the fields of the evaluation's rows:
   completion (specials included), answer (`answer_of(completion)`), tokens, gates, latent_lens (positions with gate
-  >= 0.5), and forced (the positions where the budget forced `<|eot|>`)."""
+  >= 0.5), and forced (the positions of forced tokens: the budget's `<|eot|>`, a forced head)."""
   lens = latent_lens(model, out.hidden_inputs, out.gates, out.mask, tokenizer)
   rows = []
   for i, text in enumerate(reward.decode_completions(tokenizer, out.tokens, out.mask)):
