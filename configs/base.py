@@ -170,6 +170,9 @@ def get_config() -> ml_collections.ConfigDict:
   # False: the latents are no targets and decoding forces <|bot|> and the stage's latents (COCONUT's head);
   # True: the latents are targets and the model emits them itself (a count of its own choosing)
   c.coconut.latent_targets = False
+  # True: from stage K on, each training row's latent count is uniform in [0, K * c_thoughts] (decoding still forces
+  # K * c_thoughts, or eval.budget), so the model answers at any budget
+  c.coconut.latent_jitter = False
 
   # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/methods/think_tokens/)
   c.think = ml_collections.ConfigDict()

@@ -164,3 +164,21 @@ def test_pinned_latent_gates_are_exactly_one_and_the_rest_stay_learned():
   tokens = jnp.array([3, 4, 3])
   np.testing.assert_array_equal(pin_noise(jnp.zeros(3), tokens, 3), [1e4, 0.0, 1e4])
   np.testing.assert_array_equal(pin_noise(jnp.ones(3), tokens, -1), [1.0, 1.0, 1.0])
+
+
+def test_jittered_latent_counts_from_stage_k_on(tok):
+  """`latent_jitter`: from stage K on, each row's latent count is drawn uniformly in [0, K c] from (seed, step,
+  record), the same on a resumed run; before stage K, and without the option, the stage's count."""
+  cfg = coconut.Curriculum(c_thoughts=1, max_stage=3, epochs_per_stage=1, latent_jitter=True)
+  draws = [cfg.jittered_latents(0, step, 7, 4) for step in range(400)]
+  assert set(draws) == {0, 1, 2, 3} and draws == [cfg.jittered_latents(0, step, 7, 4) for step in range(400)]
+  assert cfg.jittered_latents(0, 5, 7, 2) is None
+  assert coconut.Curriculum(max_stage=3).jittered_latents(0, 5, 7, 4) is None
+  batches = coconut.CurriculumBatches([RECORD] * 8, 'dtt', cfg, tok, 8, 16, 40, steps_per_epoch=10)
+  batches.step = 50  # epoch 5: the final stage K + 1 = 4
+  assert batches.stage(50) == 4
+  batch = next(batches)
+  rows = [coconut.build_sample(RECORD, 'dtt', 4, cfg, tok, n).completion.tolist()
+          for n in [cfg.jittered_latents(0, 50, int(i), 4) for i in batches.rows.global_rows(0, 0)]]
+  assert [r.tolist()[:len(x)] for r, x in zip(batch.completion, rows)] == rows
+  assert len({int(m.sum()) for m in batch.inner_mask}) > 1  # the rows' spans differ in length

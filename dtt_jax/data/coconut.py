@@ -23,8 +23,9 @@ setting). `coconut_no_thought` is the official `no_thoughts: True` (c_thought 0,
 schedule of COCONUT with no thought and no `<|bot|>`/`<|eot|>`, the No-CoT layout past stage K. The loss covers the
 text after the latent span (`<|eot|>` excluded), or after the question / pauses for the others; `latent_mask` marks
 the positions whose input is the previous position's last hidden state instead of a token embedding (COCONUT's
-continuous thoughts; the 'dtt' layout marks its latents too, though there the learned gate decides the input). Without a curriculum (COCONUT's "w/o curriculum" ablation) every epoch trains at the final
-stage K + 1. Evaluation feeds min(k, K) c thoughts after the question.
+continuous thoughts; the 'dtt' layout marks its latents too, whose gate `model.pin_latent` pins to 1). Without a
+curriculum (COCONUT's "w/o curriculum" ablation) every epoch trains at the final stage K + 1. Evaluation feeds
+min(k, K) c thoughts after the question.
 
 Step s of a run is in epoch `start_epoch + s // steps_per_epoch` of the schedule (`start_epoch`: COCONUT's
 `resume`, epochs skipped, e.g. GSM8K's stage 0 done by a CoT run). Optimizer resets (`reset_steps`) follow the
@@ -83,6 +84,7 @@ class Curriculum:
   icot_remove_all_beyond: int = 0  # iCoT: all removed once this many are (--remove_all_when_remove_beyond; 0: inf)
   tokens_per_latent: int = 0  # 'dtt' layout: a replaced step of m tokens becomes ceil(m / this) latents (0: c each)
   latent_targets: bool = False  # 'dtt' layout: the latents are targets (the model emits them) or forced (COCONUT's)
+  latent_jitter: bool = False  # 'dtt' layout: from stage K on, each row's latent count uniform in [0, K c]
 
   def __post_init__(self):
     for name in ('c_thoughts', 'epochs_per_stage'):
@@ -133,6 +135,13 @@ class Curriculum:
       return self.thoughts(stage)
     replaced = step_lengths[:stage] if stage <= self.max_stage else step_lengths
     return sum(-(-m // r) for m in replaced)
+
+  def jittered_latents(self, seed: int, step: int, record: int, stage: int) -> int | None:
+    """The 'dtt' layout's latent count of `record` at `step` with `latent_jitter` from stage K on: uniform in
+    [0, K c], drawn from (seed, step, record) (so a resumed run draws the same); None otherwise (the stage's)."""
+    if not self.latent_jitter or stage < self.max_stage:
+      return None
+    return int(np.random.default_rng([seed, step, record, 1]).integers(0, self.thoughts(self.max_stage) + 1))
 
   def is_final(self, stage: int) -> bool:
     """Whether `stage` (of the step curriculum) is the last of the schedule, every step latent or removed."""
@@ -251,10 +260,12 @@ def removed_tokens(method: str, stage: int) -> int:
   return stage if method == 'icot' else 0
 
 
-def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokenizer: Tokenizer) -> Sample:
-  """The record laid out for `method` at curriculum stage `stage` (module docstring)."""
+def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokenizer: Tokenizer,
+                 latents: int | None = None) -> Sample:
+  """The record laid out for `method` at curriculum stage `stage` (module docstring); `latents`: the 'dtt'
+  layout's latent count instead of the stage's (`Curriculum.jittered_latents`)."""
   if check_method(method) == 'dtt':
-    return _dtt_sample(record, stage, cfg, tokenizer)
+    return _dtt_sample(record, stage, cfg, tokenizer, latents)
   vocab = tokenizer.vocab
   question, steps, answer = layout_texts(record)
   head = np.array(head_tokens(method, stage, cfg, vocab), np.int32)
@@ -267,13 +278,14 @@ def build_sample(record: dict, method: str, stage: int, cfg: Curriculum, tokeniz
   return Sample(prompt.astype(np.int32), completion, loss_mask, latent_mask)
 
 
-def _dtt_sample(record: dict, stage: int, cfg: Curriculum, tokenizer: Tokenizer) -> Sample:
+def _dtt_sample(record: dict, stage: int, cfg: Curriculum, tokenizer: Tokenizer, latents: int | None = None
+                ) -> Sample:
   """The 'dtt' layout (module docstring): every real completion token is a target, the latents' `<|latent|>` only
   when the model emits them itself (`latent_targets`), and `latent_mask` marks the latents."""
   vocab = tokenizer.vocab
   question, steps, _ = layout_texts(record)
   prompt, *step_ids, answer = model_ids(tokenizer, [question] + steps + [record['answer'].strip()])
-  latents = cfg.span_latents([len(x) for x in step_ids], stage)
+  latents = cfg.span_latents([len(x) for x in step_ids], stage) if latents is None else latents
   kept = kept_steps('dtt', stage, cfg, step_ids)
   completion = np.concatenate([[vocab.bot], [vocab.latent] * latents, *kept, [vocab.eot], answer,
                                [vocab.eos]]).astype(np.int32)
@@ -282,12 +294,14 @@ def _dtt_sample(record: dict, stage: int, cfg: Curriculum, tokenizer: Tokenizer)
 
 
 def build_batch(records, method: str, stage: int | Sequence[int], cfg: Curriculum, tokenizer: Tokenizer,
-                max_prompt_len: int, max_completion_len: int) -> dict[str, np.ndarray]:
+                max_prompt_len: int, max_completion_len: int, latents=None) -> dict[str, np.ndarray]:
   """Fixed-shape batch of `build_sample`s: prompt, prompt_mask [B,P] left-padded with eos; completion, loss_mask,
   latent_mask [B,T] right-padded (eos, 0, 0). `stage`: one for every record, or one per record (iCoT's smoothed
-  removal counts). A record that does not fit raises, naming the lengths needed."""
+  removal counts); `latents`: one per record or None ('dtt'). A record that does not fit raises, naming the lengths
+  needed."""
   stages = [stage] * len(records) if np.ndim(stage) == 0 else list(stage)
-  samples = [build_sample(r, method, k, cfg, tokenizer) for r, k in zip(records, stages, strict=True)]
+  latents = [None] * len(records) if latents is None else latents
+  samples = [build_sample(r, method, k, cfg, tokenizer, n) for r, k, n in zip(records, stages, latents, strict=True)]
   need_p, need_t = max(len(s.prompt) for s in samples), max(len(s.completion) for s in samples)
   if need_p > max_prompt_len or need_t > max_completion_len:
     raise ValueError(f'A {method} sample at stage {stage} needs data.max_prompt_len >= {need_p} and '
@@ -417,9 +431,13 @@ class CurriculumBatches:
     step, stage = self.step, self.stage(self.step)
     rows = next(self.rows)
     self.step += 1
+    latents = None
     if self.method == 'icot':
       stage = [stage + self.cfg.removal_offset(self.seed, step, int(i), self.steps_per_epoch) for i in rows]
-    batch = build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths)
+    elif self.method == 'dtt' and self.cfg.latent_jitter:
+      latents = [self.cfg.jittered_latents(self.seed, step, int(i), stage) for i in rows]
+    batch = build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths,
+                        latents)
     return stage1_batch(batch, self.tokenizer.vocab) if self.method == 'dtt' else batch
 
   def state(self) -> dict[str, int]:
