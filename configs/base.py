@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   # log-probs and the gate stay float32)
   c.model.vocab_size = 0  # dry_run of a hub checkpoint not on this machine: its tokenizer's size (0: GPT-2's)
   c.model.param_dtype = 'float32'  # stored parameters: float32 master weights; 'bfloat16' for inference only
+  # Rematerialization of the trunk's blocks in training (dtt_jax/model/blocks.py): 'none' (keep every intermediate),
+  # 'block' (keep each block's input, recompute the rest: ~4/3 the FLOPs) | 'dots' (keep matmul outputs too). With
+  # it on, the GRPO step gathers FSDP-sharded weights one layer at a time. Same numbers in every mode.
+  c.model.remat = 'none'
   c.model.gate_bias_init = -4.0  # gate sigmoid(-4 / tau) starts near 0 (0.12 at tau0 = 2, 0.02 at tau = 1)
   c.model.use_projection = False
   c.model.gate = 'dtt'  # 'dtt' (Gumbel-sigmoid gate head) | 'hrpo' (HRPO's thinking-residual gate; model/dtt.py)
@@ -225,6 +229,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.beta = 0.04  # k3 KL to the frozen Stage-1 reference (0: no reference pass)
   c.grpo.clip_eps = 0.2
   c.grpo.mu = 1  # inner iterations (optimizer updates) per rollout batch, inside the jitted step
+  # Gradient accumulation: each update sums this many passes over (prompts_per_step x num_generations) / microbatches
+  # completions (divides the completions per device); the same update as one pass, less activation memory
+  c.grpo.microbatches = 1
   c.grpo.loss_agg = 'grpo'  # 'grpo' (per-sequence token mean) | 'dapo' (token mean) | 'dr_grpo' (sum / (N * T))
   c.grpo.scale_rewards = 'group'  # advantage divisor: 'group' std (SPEC §7) | 'batch' std | 'none' (Dr. GRPO)
   c.grpo.score_blended_tokens = True  # False: no policy-gradient term at inner tokens with gate >= 0.5

@@ -1,9 +1,8 @@
-"""DTT on Qwen2.5-Instruct (0.5B or 1.5B) for GSM8K, set up like HRPO's GSM8K runs (arXiv:2505.18454):
-`--config=configs/qwen_gsm8k.py[:<size>[,<stage>]]`, size '0.5b' | '1.5b' (default).
+"""DTT on Qwen2.5-Instruct (0.5B, 1.5B or 3B) for GSM8K, set up like HRPO's GSM8K runs (arXiv:2505.18454):
+`--config=configs/qwen_gsm8k.py[:<size>[,<stage>]]`, size '0.5b' | '1.5b' (default) | '3b'.
 
     python -m dtt_jax.main --config=configs/qwen_gsm8k.py:1.5b --workdir=runs/qwen_gsm8k            # 4 x 24 GB
-    python -m dtt_jax.main --config=configs/qwen_gsm8k.py:1.5b --workdir=runs/qwen_gsm8k \\
-        --config.num_devices=8 --config.parallel.fsdp=8                                             # 8 x 80 GB
+    python -m dtt_jax.main --config=configs/qwen_gsm8k.py:3b --workdir=runs/qwen_gsm8k_3b           # 8 x 80 GB
 
 Memory before a run (no weights needed, CPU is enough; build, shard, report, exit):
 
@@ -18,14 +17,21 @@ repository was not reachable from the machine that wrote this file; these values
 so check them before a like-for-like comparison. What is this project's: a short supervised bootstrap (the
 `<|bot|> ... <|eot|>` format on GSM8K's worked solutions) before GRPO, the reward of SPEC §7, and the budgets below.
 
-The trunk's sizes are also written into `config.model` (family, layers, widths, heads, rope theta, vocabulary
-rows): `dry_run` uses them when the checkpoint is not on this machine.
+Memory (docs/scaling.md): block rematerialization (`model.remat='block'`), GRPO gradient accumulation
+(`grpo.microbatches`: one or two completions per device and pass), and the layout of each size (`LAYOUTS`: 0.5B and
+1.5B on 4 devices, 3B on 8, the parameters, gradients and Adam state split over all of them).
+
+The trunk's sizes are also written into `config.model` (family, layers, widths, heads, rope theta, and `vocab_size`:
+the tokenizer's size, `len(tokenizer)`, the rows a run builds before the DTT specials): `dry_run` uses them when the
+checkpoint is not on this machine.
 """
 
 from configs import base
 
-# Qwen2.5-Instruct config.json values: (hidden, layers, heads, kv heads, MLP width, vocabulary rows)
-SIZES = {'0.5b': (896, 24, 14, 2, 4864, 151936), '1.5b': (1536, 28, 12, 2, 8960, 151936)}
+# Qwen2.5-Instruct config.json values: (hidden, layers, heads, kv heads, MLP width)
+SIZES = {'0.5b': (896, 24, 14, 2, 4864), '1.5b': (1536, 28, 12, 2, 8960), '3b': (2048, 36, 16, 2, 11008)}
+TOKENIZER_SIZE = 151665  # len(tokenizer) of every Qwen2.5 size (config.json's vocab_size, 151936, pads the rows)
+LAYOUTS = {'0.5b': 4, '1.5b': 4, '3b': 8}  # devices, all of them on the fsdp axis
 
 
 def get_config(arg: str = ''):
@@ -40,19 +46,20 @@ def get_config(arg: str = ''):
   m.init = f'Qwen/Qwen2.5-{size.upper()}-Instruct'
   m.vocab = 'full'
   m.family = 'qwen2'
-  m.n_embd, m.n_layer, m.n_head, m.n_kv_head, m.intermediate_size, m.vocab_size = SIZES[size]
+  m.n_embd, m.n_layer, m.n_head, m.n_kv_head, m.intermediate_size = SIZES[size]
+  m.vocab_size = TOKENIZER_SIZE
   m.n_positions = 32768
   m.rope_theta = 1e6
   m.tie_word_embeddings = True
   m.dtype, m.param_dtype = 'bfloat16', 'float32'
   m.gate = 'hrpo'
+  m.remat = 'block'
   c.lora.enabled = True
   c.lora.rank, c.lora.alpha = 32, 64.0
   c.lora.targets = ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj',
                     'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj')
   c.lora.train_modules = ('wte',)  # the tied embedding: the DTT specials' rows start as copies and must move apart
-  c.num_devices = 4
-  c.parallel.fsdp = 4
+  c.num_devices = c.parallel.fsdp = LAYOUTS[size]
   c.data.span = 'cot'  # the bootstrap's span: GSM8K's worked solution
   c.data.max_prompt_len = 256
   c.data.max_completion_len = 512
@@ -66,7 +73,8 @@ def get_config(arg: str = ''):
   c.generate.max_think = 384
   c.generate.batch_size = 32
   c.grpo.steps = 1000
-  c.grpo.prompts_per_step = 8  # x 4 completions: 8 per device on 4 devices (GRPO has no gradient accumulation)
+  c.grpo.prompts_per_step = 8  # x 4 completions: 8 per device on 4 devices, 4 on 8
+  c.grpo.microbatches = 4
   c.grpo.num_generations = 4
   c.grpo.lr = 5e-6
   c.grpo.beta = 0.005

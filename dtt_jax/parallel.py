@@ -19,14 +19,21 @@ Rule table (`param_spec`, shapes only; optax states mirror the parameters' shape
 The jitted steps take these layouts as in/out shardings (`jit_sharded`), gather the parameters before the forward
 pass (`gather`: XLA's all-gather) and lay the gradients out like the parameters (`scatter`: a reduce-scatter), so
 between steps each device holds 1/fsdp of the parameters and optimizer state; inside a step the whole parameters
-(and their gradient) exist for a moment on every device. `spec_table` prints the table of a given tree.
+(and their gradient) exist for a moment on every device. A step traced under `gathers_per_layer(mesh)` gathers all
+but the trunk's blocks up front and lets each block gather its own parameters when it runs (`gather_layer`,
+`model/blocks.py`), so one or two layers' full weights exist at a time; the bootstrap's recurrent step leaves the
+vocabulary tables sharded (`train/grads.py`). `spec_table` prints the table of a given tree.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -98,10 +105,55 @@ def shard_state(tree, mesh):
   return jax.device_put(tree, state_shardings(tree, mesh))
 
 
-def gather(tree, mesh):
+def gather(tree, mesh, skip=None):
   """Inside a jitted step: sharded parameters replicated on every device before use (FSDP's all-gather), so the
-  forward and backward passes are those of data parallelism."""
-  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+  forward and backward passes are those of data parallelism. `skip(path) -> bool`: leaves left as they are (the
+  trunk's blocks under `gathers_per_layer`, which gather their own)."""
+  if skip is None:
+    return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if skip(path) else jax.lax.with_sharding_constraint(x, replicated(mesh)), tree)
+
+
+_LAYER_MESH = contextvars.ContextVar('layer_mesh', default=None)
+
+
+@contextlib.contextmanager
+def gathers_per_layer(mesh):
+  """While a step is traced under it, the trunk's blocks gather their own parameters, one layer at a time
+  (`model/blocks.py`); the step gathers the rest (`gather(..., skip=)`)."""
+  token = _LAYER_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _LAYER_MESH.reset(token)
+
+
+def layer_mesh():
+  """The mesh of `gathers_per_layer` while a step is traced under it, else None."""
+  return _LAYER_MESH.get()
+
+
+def gather_layer(tree, mesh):
+  """Inside a jitted step: each floating leaf all-gathered (replicated) in the forward pass, its cotangent laid out
+  by the rule table (reduce-scattered) in the backward pass, leaf by leaf, so a frozen leaf gets no gradient."""
+  return jax.tree.map(lambda x: _gather_leaf(mesh, x) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gather_leaf(mesh, x):
+  return gather(x, mesh)
+
+
+def _gather_leaf_fwd(mesh, x):
+  return gather(x, mesh), None
+
+
+def _gather_leaf_bwd(mesh, _, ct):
+  return (scatter(ct, mesh),)
+
+
+_gather_leaf.defvjp(_gather_leaf_fwd, _gather_leaf_bwd)
 
 
 def scatter(tree, mesh):

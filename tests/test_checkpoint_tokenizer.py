@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from dtt_jax import export, pipeline, tokens
+from dtt_jax import dry_run, export, pipeline, tokens
 from dtt_jax.data import samples
 from dtt_jax.model import build_model, llama
 from tests.test_llama_pipeline import _logits  # one jitted trunk forward
@@ -132,6 +132,10 @@ def test_checkpoint_rows_grow_by_the_specials_and_logits_are_transformers(case, 
   trunk = build_model(_model_cfg(path), vocab).gpt2
   assert isinstance(trunk, llama.Llama) and trunk.cfg.family == case.split('_')[0]
   assert (trunk.cfg.num_tokens, trunk.cfg.vocab_rows) == (n + 4, vocab.num_rows)
+  c = base.get_config()
+  c.model = _model_cfg(path)
+  _, ids = dry_run.model_section(c)  # the dry run counts the rows a run builds (not config.json's vocab_size)
+  assert ids == n and dry_run.abstract_vocab(ids).num_rows == trunk.cfg.vocab_rows
   saved = _checkpoint_tables(path)
   tables = {'model.embed_tokens.weight': trunk.wte}
   if not CASES[case][1]:

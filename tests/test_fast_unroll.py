@@ -88,12 +88,22 @@ def test_outputs_and_gradients_equal_autodiff(use_bias, use_forced, hard, segmen
   assert float(jnp.abs(g_fast['gpt2']['wte']['embedding'].value).max()) > 1e-4
 
 
-def test_hrpo_gate_falls_back_to_engine():
-  graphdef, params = nnx.split(_model(gate='hrpo'))
+def test_hrpo_gate_and_a_frozen_part_equal_autodiff():
+  """The HRPO gate (which reads the whole table every step) through the hand-written backward, differentiating only
+  some parameters (the rest closed over, as a LoRA step's frozen base, which `symbolic_zeros` leaves out of the
+  backward pass): autodiff's gradients."""
+  model = _model(gate='hrpo')
+  model.hrpo.gate_r.kernel.value = 0.3 * jax.random.normal(jax.random.key(2), (32, 32))  # a input-dependent
+  graphdef, params = nnx.split(model)
   inputs = _inputs(1)
-  g_fast = jax.jit(jax.grad(lambda p: _loss(fast_unroll.unroll, graphdef, p, inputs, True, False)[0]))(params)
-  g_ref = jax.jit(jax.grad(lambda p: _loss(engine.unroll, graphdef, p, inputs, True, False)[0]))(params)
-  _assert_tree_close(g_fast, g_ref)
+  train = {'gpt2': {'wte': params['gpt2']['wte'], 'h': {0: params['gpt2']['h'][0]}}, 'hrpo': params['hrpo']}
+  grads = {name: jax.jit(jax.grad(lambda t, fn=fn: _loss(fn, graphdef, nnx.State.merge(params, t), inputs, True,
+                                                          False)[0]))(train)
+           for name, fn in (('fast', fast_unroll.unroll), ('engine', engine.unroll))}
+  _assert_tree_close(grads['fast'], grads['engine'])
+  assert float(jnp.abs(grads['fast']['hrpo']['gate_r']['kernel'].value).max()) > 1e-4
+  assert float(jnp.abs(grads['fast']['gpt2']['wte']['embedding'].value).max()) > 1e-4
+  assert float(jnp.abs(grads['fast']['gpt2']['h'][0]['mlp']['c_fc']['kernel'].value).max()) > 1e-4
 
 
 def _batch(seed=0):

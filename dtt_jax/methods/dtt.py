@@ -33,7 +33,7 @@ from dtt_jax.methods import base
 from dtt_jax.metrics import MetricWriter
 from dtt_jax.model import lora
 from dtt_jax.rl import grpo, rollout
-from dtt_jax.train import bootstrap, loop, state as state_lib
+from dtt_jax.train import bootstrap, grads, loop, state as state_lib
 from dtt_jax.train import coconut as coconut_train
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ def run_bootstrap(exp: base.Experiment) -> loop.LoopResult:
     tx = bootstrap_optimizer(c)
   graphdef, state = base.initial_state(exp, tx)  # with config.init_from: e.g. a CoT run's weights
   loss_cfg = bootstrap.LossConfig.from_config(b, dropout=c.model.dropout, pinned_id=pinned_id(c, exp.vocab))
-  train_step = bootstrap.make_train_step(graphdef, tx, loss_cfg, exp.mesh, b.microbatches)
+  train_step = bootstrap.make_train_step(graphdef, tx, loss_cfg, exp.mesh, b.microbatches,
+                                         grads.trained_filter(lora.configured_train_modules(c.get('lora'))))
 
   def step_fn(state, batch, tau):
     if int(state.step) in resets:
@@ -202,11 +203,14 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   c, g = exp.config, exp.config.grpo
   cfg = grpo.GRPOConfig.from_config(g)
   graphdef, start = grpo_start_params(exp)
-  reference = start if cfg.beta else None  # laid out by stage_params like the policy; only read, never donated
+  trained = grads.trained_filter(lora.configured_train_modules(c.get('lora')))
+  train, frozen = grads.split_trained(start, trained)
+  reference = train if cfg.beta else None  # the start's trained leaves: only read, never donated (the frozen: shared)
   tx = grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora')))
-  policy = jax.tree.map(jnp.copy, start)  # its own buffers: the step donates the state, not the reference
+  policy = grads.combine(jax.tree.map(jnp.copy, train), frozen)  # own buffers: the step donates the state
+  del start, frozen
   state = base.place_state(exp, state_lib.init_state(policy, tx, seed=c.seed + 1))
-  grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh)
+  grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh, trained)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
                                        dict(g.reward_weights), c.eval.answer_match, g.length_reward, g.min_think,
                                        pinned_id(c, exp.vocab), forced_head(c, exp.vocab, 'grpo', 0))

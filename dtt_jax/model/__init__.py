@@ -13,6 +13,7 @@ optimizer state; 'bfloat16' halves the weights' memory for inference only, and t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -56,7 +57,7 @@ def trunk_config(model_cfg, vocab: tokens.Vocab) -> GPT2Config | LlamaConfig:
   family = m.get('family', 'gpt2')  # runs from before the key: GPT-2
   dtype, param_dtype = precision(m)
   sizes = dict(vocab_rows=vocab.num_rows, num_tokens=vocab.num_tokens, n_positions=m.n_positions, n_embd=m.n_embd,
-               n_layer=m.n_layer, n_head=m.n_head, dtype=dtype, param_dtype=param_dtype)
+               n_layer=m.n_layer, n_head=m.n_head, dtype=dtype, param_dtype=param_dtype, remat=m.get('remat', 'none'))
   if family == 'gpt2':
     return GPT2Config(**sizes)
   if family not in FAMILIES:
@@ -87,6 +88,7 @@ def build_model(model_cfg, vocab: tokens.Vocab, seed: int = 0, lora_cfg=None) ->
   else:
     dtype, param_dtype = precision(model_cfg)
     trunk = hf_io.load_model(model_cfg.init, vocab=vocab, dtype=dtype, seed=seed, param_dtype=param_dtype)
+    trunk.cfg = dataclasses.replace(trunk.cfg, remat=model_cfg.get('remat', 'none'))  # how to run it, not weights
     trunk_cfg = trunk.cfg
   gate = model_cfg.get('gate', 'dtt')  # runs from before the HRPO gate have no key
   hrpo = dict(hrpo_c=model_cfg.hrpo_c, hrpo_a_init=tuple(model_cfg.hrpo_a_init)) if gate == 'hrpo' else {}

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dtt_jax.model.blocks import check_remat, run_blocks
+
 NEG_INF = -1e9  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
 DTYPES = ('float32', 'bfloat16')  # config.model.dtype (compute) and config.model.param_dtype (stored parameters)
 
@@ -64,6 +66,7 @@ class GPT2Config:
   dtype: str = 'float32'  # compute dtype of matmuls and attention ('bfloat16' on accelerators)
   param_dtype: str = 'float32'  # stored parameters: float32 master weights ('bfloat16': inference only)
   extra_tokens: int = 0  # K thinking tokens: ids vocab_rows + j (j < K), untied rows think_in / think_out
+  remat: str = 'none'  # 'none' | 'block' | 'dots': rematerialization of the blocks (`blocks.py`)
 
   @property
   def head_dim(self) -> int:
@@ -87,6 +90,7 @@ class GPT2Config:
     if self.extra_tokens < 0:
       raise ValueError(f'extra_tokens={self.extra_tokens} (config.think.num_tokens) must be >= 0.')
     check_precision(self.dtype, self.param_dtype)
+    check_remat(self.remat)
 
 
 @flax.struct.dataclass
@@ -258,9 +262,9 @@ class GPT2(nnx.Module):
     """tokens [...] int -> token embeddings [..., D] (no position embedding). Thinking ids (>= vocab_rows) read
     `think_in`; only the rows of ids actually fed get gradient."""
     if not self.cfg.extra_tokens:
-      return self.wte(tokens)
+      return lookup(self.wte, tokens)
     is_think = tokens >= self.cfg.vocab_rows
-    text = self.wte(jnp.where(is_think, 0, tokens))  # [...,D]
+    text = lookup(self.wte, jnp.where(is_think, 0, tokens))  # [...,D]
     rows = jnp.clip(tokens - self.cfg.vocab_rows, 0, self.cfg.extra_tokens - 1)
     think = jnp.take(self.think_in[...], rows, axis=0).astype(text.dtype)  # [...,D]
     return jnp.where(is_think[..., None], think, text)
@@ -273,8 +277,8 @@ class GPT2(nnx.Module):
     if dropout is not None:
       columns = cache_index + jnp.arange(x.shape[1])
       x = dropout.hidden(x, 0, columns)
-    for layer, block in enumerate(self.h):
-      x, cache = block(x, bias, layer, cache, cache_index, dropout, columns)
+    call = lambda block, layer, x, cache: block(x, bias, layer, cache, cache_index, dropout, columns)
+    x, cache = run_blocks(self.h, x, cache, self.cfg.remat, call)
     return self.ln_f(x), cache
 
   def output_table(self) -> jax.Array:
@@ -294,6 +298,12 @@ class GPT2(nnx.Module):
     K columns (thinking tokens) are `hidden @ think_out.T + think_bias`. kernel: `output_kernel()`, made once by a
     caller that computes logits many times (same products, a faster dot layout on CPU)."""
     return output_logits(self, hidden, kernel)
+
+
+def lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
+  """`table(ids)` [..., D]: the rows, then cast to the compute dtype (nnx.Embed casts the whole [V,D] table first:
+  the same values, but a copy of the table per call and a bfloat16 gradient scatter)."""
+  return jnp.take(table.embedding[...], ids, axis=0).astype(table.dtype)
 
 
 def think_params(cfg, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param, nnx.Param]:

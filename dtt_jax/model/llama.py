@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dtt_jax.model.gpt2 import KVCache, check_precision, output_logits, think_params
+from dtt_jax.model.blocks import check_remat, run_blocks
+from dtt_jax.model.gpt2 import KVCache, check_precision, lookup, output_logits, think_params
 
 FAMILIES = ('llama', 'qwen2')
 ROPE_TYPES = ('default', 'linear', 'llama3')
@@ -73,6 +74,7 @@ class LlamaConfig:
   dtype: str = 'float32'  # compute dtype of matmuls and attention ('bfloat16' on accelerators)
   param_dtype: str = 'float32'  # stored parameters: float32 master weights ('bfloat16': inference only)
   extra_tokens: int = 0  # K thinking tokens: ids vocab_rows + j (j < K), untied rows think_in / think_out
+  remat: str = 'none'  # 'none' | 'block' | 'dots': rematerialization of the blocks (`blocks.py`)
 
   @property
   def total_rows(self) -> int:
@@ -93,6 +95,7 @@ class LlamaConfig:
       raise ValueError(f'extra_tokens={self.extra_tokens} (config.think.num_tokens) must be >= 0.')
     rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # a bad rope_scaling fails here, by name
     check_precision(self.dtype, self.param_dtype)
+    check_remat(self.remat)
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,9 +251,9 @@ class Llama(nnx.Module):
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens [...] int -> token embeddings [..., D]. Thinking ids (>= vocab_rows) read `think_in`."""
     if not self.cfg.extra_tokens:
-      return self.wte(tokens)
+      return lookup(self.wte, tokens)
     is_think = tokens >= self.cfg.vocab_rows
-    text = self.wte(jnp.where(is_think, 0, tokens))  # [...,D]
+    text = lookup(self.wte, jnp.where(is_think, 0, tokens))  # [...,D]
     rows = jnp.clip(tokens - self.cfg.vocab_rows, 0, self.cfg.extra_tokens - 1)
     think = jnp.take(self.think_in[...], rows, axis=0).astype(text.dtype)  # [...,D]
     return jnp.where(is_think[..., None], think, text)
@@ -267,8 +270,8 @@ class Llama(nnx.Module):
     if dropout is not None:
       columns = cache_index + jnp.arange(x.shape[1])
       x = dropout.hidden(x, 0, columns)
-    for layer, block in enumerate(self.layers):
-      x, cache = block(x, cos, sin, bias, layer, cache, cache_index, dropout, columns)
+    call = lambda block, layer, x, cache: block(x, cos, sin, bias, layer, cache, cache_index, dropout, columns)
+    x, cache = run_blocks(self.layers, x, cache, cfg.remat, call)
     return self.norm(x), cache
 
   def output_embed(self) -> nnx.Embed:

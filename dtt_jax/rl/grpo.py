@@ -52,6 +52,12 @@ parameters are the rollout's: they are taken from its own forward pass (stop-gra
 ratio is exactly 1 and no extra forward pass is needed. The rollout's own log-probs are compared with them
 (metric `logprob_mismatch`, SPEC §12). `state.step` counts rollouts (one per call); the optimizer counts updates
 (`mu` per call): build its schedule with `steps * mu` (`make_grpo_optimizer`).
+
+Memory (docs/scaling.md): each update's gradient sums `microbatches` passes over rows m, m + n, ... of the batch,
+every pass normalised by the whole batch's counts (`normalisers`), so the update is the one of a single pass; only
+the trained parameters are differentiated (`grads.grad`: a LoRA run's adapters, gate and train_modules); with the
+trunk's `remat` on, each block gathers its FSDP-sharded weights itself, one layer at a time. A LoRA run's reference
+keeps the trained leaves only (`reference_params`) and shares the frozen trunk with the policy.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from flax import nnx
 from dtt_jax import parallel
 from dtt_jax.model import check_master_weights, output_layer
 from dtt_jax.sampling import engine
-from dtt_jax.train import state as state_lib
+from dtt_jax.train import grads as grads_lib, state as state_lib
 from dtt_jax.train.state import TrainState
 
 RESCORE_MODES = ('parallel', 'recurrent')
@@ -85,6 +91,7 @@ class GRPOConfig:
   beta: float = 0.04  # KL weight (0: no reference model needed)
   clip_eps: float = 0.2
   mu: int = 1  # inner iterations (optimizer steps) per rollout batch
+  microbatches: int = 1  # gradient accumulation: each update sums this many passes over N / microbatches rows
   loss_agg: str = 'grpo'  # 'grpo' | 'dapo' | 'dr_grpo'
   scale_rewards: str = 'group'  # advantage divisor: the group's reward std | the batch's | none (module doc)
   # Take groups whose rewards are all equal out of the loss's sum, not its normalisers (module doc).
@@ -116,6 +123,8 @@ class GRPOConfig:
       raise ValueError(f'grpo.num_generations={self.num_generations}: a group needs at least 2 completions.')
     if self.mu < 1:
       raise ValueError(f'grpo.mu={self.mu} must be >= 1.')
+    if self.microbatches < 1:
+      raise ValueError(f'grpo.microbatches={self.microbatches} must be >= 1.')
     if self.temperature <= 0:
       raise ValueError(f'grpo.temperature={self.temperature} must be > 0 (GRPO samples; greedy is for evaluation).')
     if self.rescore not in RESCORE_MODES:
@@ -210,29 +219,46 @@ def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
   return jnp.exp(d) - d - 1.0
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, norm_mask: jax.Array | None = None) -> jax.Array:
+def normalisers(norm_mask: jax.Array, mask: jax.Array | None = None, real: jax.Array | None = None):
+  """The denominators of `aggregate` and of the metrics' means over a batch, each at least 1: 'sequences' (rows with
+  a token of norm_mask [N,T]), 'tokens' (its tokens), 'cells' (N * T), 'loss_tokens' (of `mask`) and 'real' (of
+  `real`, the completion mask). A microbatch of the batch divides by the whole batch's (`make_grpo_step`)."""
+  f32 = lambda x: x.astype(jnp.float32)
+  norm = f32(norm_mask)
+  out = {'sequences': jnp.maximum(jnp.sum(norm.sum(-1) > 0), 1).astype(jnp.float32),
+         'tokens': jnp.maximum(norm.sum(), 1.0), 'cells': jnp.float32(norm.shape[0] * norm.shape[1])}
+  for name, m in (('loss_tokens', mask), ('real', real)):
+    if m is not None:
+      out[name] = jnp.maximum(f32(m).sum(), 1.0)
+  return out
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, norm_mask: jax.Array | None = None,
+              counts: dict[str, jax.Array] | None = None) -> jax.Array:
   """per_token, mask [N,T] -> scalar by `mode` ('grpo' | 'dapo' | 'dr_grpo'; module doc).
 
   norm_mask [N,T] (default `mask`), a superset of `mask`: the tokens and sequences the normalisers count. Terms
-  outside `mask` leave the sum only (dropped groups: the step is not rescaled).
+  outside `mask` leave the sum only (dropped groups: the step is not rescaled). `counts`: `normalisers` of the
+  whole batch when this is a microbatch of it (default: of this one).
   """
   mask = mask.astype(per_token.dtype)
   norm = mask if norm_mask is None else norm_mask.astype(per_token.dtype)
+  counts = normalisers(norm) if counts is None else counts
   total = per_token * mask
   if mode == 'grpo':
     per_seq = total.sum(-1) / jnp.maximum(norm.sum(-1), 1.0)  # [N]
-    has_tokens = (norm.sum(-1) > 0).astype(per_token.dtype)
-    return jnp.sum(per_seq * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
+    return jnp.sum(per_seq) / counts['sequences']  # a row without tokens has per_seq 0
   if mode == 'dapo':
-    return total.sum() / jnp.maximum(norm.sum(), 1.0)
+    return total.sum() / counts['tokens']
   if mode == 'dr_grpo':
-    return total.sum() / (per_token.shape[0] * per_token.shape[1])
+    return total.sum() / counts['cells']
   raise ValueError(f'Unknown loss aggregation {mode!r}; expected one of {", ".join(LOSS_AGGREGATIONS)}.')
 
 
-def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+def _masked_mean(x: jax.Array, mask: jax.Array, count=None) -> jax.Array:
+  """sum(x * mask) / count (default: mask's sum, at least 1)."""
   mask = mask.astype(jnp.float32)
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(x * mask) / (jnp.maximum(jnp.sum(mask), 1.0) if count is None else count)
 
 
 # -------------------------------------------------------------------------------------------------------- loss
@@ -253,17 +279,20 @@ def loss_mask(batch: RolloutBatch, zero_std: jax.Array, cfg: GRPOConfig) -> jax.
 
 
 def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask: jax.Array,
-              old_logprobs: jax.Array, old_gate_logits: jax.Array, first, cfg: GRPOConfig):
+              old_logprobs: jax.Array, old_gate_logits: jax.Array, first, cfg: GRPOConfig, counts=None):
   """The GRPO objective of one rollout batch -> (loss, aux).
 
   advantages [N]; mask [N,T] loss tokens (`loss_mask`; the normalisers count all of `sampled_mask`);
   old_logprobs, old_gate_logits [N,T]: the first iteration's (ignored when `first` is true: then this pass's own
-  values, stop-gradient, are the old ones and the ratio is 1).
+  values, stop-gradient, are the old ones and the ratio is 1). `counts`: `normalisers` of the whole batch when
+  `batch` is a microbatch of it (then the loss and the metrics but the max are sums over microbatches).
   aux: scalar metrics, and `logprobs`, `gate_logits` [N,T] of this pass (stop-gradient) for later iterations.
   """
   n, t = batch.completion.shape
   chex.assert_shape([advantages], (n,))
   chex.assert_shape([mask, old_logprobs, old_gate_logits, batch.ref_logprobs, batch.gate_noise], (n, t))
+  if counts is None:
+    counts = normalisers(sampled_mask(batch), mask, batch.completion_mask)
   model = nnx.merge(graphdef, params)
   tau = batch.tau[:, None]  # [N,1]: the temperature each row was generated with
   hidden_inputs = jax.lax.stop_gradient(batch.hidden_inputs)
@@ -301,19 +330,19 @@ def grpo_loss(params, graphdef, batch: RolloutBatch, advantages: jax.Array, mask
   kl = k3_kl(logp, batch.ref_logprobs)
   if cfg.beta:
     per_token = per_token + cfg.beta * kl
-  loss = aggregate(per_token, mask, cfg.loss_agg, sampled_mask(batch))
+  loss = aggregate(per_token, mask, cfg.loss_agg, sampled_mask(batch), counts)
 
-  real = batch.completion_mask
+  real, n_real, n_loss = batch.completion_mask, counts['real'], counts['loss_tokens']
   clipped = ((ratio < 1.0 - cfg.clip_eps) & (adv < 0)) | ((ratio > 1.0 + cfg.clip_eps) & (adv > 0))
   aux = {
       'loss': loss,
-      'kl': _masked_mean(kl, real),
-      'entropy': _masked_mean(entropy, real),
-      'clip_fraction': _masked_mean(clipped, mask),
-      'ratio': _masked_mean(ratio, mask),
-      'logprob_mismatch': _masked_mean(jnp.abs(batch.logprobs - logp), real),
+      'kl': _masked_mean(kl, real, n_real),
+      'entropy': _masked_mean(entropy, real, n_real),
+      'clip_fraction': _masked_mean(clipped, mask, n_loss),
+      'ratio': _masked_mean(ratio, mask, n_loss),
+      'logprob_mismatch': _masked_mean(jnp.abs(batch.logprobs - logp), real, n_real),
       'logprob_mismatch_max': jnp.max(jnp.abs(batch.logprobs - logp) * real),
-      'gate_mismatch': _masked_mean(jnp.abs(batch.gates - gates), real),
+      'gate_mismatch': _masked_mean(jnp.abs(batch.gates - gates), real, n_real),
   }
   return loss, (aux, {'logprobs': jax.lax.stop_gradient(logp), 'gate_logits': jax.lax.stop_gradient(gate_logits)})
 
@@ -336,31 +365,65 @@ def batch_metrics(batch: RolloutBatch, advantages: jax.Array, zero_std: jax.Arra
   return metrics
 
 
-def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, mesh):
+def reference_params(start, trained=None):
+  """What a run keeps of the frozen reference (beta > 0): the trained leaves of the start params (`trained`: a
+  `grads.trained_filter`; None: all), None at the frozen ones, which the policy shares (LoRA's base never changes):
+  a LoRA run stores its trunk once."""
+  return grads_lib.split_trained(start, trained)[0]
+
+
+def reference_model_params(reference, params):
+  """The reference's whole params: its own leaves (`reference_params`), the policy's `params` at its None leaves."""
+  return grads_lib.combine(reference, params)
+
+
+def make_grpo_step(graphdef, tx: optax.GradientTransformation, cfg: GRPOConfig, mesh, trained=None):
   """-> jitted `grpo_step(state, batch: RolloutBatch) -> (state, metrics)`.
 
   The state is donated and laid out by `parallel.state_shardings`; the batch is sharded over ('data', 'fsdp') by
   whole groups (`rollout.collect`).
   `cfg.mu` optimizer steps on the same batch inside the call; metrics average them (except `logprob_mismatch*`, of
-  the first iteration, whose parameters generated the rollout).
+  the first iteration, whose parameters generated the rollout). Each step's gradient sums `cfg.microbatches` passes
+  over rows m, m + n, ... (`grads.accumulate`), each normalised by the whole batch's counts: the same update as one
+  pass. Only `trained` parameters are differentiated (`grads.grad`); with the trunk's `remat` on, its blocks gather
+  their weights one layer at a time (`model/blocks.py`), else the whole model is gathered first.
   """
+  n_micro = cfg.microbatches
 
   def grpo_step(state: TrainState, batch: RolloutBatch):
     check_master_weights(state.params)  # at trace time: float32 master weights (config.model.param_dtype)
     n, t = batch.completion.shape
+    if n % (parallel.num_shards(mesh) * n_micro):
+      raise ValueError(f'grpo.microbatches={n_micro}: the {n // parallel.num_shards(mesh)} completions per device '
+                       f'(prompts_per_step x num_generations / {parallel.num_shards(mesh)} devices) must be divisible '
+                       'by it.')
     advantages, zero_std = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_rewards)
     mask = loss_mask(batch, zero_std, cfg)
-    loss_fn = lambda params, *args: grpo_loss(parallel.gather(params, mesh), *args)  # FSDP: whole params
+    counts = normalisers(sampled_mask(batch), mask, batch.completion_mask)  # of the whole batch
+    # per-layer gathers for the one parallel pass (a recurrent re-score runs the blocks once per position)
+    per_layer = nnx.merge(graphdef, state.params).gpt2.cfg.remat != 'none' and cfg.rescore == 'parallel'
+    micro = grads_lib.split_microbatches((batch, advantages, mask), n_micro)
 
     def iteration(carry, i):
       params, opt_state, old = carry
-      grads, (aux, new_old) = jax.grad(loss_fn, has_aux=True)(params, graphdef, batch, advantages, mask,
-                                                              old['logprobs'], old['gate_logits'], i == 0, cfg)
-      grads = parallel.scatter(grads, mesh)
+
+      def one(xs, m):
+        del m
+        (b, adv, msk), o = xs
+        loss = lambda p: grpo_loss(p, graphdef, b, adv, msk, o['logprobs'], o['gate_logits'], i == 0, cfg, counts)
+        grads, (aux, new_old) = grads_lib.grad(loss, params, mesh, trained, per_layer)
+        worst = aux.pop('logprob_mismatch_max')
+        return (grads, aux), (new_old, worst)
+
+      (grads, aux), (new_old, worst) = grads_lib.accumulate(
+          one, (micro, grads_lib.split_microbatches(old, n_micro)), n_micro, mesh)
+      grads = grads_lib.fill_frozen(grads, params)
       updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
+      params = grads_lib.apply_updates(params, updates, trained)
+      new_old = grads_lib.merge_microbatches(new_old)
       old = jax.tree.map(lambda new, prev: jnp.where(i == 0, new, prev), new_old, old)
-      return (params, opt_state, old), dict(aux, grad_norm=optax.global_norm(grads))
+      return (params, opt_state, old), dict(aux, logprob_mismatch_max=jnp.max(worst),
+                                            grad_norm=optax.global_norm(grads))
 
     zeros = jnp.zeros((n, t), jnp.float32)
     old = {'logprobs': zeros, 'gate_logits': zeros}

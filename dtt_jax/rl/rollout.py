@@ -33,7 +33,7 @@ from flax import nnx
 
 from dtt_jax import parallel, reward
 from dtt_jax.model import output_layer
-from dtt_jax.rl.grpo import GRPOConfig, RolloutBatch
+from dtt_jax.rl.grpo import GRPOConfig, RolloutBatch, reference_model_params
 from dtt_jax.sampling import engine
 from dtt_jax.sampling.sampler import SamplingConfig
 from dtt_jax.tokens import Tokenizer, Vocab
@@ -63,8 +63,9 @@ def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh, min_think: in
                     forced_prefix: tuple[int, ...] = ()):
   """-> jitted `rollout(params, ref_params, prompt, prompt_mask, key, tau) -> (engine.Rollout, ref_logprobs [N,T])`.
 
-  prompt, prompt_mask [N,P] sharded over ('data', 'fsdp'); params, ref_params (None when beta == 0) laid out by
-  `parallel.state_shardings` (gathered inside); key, tau replicated. The reference parameters are only read.
+  prompt, prompt_mask [N,P] sharded over ('data', 'fsdp'); params, ref_params (None when beta == 0; None at its
+  leaves the policy shares, `grpo.reference_params`) laid out by `parallel.state_shardings` (gathered inside); key,
+  tau replicated. The reference parameters are only read.
   min_think > 0: a budget per row, uniform in [min_think, cfg.max_think] (module docstring). pinned_id >= 0: that
   token's gate is 1 (`model.dtt.pin_noise`, stored in the rollout's noise, so the update re-scores it alike).
   forced_prefix: tokens forced first (the compressing DTT's latent head; marked `forced`: no loss).
@@ -73,13 +74,14 @@ def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh, min_think: in
                                 max_new_tokens=cfg.max_new_tokens + len(forced_prefix))
 
   def rollout(params, ref_params, prompt, prompt_mask, key, tau):
-    model = nnx.merge(graphdef, parallel.gather(params, mesh))
+    params = parallel.gather(params, mesh)
+    model = nnx.merge(graphdef, params)
     budget = None
     if min_think:
       budget = jax.random.randint(jax.random.fold_in(key, 7), prompt.shape[:1], min_think, cfg.max_think + 1)
     out = engine.generate_traced(model, prompt, prompt_mask, key, tau, gen_cfg, False, think_budget=budget)
-    if cfg.beta:
-      ref = nnx.merge(graphdef, parallel.gather(ref_params, mesh))
+    if cfg.beta:  # the reference's None leaves (a LoRA run's frozen base) are the policy's
+      ref = nnx.merge(graphdef, reference_model_params(parallel.gather(ref_params, mesh), params))
       target_hidden, _ = engine.rescore(ref, prompt, prompt_mask, out.tokens, out.hidden_inputs, out.gate_noise, tau,
                                         hard=cfg.hard_gate)
       ref_logprobs, _ = output_layer.token_logprobs(ref.gpt2, target_hidden, out.tokens, cfg.temperature,

@@ -32,7 +32,7 @@ from dtt_jax.model import check_master_weights, output_layer
 from dtt_jax.model.dtt import DTTModel, logistic_noise, pin_noise
 from dtt_jax.model.gpt2 import Dropout
 from dtt_jax.sampling import engine
-from dtt_jax.train import fast_unroll
+from dtt_jax.train import fast_unroll, grads as grads_lib
 from dtt_jax.train.state import TrainState, step_key
 
 
@@ -94,12 +94,8 @@ def loss_terms(model: DTTModel, batch, noise, tau, cfg: LossConfig, counts, drop
   return loss, metrics
 
 
-def _split_microbatches(batch, n: int):
-  """[B,...] -> [n, B/n, ...] with microbatch m taking rows m, m+n, ... (each device's rows stay spread evenly)."""
-  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig, mesh, microbatches: int = 1):
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig, mesh, microbatches: int = 1,
+                    trained=None):
   """-> jitted `train_step(state, batch, tau) -> (state, metrics)` of the Stage-1 loss (`make_step`)."""
   cfg = dataclasses.replace(cfg, row_groups=parallel.num_shards(mesh))
 
@@ -109,42 +105,36 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig,
     noise = pin_noise(noise, batch['completion'], cfg.pinned_id)
     return loss_terms(model, batch, noise, tau, cfg, counts, jax.random.fold_in(key, 1))
 
-  return make_step(graphdef, tx, loss_fn, BATCH_FIELDS, mesh, microbatches)
+  return make_step(graphdef, tx, loss_fn, BATCH_FIELDS, mesh, microbatches, trained, vocab_parallel=True)
 
 
-def make_step(graphdef, tx: optax.GradientTransformation, loss_fn, fields, mesh, microbatches: int = 1):
+def make_step(graphdef, tx: optax.GradientTransformation, loss_fn, fields, mesh, microbatches: int = 1,
+              trained=None, vocab_parallel: bool = False):
   """-> jitted `train_step(state, batch, tau) -> (state, metrics)` (state donated and laid out by
   `parallel.state_shardings`, batch sharded over ('data', 'fsdp')).
 
   `loss_fn(model, batch, key, tau, counts) -> (loss, metrics)` sums its terms over `batch` and divides by the
   whole-batch `counts` (`_counts`), so microbatch gradients add up to the full-batch gradient; `fields`: the batch
-  entries the step takes."""
-
-  def grads_and_metrics(params, batch, key, tau, counts):
-    loss = lambda p: loss_fn(nnx.merge(graphdef, parallel.gather(p, mesh)), batch, key, tau, counts)
-    grads, metrics = jax.grad(loss, has_aux=True)(params)
-    return parallel.scatter(grads, mesh), metrics
+  entries the step takes; `trained`: `grads.trained_filter` of the optimizer's trained parameters (None: all), the
+  only ones differentiated. The whole model is gathered before the loss (`grads.grad`), but the vocabulary tables
+  with `vocab_parallel` (the recurrent bootstrap's setting)."""
 
   def train_step(state: TrainState, batch, tau):
     check_master_weights(state.params)  # at trace time: float32 master weights (config.model.param_dtype)
     batch = {k: batch[k] for k in fields}
     counts = _counts(batch)
     key = step_key(state)
-    if microbatches == 1:
-      grads, metrics = grads_and_metrics(state.params, batch, key, tau, counts)
-    else:
-      micro = _split_microbatches(batch, microbatches)
 
-      def accumulate(acc, xs):
-        mb, m = xs
-        out = grads_and_metrics(state.params, mb, jax.random.fold_in(key, m), tau, counts)
-        return jax.tree.map(jnp.add, acc, out), None
+    def one(mb, m):
+      k = key if microbatches == 1 else jax.random.fold_in(key, m)
+      loss = lambda params: loss_fn(nnx.merge(graphdef, params), mb, k, tau, counts)
+      return grads_lib.grad(loss, state.params, mesh, trained, vocab_parallel=vocab_parallel), None
 
-      shapes = jax.eval_shape(grads_and_metrics, state.params, jax.tree.map(lambda x: x[0], micro), key, tau, counts)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(microbatches)))
+    (grads, metrics), _ = grads_lib.accumulate(one, grads_lib.split_microbatches(batch, microbatches), microbatches,
+                                                 mesh)
+    grads = grads_lib.fill_frozen(grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = grads_lib.apply_updates(state.params, updates, trained)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), tau=jnp.asarray(tau, jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

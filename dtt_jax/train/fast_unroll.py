@@ -19,18 +19,24 @@ Autodiff of the scan instead stores every step's whole cache as a residual (T co
 reads them back in the backward pass: the training step's dominant cost on CPU (benchmarks/README.md).
 
 The token embeddings are looked up once outside (the [V,D] table gets one dense gradient); only the parameters the
-step uses (everything but `wte`) go through the custom VJP. The HRPO gate (whose blend reads the logits of h_{t-1},
-i.e. the whole [V,D] table, every step) falls back to `engine.unroll`.
+step uses go through the custom VJP: everything but `wte` for the DTT gate, everything for the HRPO gate (whose
+blend reads the logits of h_{t-1} and the soft embedding, i.e. the whole [V,D] table, every step: its gradient is a
+[V,D] carry of the reverse scan). Only the parameters the caller differentiates (JAX's `symbolic_zeros`: e.g. a LoRA
+run's adapters, gate and embedding, not its frozen base) get gradient buffers and weight-gradient products, and the
+frozen block kernels are kept once in the compute dtype for the whole unroll (`_frozen_copy`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
+from dtt_jax.model.blocks import is_block_param
 from dtt_jax.model.dtt import DTTModel
 from dtt_jax.model.gpt2 import Dropout, KVCache, causal_bias, kv_cache_for, positions_from_mask
 from dtt_jax.sampling import engine
@@ -47,7 +53,7 @@ def _prefill(model: DTTModel, prompt_embedding, prompt_mask, key_bias, dropout=N
 
 def _dropout(static, dropout_key) -> Dropout | None:
   """The Dropout of the static (rate, sequence length) and the key (None at rate 0)."""
-  _, _, _, rate, key_len = static
+  rate, key_len = static[3:5]
   return Dropout(dropout_key, rate, key_len) if rate else None
 
 
@@ -103,28 +109,49 @@ def _core(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, p
                   dropout_key)[0]
 
 
-def _core_fwd(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias,
-              dropout_key):
-  out, cache = _forward(static, rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias,
-                        dropout_key)
+def _core_fwd(static, rest, *args):
+  """Arguments wrapped as `CustomVJPPrimal` (symbolic zeros): the leaves of `rest` the caller differentiates
+  (perturbed) become `train`, the others `frozen`; the backward pass differentiates `train` only."""
+  train = jax.tree.map(lambda p: p.value if p.perturbed else None, rest)
+  frozen = jax.tree_util.tree_map_with_path(lambda path, p: None if p.perturbed else _frozen_copy(path, p.value,
+                                                                                                  static[5]), rest)
+  args = [jax.tree.map(lambda p: p.value, a) for a in args]
+  out, cache = _forward(static, _combine(train, frozen), *args)
   h_all, _, h0 = out
-  return out, (rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias, dropout_key,
-               cache, h_all, h0)
+  return out, (train, frozen, *args, cache, h_all, h0)
 
 
 def _zeros_like(tree):
   return jax.tree.map(jnp.zeros_like, tree)
 
 
+def _combine(train, frozen):
+  """The parameters from their differentiated part and the rest (None in place of the other's leaves)."""
+  return jax.tree.map(lambda a, b: b if a is None else a, train, frozen, is_leaf=lambda x: x is None)
+
+
+def _frozen_copy(path, x, dtype):
+  """A frozen parameter as the unroll keeps it: a block's matmul weight (a Linear's or LoRA's kernel, which every use
+  casts to the compute dtype) in the compute dtype, the rest as it is. Same values: one compute-dtype copy of the
+  frozen trunk serves every position, forward and backward, instead of the float32 one and copies of it per loop."""
+  return x.astype(dtype) if is_block_param(path) and any(getattr(k, 'key', None) == 'kernel' for k in path) else x
+
+
+def _dense(cotangent):
+  """A cotangent, or zeros for a symbolic zero (an output nobody differentiates)."""
+  return jnp.zeros(cotangent.shape, cotangent.dtype) if isinstance(cotangent, SymbolicZero) else cotangent
+
+
 def _core_bwd(static, res, cotangents):
-  rest, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias, dropout_key, cache, h_all, h0 = res
-  d_h_all, d_gates, d_h0 = cotangents
+  train, frozen, wte, prompt_embedding, embeddings, noise, forced, tau, prompt_mask, key_bias, dropout_key, cache, \
+      h_all, h0 = res
+  d_h_all, d_gates, d_h0 = map(_dense, cotangents)
   _, _, segment, *_ = static
   p = prompt_mask.shape[1]
   t_len = embeddings.shape[1]
   num_real = jnp.sum(prompt_mask > 0, axis=-1).astype(jnp.int32)
   h_prev = jnp.concatenate([h0[:, None], h_all[:, :-1]], axis=1)  # [B,T,D] h_{t-1}
-  d_rest = _zeros_like(rest)
+  d_rest = _zeros_like(train)
   d_next = jnp.zeros_like(h0)  # d h_t sent back by step t + 1 (through its blend and gate)
   d_kv = _zeros_like(cache)
   d_embeddings = []
@@ -136,9 +163,9 @@ def _core_bwd(static, res, cotangents):
     def body(carry, xs, seg_cache=seg_cache):
       d_rest, d_next, d_kv = carry
       prev, embedding, noise_t, forced_t, t, d_h, d_g = xs
-      f = lambda r, h, e, c: _step(static, r, wte, c, key_bias, h, e, noise_t, forced_t, p + t, num_real + t, tau,
-                                   dropout_key)
-      _, vjp = jax.vjp(f, rest, prev, embedding, seg_cache)
+      f = lambda r, h, e, c: _step(static, _combine(r, frozen), wte, c, key_bias, h, e, noise_t, forced_t, p + t,
+                                   num_real + t, tau, dropout_key)
+      _, vjp = jax.vjp(f, train, prev, embedding, seg_cache)
       d_r, d_prev, d_e, d_kv = vjp((d_h + d_next, d_g, d_kv))
       return (jax.tree.map(jnp.add, d_rest, d_r), d_prev, d_kv), d_e
 
@@ -152,33 +179,43 @@ def _core_bwd(static, res, cotangents):
   graphdef = static[0]
 
   def prefill(r, e):
-    return _prefill(nnx.merge(graphdef, wte, r), e, prompt_mask, key_bias, _dropout(static, dropout_key))
+    return _prefill(nnx.merge(graphdef, wte, _combine(r, frozen)), e, prompt_mask, key_bias,
+                    _dropout(static, dropout_key))
 
-  _, vjp = jax.vjp(prefill, rest, prompt_embedding)
+  _, vjp = jax.vjp(prefill, train, prompt_embedding)
   d_r, d_prompt_embedding = vjp((_truncate(d_kv, p), d_h0 + d_next))
   d_rest = jax.tree.map(jnp.add, d_rest, d_r)
   return (d_rest, None, d_prompt_embedding, jnp.concatenate(d_embeddings, 1), None, None, None, None, None, None)
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
+
+
+def _without_remat(graphdef, *states):
+  """The graphdef of the same model with `remat='none'` (its blocks' activations are kept: one position's, or the
+  prompt's once)."""
+  model = nnx.merge(graphdef, *states)
+  model.gpt2.cfg = dataclasses.replace(model.gpt2.cfg, remat='none')
+  return nnx.split(model, nnx.Nothing if model.hrpo is not None else nnx.PathContains('wte'), ...)[0]
 
 
 def unroll(model: DTTModel, prompt, prompt_mask, completion, gate_noise, tau, *, hard: bool = False,
            completion_key_bias=None, forced_gates=None, segment: int = 64, dropout: Dropout | None = None
            ) -> engine.Unrolled:
   """`engine.unroll` (same arguments and outputs) with the backward pass of the module docstring; `dropout`'s
-  masks depend on its key and the sequence column only, so the backward pass recomputes the forward's."""
-  if model.hrpo is not None:
-    return engine.unroll(model, prompt, prompt_mask, completion, gate_noise, tau, hard=hard,
-                         completion_key_bias=completion_key_bias, segment=segment, forced_gates=forced_gates,
-                         dropout=dropout)
+  masks depend on its key and the sequence column only, so the backward pass recomputes the forward's. The model's
+  `remat` does not apply (the backward pass recomputes each position anyway)."""
   p = prompt.shape[1]
   key_bias = engine.prompt_key_bias(prompt_mask, p + completion.shape[1], completion_key_bias)
-  prompt_embedding = model.gpt2.embed(prompt)
-  embeddings = model.gpt2.embed(completion)  # [B,T,D], looked up once (one gradient scatter)
-  graphdef, wte, rest = nnx.split(model, nnx.PathContains('wte'), ...)
+  both = model.gpt2.embed(jnp.concatenate([prompt, completion], axis=1))  # [B,P+T,D]: one lookup, one [V,D] scatter
+  prompt_embedding, embeddings = both[:, :p], both[:, p:]
+  # the step's parameters: all but the token embedding, which the HRPO gate reads too
+  graphdef, wte, rest = nnx.split(model, nnx.Nothing if model.hrpo is not None else nnx.PathContains('wte'), ...)
+  if model.gpt2.cfg.remat != 'none':  # the backward recomputes every position already (no block remat: prefill too)
+    graphdef = _without_remat(graphdef, wte, rest)
   forced = None if forced_gates is None else forced_gates.astype(jnp.float32)
-  static = (graphdef, hard, segment, dropout.rate if dropout else 0.0, dropout.key_len if dropout else 0)
+  static = (graphdef, hard, segment, dropout.rate if dropout else 0.0, dropout.key_len if dropout else 0,
+            model.gpt2.cfg.dtype)
   h_all, gates, h0 = _core(static, rest, wte, prompt_embedding, embeddings, gate_noise.astype(jnp.float32), forced,
                            jnp.asarray(tau, jnp.float32), prompt_mask, key_bias, dropout.key if dropout else None)
   target_hidden = jnp.concatenate([h0[:, None], h_all[:, :-1]], axis=1)
