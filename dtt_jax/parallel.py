@@ -21,7 +21,8 @@ pass (`gather`: XLA's all-gather) and lay the gradients out like the parameters 
 between steps each device holds 1/fsdp of the parameters and optimizer state; inside a step the whole parameters
 (and their gradient) exist for a moment on every device. A step traced under `gathers_per_layer(mesh)` gathers all
 but the trunk's blocks up front and lets each block gather its own parameters when it runs (`gather_layer`,
-`model/blocks.py`), so one or two layers' full weights exist at a time; the bootstrap's recurrent step leaves the
+`model/blocks.py`), so that one or two layers' full weights exist at a time where the scheduler keeps to the order
+(XLA's CPU backend does not; docs/scaling.md); the bootstrap's recurrent step leaves the
 vocabulary tables sharded (`train/grads.py`). `spec_table` prints the table of a given tree.
 """
 

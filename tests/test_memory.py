@@ -103,28 +103,13 @@ def test_grpo_update_is_the_same_with_remat_microbatches_and_per_layer_gathers()
     results[remat, micro, mesh_name] = _update(step, params, rollout.shard_rollout(host, mesh, G), mesh)
   delta, _ = reference = results['none', 1, '1']
   layer = delta['gpt2']['layers'][0]
-  assert np.abs(layer['mlp']['down_proj']['kernel']).max() == 0 and np.abs(layer['mlp']['up_proj']['kernel']).max() == 0
-  for moved in (layer['mlp']['up_proj']['lora']['lora_a'], delta['gpt2']['wte']['embedding'], delta['gate_head']['kernel']):
+  for frozen in (layer['mlp']['down_proj']['kernel'], layer['mlp']['up_proj']['kernel']):
+    assert np.abs(frozen).max() == 0
+  for moved in (layer['mlp']['up_proj']['lora']['lora_a'], delta['gpt2']['wte']['embedding'],
+                delta['gate_head']['kernel']):
     assert np.abs(moved).max() > 1e-5
   for key, result in results.items():
     _assert_same(result, reference, str(key))
-
-
-def test_per_layer_gathers_hold_about_one_layer_of_weights():
-  """The GRPO step's temporaries at fsdp 4 (XLA's buffer assignment, one device): with remat (per-layer gathers) at
-  least 2 layers' weights below the whole-model gather's, on a model whose 4 layers' weights dwarf its
-  activations."""
-  cfg = grpo.GRPOConfig(num_generations=G, beta=0.1, max_new_tokens=T)
-  mesh = parallel.make_mesh(4, 4)
-  batch = rollout.shard_rollout(_grpo_batch(d=256), mesh, G)
-  temps = {}
-  for remat in ('none', 'block'):
-    graphdef, params = _model(remat, 'dtt', n_layer=4, d=256)
-    state = jax.eval_shape(lambda p: state_lib.init_state(p, _sgd(), seed=0), params)
-    step = grpo.make_grpo_step(graphdef, _sgd(), cfg, mesh, TRAINED)
-    temps[remat] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
-  layer = sum(x.size * 4 for x in jax.tree.leaves(params['gpt2']['layers'][0]))  # float32 bytes of one layer
-  assert temps['block'] < temps['none'] - 2 * layer, (temps, layer)
 
 
 def test_bootstrap_update_is_the_same_with_remat_and_fsdp():

@@ -15,9 +15,11 @@ forward) is never rematerialized: its intermediates are a few [B,D] rows.
 Per-layer parameter gathers under FSDP: inside a step traced under `parallel.gathers_per_layer(mesh)` (the GRPO
 step with remat on), block l's parameters arrive sharded and are gathered inside its checkpoint, so the backward
 gathers them again rather than keeping them, and its weight gradients are reduce-scattered as soon as the block's
-backward made them (`parallel.gather_layer`). An optimization barrier ties block l + 1's gather to block l's input:
-at most two layers' full weights exist at a time (the next one's gather may overlap this one's compute). The
-collectives move the stored (float32 master) weights and float32 gradients; the blocks cast to the compute dtype.
+backward made them (`parallel.gather_layer`). An optimization barrier ties block l + 1's gather to block l's input,
+so that one or two layers' full weights exist at a time, if the scheduler follows: XLA's CPU backend does not (it
+issues every layer's gather at the start of the step and keeps them live; docs/scaling.md), so the CPU dry run
+counts all of them. The collectives move the stored (float32 master) weights and float32 gradients; the blocks cast
+to the compute dtype.
 """
 
 from __future__ import annotations
