@@ -118,14 +118,15 @@ def test_run_resets_every_epoch_scores_the_best_checkpoint_and_seeds_a_later_run
   assert later.step == 2 and _logged(second, 'bootstrap/stage') == [2, 2]
   assert Checkpointer(str(second / 'bootstrap' / 'checkpoints'), async_save=False).steps() == [2]
 
-  # DTT's bootstrap from the first run's step 12 (`init_checkpoint`; not its best), as the study starts it
+  # DTT's bootstrap from the first run's step 8 (`init_checkpoint`; not its best, a final-stage one), as the study
+  # starts it from the end of the CoT run's text stage
   c = _tiny_config()
   c.method, c.bootstrap.steps, c.bootstrap.lr, c.model.dropout = 'dtt', 2, 0.0, 0.0
-  c.init_from, c.init_checkpoint = str(first), '12'
+  c.init_from, c.init_checkpoint = str(first), '8'
   started = dtt.run_bootstrap(pipeline.setup(c, str(tmp_path / 'dtt')))
-  _, at_12 = base.stage_params(exp, 'bootstrap', '12')
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.state.params), jax.device_get(at_12))
-  assert not np.array_equal(jax.device_get(jax.tree.leaves(at_12)[0]), jax.device_get(jax.tree.leaves(best)[0]))
+  _, at_8 = base.stage_params(exp, 'bootstrap', '8')
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.state.params), jax.device_get(at_8))
+  assert not np.array_equal(jax.device_get(jax.tree.leaves(at_8)[0]), jax.device_get(jax.tree.leaves(best)[0]))
 
 
 def test_budget_follows_the_schedule_and_a_short_one_is_named():

@@ -92,7 +92,8 @@ def test_config_errors_name_the_method_and_stage(recorder):
     pipeline.check_config(c)
   c = _config('recorder', 'pipeline')
   c.model.dropout = 0.1
-  with pytest.raises(ValueError, match=r"config.model.dropout=0.1 applies only to the COCONUT methods \(coconut, "):
+  with pytest.raises(ValueError, match=r"config.model.dropout=0.1 applies only to the methods with a supervised "
+                                       r"stage \(dtt, coconut, .*\): set it to 0 for config.method='recorder'"):
     pipeline.check_config(c)
 
 
