@@ -51,7 +51,10 @@ SEEDS = (0, 1, 2)
 ONE_SEED = ('pause', 'coconut_no_curriculum')  # far below the others: seed 0 is enough (issue #29)
 FROM_COT = ('icot', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_thought', 'coconut', 'dtt',
             'dtt_compress')
-PAIRED = (('dtt', 'cot'), ('dtt', 'coconut'), ('dtt_compress', 'cot'), ('dtt_compress', 'coconut'))
+# (method, baseline): the DTT recipes against CoT and COCONUT; the compressing DTT against iCoT (the same
+# curriculum with no latent positions) and COCONUT against COCONUT w/o thought (do the thoughts add anything?)
+PAIRED = (('dtt', 'cot'), ('dtt', 'coconut'), ('dtt_compress', 'cot'), ('dtt_compress', 'coconut'),
+          ('dtt_compress', 'icot'), ('coconut', 'coconut_no_thought'))
 RUN_FILE = 'study_run.json'  # {wall_s, attempts, command, returncode, commit}
 SCALE = 'long'  # configs/coconut.py's schedule: 1000 steps per latent stage
 
