@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   # 'scratch', a hub name ('gpt2') or a local HF directory (GPT-2, Llama or Qwen2: the family from its config.json;
-  # a Llama-family checkpoint with a tokenizer of its own brings it: tokens.tokenizer_source, README)
+  # a Llama-family checkpoint with a tokenizer of its own brings it: hf_io.tokenizer_source, README)
   c.model.init = 'scratch'
   c.model.family = 'gpt2'  # init='scratch' only: 'gpt2' | 'llama' | 'qwen2' (Llama + q/k/v biases); model/llama.py
   c.model.vocab = 'compact'  # 'compact' (ids used by the data + specials; for scratch models) | 'full'

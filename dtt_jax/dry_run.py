@@ -65,7 +65,7 @@ def tokenizer_base(m) -> int:
   else `model.vocab_size` (a hub checkpoint's tokenizer size), else GPT-2's."""
   local = m.get('tokenizer') if m.get('tokenizer') and os.path.isdir(m.tokenizer) else ''
   if not local and m.init != 'scratch' and os.path.isdir(m.init):
-    local = tokens.tokenizer_source(m, gpt2_dir='')  # the checkpoint itself when it has a tokenizer of its own
+    local = hf_io.tokenizer_source(m, gpt2_dir='')  # the checkpoint itself when it has a tokenizer of its own
     local = local if local == m.init else ''
   if local:
     return tokens.full_vocab(tokens.load_tokenizer(local)).base

@@ -27,7 +27,7 @@ from dtt_jax.data import answers
 from dtt_jax.eval import heldout
 from dtt_jax.eval import summary
 from dtt_jax.methods.base import Experiment
-from dtt_jax.model import FAMILIES, configured_family, lora, precision
+from dtt_jax.model import FAMILIES, configured_family, hf_io, lora, precision
 from dtt_jax.model import dtt as dtt_lib
 from dtt_jax.train import state as state_lib
 
@@ -116,7 +116,7 @@ def _check_llama_sizes(m) -> None:
 
 
 def _tokenizer_source(c) -> str:
-  return tokens.tokenizer_source(c.model, SHARED_TOKENIZER)  # a Llama / Qwen2 checkpoint's own, else GPT-2's
+  return hf_io.tokenizer_source(c.model, SHARED_TOKENIZER)  # a Llama / Qwen2 checkpoint's own, else GPT-2's
 
 
 def setup(config, workdir: str) -> Experiment:

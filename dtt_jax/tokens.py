@@ -51,34 +51,6 @@ def padded_rows(n: int, multiple: int = ROW_MULTIPLE) -> int:
   return -(-n // multiple) * multiple
 
 
-def tokenizer_source(model_cfg, gpt2_dir: str) -> str:
-  """Where the run's tokenizer comes from (`load_tokenizer`'s argument), from the `config.model` section:
-  `tokenizer` when set; else the checkpoint `init` itself when it is a Llama / Qwen2 checkpoint with a tokenizer
-  of its own (`TOKENIZER_FILES`; a hub name's are fetched); else GPT-2's (`gpt2_dir` when it exists, else the
-  hub's 'gpt2'). GPT-2 checkpoints, and Llama-family ones without a tokenizer (their rows must then be GPT-2's),
-  use GPT-2's."""
-  if model_cfg.tokenizer:
-    return model_cfg.tokenizer
-  if model_cfg.init != 'scratch' and _has_own_tokenizer(model_cfg.init):
-    return model_cfg.init
-  return gpt2_dir if os.path.isdir(gpt2_dir) else DEFAULT_TOKENIZER
-
-
-def _has_own_tokenizer(init: str) -> bool:
-  """Whether the checkpoint `init` (a directory or hub name) is of the Llama family and has tokenizer files."""
-  from dtt_jax.model import hf_io  # pylint: disable=g-import-not-at-top  (hf_io imports this module)
-  ckpt_dir = init
-  if not os.path.isdir(init):
-    try:
-      from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
-      ckpt_dir = snapshot_download(init, allow_patterns=['config.json', *TOKENIZER_FILES])
-    except Exception:  # pylint: disable=broad-except  (offline or unknown: loading the model names the problem)
-      return False
-  if hf_io.model_family(hf_io.read_config_json(ckpt_dir)) == 'gpt2':
-    return False
-  return any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in TOKENIZER_FILES)
-
-
 def load_tokenizer(name_or_dir: str = DEFAULT_TOKENIZER):
   """The transformers tokenizer with the DTT specials `<|bot|>`, `<|eot|>`, `<|latent|>`, `<|pause|>`.
 

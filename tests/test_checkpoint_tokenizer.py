@@ -18,7 +18,7 @@ import pytest
 from configs import base
 from dtt_jax import dry_run, export, pipeline, tokens
 from dtt_jax.data import samples
-from dtt_jax.model import build_model, llama
+from dtt_jax.model import build_model, hf_io, llama
 from tests.test_llama_pipeline import _logits  # one jitted trunk forward
 
 torch = pytest.importorskip('torch', reason='torch (CPU) is the parity reference: pip install -r requirements-dev.txt')
@@ -92,7 +92,7 @@ def test_tokenizer_is_the_checkpoints_with_the_specials_after_it(ckpt_dirs, tmp_
   no_tokenizer.mkdir()
   (no_tokenizer / 'config.json').write_text((path / 'config.json').read_text())
   for init, want in ((str(path), str(path)), ('scratch', gpt2_dir), (str(no_tokenizer), gpt2_dir)):
-    assert tokens.tokenizer_source(_model_cfg(init), gpt2_dir) == want, init
+    assert hf_io.tokenizer_source(_model_cfg(init), gpt2_dir) == want, init
 
   auto = transformers.AutoTokenizer.from_pretrained(path)
   n = len(auto)

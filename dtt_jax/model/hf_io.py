@@ -234,6 +234,33 @@ def read_config_json(ckpt_dir: str) -> dict:
     return json.load(f)
 
 
+def tokenizer_source(model_cfg, gpt2_dir: str) -> str:
+  """Where the run's tokenizer comes from (`load_tokenizer`'s argument), from the `config.model` section:
+  `tokenizer` when set; else the checkpoint `init` itself when it is a Llama / Qwen2 checkpoint with a tokenizer
+  of its own (`tokens.TOKENIZER_FILES`; a hub name's are fetched); else GPT-2's (`gpt2_dir` when it exists, else the
+  hub's 'gpt2'). GPT-2 checkpoints, and Llama-family ones without a tokenizer (their rows must then be GPT-2's),
+  use GPT-2's."""
+  if model_cfg.tokenizer:
+    return model_cfg.tokenizer
+  if model_cfg.init != 'scratch' and _has_own_tokenizer(model_cfg.init):
+    return model_cfg.init
+  return gpt2_dir if os.path.isdir(gpt2_dir) else tokens.DEFAULT_TOKENIZER
+
+
+def _has_own_tokenizer(init: str) -> bool:
+  """Whether the checkpoint `init` (a directory or hub name) is of the Llama family and has tokenizer files."""
+  ckpt_dir = init
+  if not os.path.isdir(init):
+    try:
+      from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+      ckpt_dir = snapshot_download(init, allow_patterns=['config.json', *tokens.TOKENIZER_FILES])
+    except Exception:  # pylint: disable=broad-except  (offline or unknown: loading the model names the problem)
+      return False
+  if model_family(read_config_json(ckpt_dir)) == 'gpt2':
+    return False
+  return any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in tokens.TOKENIZER_FILES)
+
+
 def load_model(name_or_dir: str, vocab: tokens.Vocab | None = None, dtype: str = 'float32',
                seed: int = 0, param_dtype: str = 'float32') -> GPT2 | Llama:
   """The checkpoint's model, its class picked by `model_family` of its config.json (`config.model.init`), computing
