@@ -3,14 +3,24 @@
 # DTT's bootstrap from the study's CoT run at step 800 (run `python -m dtt_jax.eval.study --tasks=addition2
 # --methods=cot --seeds=0` first), the study's recipe with one setting changed per run, then a table of the
 # validation accuracy at the end of each stage (1000, 2000, 3000: stages 1-3; 3150: the final stage).
-#   launch/dtt_diagnostics.sh [ROOT=runs/diagnostics]       (a finished run is not run again)
+# TASK=addition3 runs the compressing DTT's diagnostics there instead (seed 0, from the CoT run at step 1200, 4150
+# steps; its study runs of CoT and the seed's DTT first): the study's recipe, without the latent-count jitter, and
+# started from the seed DTT recipe's bootstrap (a trained gate head) rather than from CoT.
+#   [TASK=addition3] launch/dtt_diagnostics.sh [ROOT=runs/diagnostics[_addition3]]   (finished runs are not rerun)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=${1:-runs/diagnostics}
-cot=runs/study/addition2/cot/seed0
+task=${TASK:-addition2}
+if [ "$task" = addition2 ]; then text=800; steps=3150; epoch=16; else text=1200; steps=4150; epoch=24; fi
+root=${1:-runs/diagnostics$([ "$task" = addition2 ] || echo "_$task")}
+cot=runs/study/$task/cot/seed0
 mkdir -p "$root"
-common=(--config.seed=0 --config.init_from="$cot" --config.init_checkpoint=800 --config.bootstrap.steps=3150
-        --config.stage=bootstrap)
+common=(--config.seed=0 --config.bootstrap.steps=$steps --config.stage=bootstrap)
+declare -A addition3_runs=(
+  [compress]="dtt_compress --config.coconut.start_epoch=$epoch"
+  [compress_no_jitter]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.latent_jitter=False"
+  [compress_from_dtt]="dtt_compress --config.coconut.start_epoch=$epoch
+                       --config.init_from=runs/study/$task/dtt/seed0 --config.init_checkpoint=$steps"
+)
 declare -A runs=(
   [seed]="dtt"
   [seed_dropout]="dtt --config.model.dropout=0.1"
@@ -21,19 +31,27 @@ declare -A runs=(
   [compress_learned_gate]="dtt_compress --config.coconut.start_epoch=16 --config.coconut.latent_targets=True
                            --config.model.pin_latent=False"
 )
-for name in seed seed_dropout seed_unclipped compress compress_unclipped compress_emitted compress_learned_gate; do
+names=(seed seed_dropout seed_unclipped compress compress_unclipped compress_emitted compress_learned_gate)
+if [ "$task" != addition2 ]; then
+  names=(compress compress_no_jitter compress_from_dtt)
+  for name in "${names[@]}"; do runs[$name]=${addition3_runs[$name]}; done
+fi
+for name in "${names[@]}"; do
   read -r method flags <<< "$(echo ${runs[$name]})"
-  if [ ! -d "$root/$name/bootstrap/checkpoints/3150" ]; then
+  start=(--config.init_from="$cot" --config.init_checkpoint=$text)  # unless the run names its own start
+  if [[ $flags == *init_from* ]]; then start=(); fi
+  if [ ! -d "$root/$name/bootstrap/checkpoints/$steps" ]; then
     echo "== $name"
     # shellcheck disable=SC2086
-    python -m dtt_jax.main --config="configs/coconut.py:addition2,$method,long" --workdir="$root/$name" \
-      "${common[@]}" $flags > "$root.$name.log" 2>&1 || echo "$name failed: $root.$name.log"
+    python -m dtt_jax.main --config="configs/coconut.py:$task,$method,long" --workdir="$root/$name" \
+      "${common[@]}" "${start[@]}" $flags > "$root.$name.log" 2>&1 || echo "$name failed: $root.$name.log"
   fi
 done
-python - "$root" <<'EOF'
+python - "$root" "$steps" <<'EOF'
 import json, os, sys
-root = sys.argv[1]
-print('| run | validation accuracy (%) at step 1000 / 2000 / 3000 / 3150 | best | reasoning tokens at 3150 |')
+root, last = sys.argv[1], int(sys.argv[2])
+ends = (*range(1000, last, 1000), last)  # the end of each stage
+print(f'| run | validation accuracy (%) at step {" / ".join(map(str, ends))} | best | reasoning tokens at {last} |')
 print('|---|---|---|---|')
 for name in sorted(os.listdir(root)):
   path = os.path.join(root, name, 'metrics.jsonl')
@@ -44,7 +62,7 @@ for name in sorted(os.listdir(root)):
     r = json.loads(line)
     if 'bootstrap/valid/accuracy' in r:
       valid[r['step']] = (r['bootstrap/valid/accuracy'], r['bootstrap/valid/reasoning_tokens'])
-  at = ' / '.join(f'{100 * valid[s][0]:.1f}' if s in valid else '-' for s in (1000, 2000, 3000, 3150))
+  at = ' / '.join(f'{100 * valid[s][0]:.1f}' if s in valid else '-' for s in ends)
   best = max(v[0] for v in valid.values()) if valid else 0
-  print(f'| {name} | {at} | {100 * best:.1f} | {valid.get(3150, (0, 0))[1]:.1f} |')
+  print(f'| {name} | {at} | {100 * best:.1f} | {valid.get(last, (0, 0))[1]:.1f} |')
 EOF
