@@ -203,10 +203,11 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   c, g = exp.config, exp.config.grpo
   cfg = grpo.GRPOConfig.from_config(g)
   graphdef, start = grpo_start_params(exp)
-  trained = grads.trained_filter(lora.configured_train_modules(c.get('lora')))
+  train_modules = lora.configured_train_modules(c.get('lora'))
+  trained = grads.trained_filter(train_modules)
   train, frozen = grads.split_trained(start, trained)
   reference = train if cfg.beta else None  # the start's trained leaves: only read, never donated (the frozen: shared)
-  tx = grpo.make_grpo_optimizer(g, lora.configured_train_modules(c.get('lora')))
+  tx = grpo.make_grpo_optimizer(g, train_modules)
   policy = grads.combine(jax.tree.map(jnp.copy, train), frozen)  # own buffers: the step donates the state
   del start, frozen
   state = base.place_state(exp, state_lib.init_state(policy, tx, seed=c.seed + 1))
