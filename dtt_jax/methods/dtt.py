@@ -205,11 +205,11 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   graphdef, start = grpo_start_params(exp)
   train_modules = lora.configured_train_modules(c.get('lora'))
   trained = grads.trained_filter(train_modules)
-  train, frozen = grads.split_trained(start, trained)
-  reference = train if cfg.beta else None  # the start's trained leaves: only read, never donated (the frozen: shared)
+  own = grpo.reference_params(start, trained)  # the start's trained leaves, None at the frozen base
+  reference = own if cfg.beta else None  # only read, never donated; the frozen base is the policy's
   tx = grpo.make_grpo_optimizer(g, train_modules)
-  policy = grads.combine(jax.tree.map(jnp.copy, train), frozen)  # own buffers: the step donates the state
-  del start, frozen
+  policy = grads.combine(jax.tree.map(jnp.copy, own), start)  # own buffers for the trained leaves: the step donates
+  del start                                                     # the state; the frozen base is shared, never updated
   state = base.place_state(exp, state_lib.init_state(policy, tx, seed=c.seed + 1))
   grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh, trained)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
