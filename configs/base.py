@@ -177,6 +177,9 @@ def get_config() -> ml_collections.ConfigDict:
   # True: from stage K on, each training row's latent count is uniform in [0, K * c_thoughts] (decoding still forces
   # K * c_thoughts, or eval.budget), so the model answers at any budget
   c.coconut.latent_jitter = False
+  # Where the compressing DTT's remaining text steps go: 'gated' (in the span, gate hinged towards 1), 'embedded' (in
+  # the span, gate towards 0: token embeddings), 'after_eot' (after the span, as COCONUT lays them out)
+  c.coconut.span_text = 'gated'
 
   # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/methods/think_tokens/)
   c.think = ml_collections.ConfigDict()

@@ -5,21 +5,30 @@
 # validation accuracy at the end of each stage (1000, 2000, 3000: stages 1-3; 3150: the final stage).
 # TASK=addition3 runs the compressing DTT's diagnostics there instead (seed 0, from the CoT run at step 1200, 4150
 # steps; its study runs of CoT and the seed's DTT first): the study's recipe, without the latent-count jitter, and
-# started from the seed DTT recipe's bootstrap (a trained gate head) rather than from CoT.
-#   [TASK=addition3] launch/dtt_diagnostics.sh [ROOT=runs/diagnostics[_addition3]]   (finished runs are not rerun)
+# started from the seed DTT recipe's bootstrap (a trained gate head) rather than from CoT, and with the span's
+# remaining text steps fed as embeddings (gate hinged towards 0 there, `coconut.span_text=embedded`) as COCONUT does,
+# that with no gate noise at tau 0.1 from the first step (every gate but the latents' ~0: COCONUT's inputs), and
+# with them after `<|eot|>` (`span_text=after_eot`: COCONUT's arrangement, the span holding the latents alone).
+#   [TASK=addition3] [SEED=k] [NAMES="compress ..."] launch/dtt_diagnostics.sh [ROOT=runs/diagnostics[_addition3]]
+# (finished runs are not rerun; NAMES: those runs only, the table still lists every run under ROOT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${TASK:-addition2}
 if [ "$task" = addition2 ]; then text=800; steps=3150; epoch=16; else text=1200; steps=4150; epoch=24; fi
-root=${1:-runs/diagnostics$([ "$task" = addition2 ] || echo "_$task")}
-cot=runs/study/$task/cot/seed0
+seed=${SEED:-0}
+root=${1:-runs/diagnostics$([ "$task" = addition2 ] || echo "_$task")$([ "$seed" = 0 ] || echo "_seed$seed")}
+cot=runs/study/$task/cot/seed$seed
 mkdir -p "$root"
-common=(--config.seed=0 --config.bootstrap.steps=$steps --config.stage=bootstrap)
+common=(--config.seed=$seed --config.bootstrap.steps=$steps --config.stage=bootstrap)
 declare -A addition3_runs=(
   [compress]="dtt_compress --config.coconut.start_epoch=$epoch"
   [compress_no_jitter]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.latent_jitter=False"
   [compress_from_dtt]="dtt_compress --config.coconut.start_epoch=$epoch
-                       --config.init_from=runs/study/$task/dtt/seed0 --config.init_checkpoint=$steps"
+                       --config.init_from=runs/study/$task/dtt/seed$seed --config.init_checkpoint=$steps"
+  [compress_embedded]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=embedded"
+  [compress_embedded_plain]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=embedded
+                             --config.bootstrap.gate_noise=False --config.bootstrap.tau0=0.1"
+  [compress_after_eot]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=after_eot"
 )
 declare -A runs=(
   [seed]="dtt"
@@ -33,9 +42,10 @@ declare -A runs=(
 )
 names=(seed seed_dropout seed_unclipped compress compress_unclipped compress_emitted compress_learned_gate)
 if [ "$task" != addition2 ]; then
-  names=(compress compress_no_jitter compress_from_dtt)
+  names=(compress compress_no_jitter compress_from_dtt compress_embedded compress_embedded_plain compress_after_eot)
   for name in "${names[@]}"; do runs[$name]=${addition3_runs[$name]}; done
 fi
+if [ -n "${NAMES:-}" ]; then read -ra names <<< "$NAMES"; fi  # NAMES="a b": those runs only
 for name in "${names[@]}"; do
   read -r method flags <<< "$(echo ${runs[$name]})"
   start=(--config.init_from="$cot" --config.init_checkpoint=$text)  # unless the run names its own start

@@ -56,6 +56,33 @@ def test_curriculum_layouts_per_stage(tok, stage, ratio, targets):
     assert latents == [0, 2, 5, 7, 7][stage]
 
 
+@pytest.mark.parametrize('stage', [0, 1, 2, 4])
+@pytest.mark.parametrize('span_text', ['embedded', 'after_eot'])
+def test_kept_steps_fed_as_embeddings(tok, stage, span_text):
+  """`span_text` 'embedded': the gated layout's tokens and targets, with the latents alone as inner positions (the
+  kept steps' gate hinged towards 0: token embeddings); 'after_eot': the kept steps after `<|eot|>` (COCONUT's
+  arrangement), inner positions the latents too."""
+  v = tok.vocab
+  gated_cfg = coconut.Curriculum(c_thoughts=1, max_stage=3)
+  cfg = coconut.Curriculum(c_thoughts=1, max_stage=3, span_text=span_text)
+  kept = [s + '\n' for s in RECORD['steps']][stage:] if stage <= 3 else []
+  latents = min(stage, 3)
+  span, tail = (kept, []) if span_text == 'embedded' else ([], kept)
+  expected = [v.bot] + [v.latent] * latents + _ids(tok, *span) + [v.eot] + _ids(tok, *tail, '109') + [v.eos]
+  n = len(expected)
+  batch = coconut.stage1_batch(coconut.build_batch([RECORD], 'dtt', stage, cfg, tok, 16, 40), v, span_text)
+  gated = coconut.stage1_batch(coconut.build_batch([RECORD], 'dtt', stage, gated_cfg, tok, 16, 40), v)
+  assert batch.completion[0, :n].tolist() == expected
+  assert batch.inner_mask[0].tolist() == [0] + [1] * latents + [0] * (40 - 1 - latents)
+  assert batch.loss_mask[0].tolist() == [1] + [0] * latents + [1] * (n - 1 - latents) + [0] * (40 - n)
+  assert (batch.outer_mask[0] + batch.inner_mask[0]).tolist() == batch.completion_mask[0].tolist()
+  if span_text == 'embedded':
+    np.testing.assert_array_equal(batch.completion, gated.completion)
+    np.testing.assert_array_equal(batch.loss_mask, gated.loss_mask)
+  with pytest.raises(ValueError, match='config.coconut.span_text=.*gated, embedded, after_eot'):
+    coconut.Curriculum(span_text='inside')
+
+
 def test_the_forced_head_is_coconuts_without_its_eot(tok):
   """The compressing DTT's decoding forces `<|bot|>` and the latents of the checkpoint's stage (the final one after
   GRPO), or a budget of them; the seed's recipe forces nothing."""

@@ -12,6 +12,7 @@ the method and the curriculum stage k (c = thoughts per step, K = max_stage):
     no_cot              `### answer` <|endoftext|>                                     (k ignored)
     pause               <|pause|> x (K c) `### answer` <|endoftext|>                  (k ignored)
     dtt                 <|bot|> <|latent|> x L steps[k:] (each + `\n`) <|eot|> answer <|endoftext|>
+                        (`span_text='after_eot'`: <|bot|> <|latent|> x L <|eot|> steps[k:] answer <|endoftext|>)
                         (the compressing DTT span, `data.span='curriculum'`: L = k c latent positions as COCONUT's
                         (K c past the last stage), or ceil(m / r) for each replaced step of m tokens with r =
                         `tokens_per_latent`; every other token is a target, the latents only with `latent_targets`
@@ -64,6 +65,7 @@ STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought', 'dtt')  
 ANSWER_PREFIX = '### '
 MAX_REMOVAL_OFFSET = 99  # the official lambda distribution's truncation (100 values)
 ALL_REMOVED = 2 ** 31 - 1  # iCoT's removal count once every CoT token goes
+SPAN_TEXT = ('gated', 'embedded', 'after_eot')  # `Curriculum.span_text`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,9 @@ class Curriculum:
   tokens_per_latent: int = 0  # 'dtt' layout: a replaced step of m tokens becomes ceil(m / this) latents (0: c each)
   latent_targets: bool = False  # 'dtt' layout: the latents are targets (the model emits them) or forced (COCONUT's)
   latent_jitter: bool = False  # 'dtt' layout: from stage K on, each row's latent count uniform in [0, K c]
+  span_text: str = 'gated'  # 'dtt' layout's kept steps: 'gated' (in the span, the hinge pushing their gate towards
+  # 1), 'embedded' (in the span, gate towards 0: token embeddings, as COCONUT feeds them), 'after_eot' (after
+  # `<|eot|>`, gate towards 0: COCONUT's arrangement, the span holding the latents alone)
 
   def __post_init__(self):
     for name in ('c_thoughts', 'epochs_per_stage'):
@@ -94,6 +99,8 @@ class Curriculum:
                  'tokens_per_latent'):
       if getattr(self, name) < 0:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 0.')
+    if self.span_text not in SPAN_TEXT:
+      raise ValueError(f'config.coconut.span_text={self.span_text!r}: expected one of {", ".join(SPAN_TEXT)}.')
     for name in ('icot_delta', 'icot_lambda'):
       if not getattr(self, name) > 0:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be > 0 (icot_lambda=inf: no smoothing).')
@@ -287,7 +294,8 @@ def _dtt_sample(record: dict, stage: int, cfg: Curriculum, tokenizer: Tokenizer,
   prompt, *step_ids, answer = model_ids(tokenizer, [question] + steps + [record['answer'].strip()])
   latents = cfg.span_latents([len(x) for x in step_ids], stage) if latents is None else latents
   kept = kept_steps('dtt', stage, cfg, step_ids)
-  completion = np.concatenate([[vocab.bot], [vocab.latent] * latents, *kept, [vocab.eot], answer,
+  span, tail = (kept, []) if cfg.span_text != 'after_eot' else ([], kept)
+  completion = np.concatenate([[vocab.bot], [vocab.latent] * latents, *span, [vocab.eot], *tail, answer,
                                [vocab.eos]]).astype(np.int32)
   latent = (completion == vocab.latent).astype(np.int32)
   return Sample(prompt.astype(np.int32), completion, 1 - latent * (not cfg.latent_targets), latent)
@@ -320,14 +328,18 @@ def build_batch(records, method: str, stage: int | Sequence[int], cfg: Curriculu
   return out
 
 
-def stage1_batch(batch: dict[str, np.ndarray], vocab) -> Stage1Batch:
+def stage1_batch(batch: dict[str, np.ndarray], vocab, span_text: str = 'gated') -> Stage1Batch:
   """A 'dtt' layout `build_batch` -> the DTT bootstrap's Stage1Batch [B,P] / [B,T]: its targets (`loss_mask`),
-  inner positions strictly between `<|bot|>` (column 0) and the `<|eot|>`, no filler."""
+  inner positions strictly between `<|bot|>` (column 0) and the `<|eot|>` (`span_text` 'gated'), else the latents
+  alone; no filler."""
   completion, real = batch['completion'], ((batch['loss_mask'] + batch['latent_mask']) > 0).astype(np.int32)
-  closed = np.cumsum((completion == vocab.eot) & (real > 0), axis=1) > 0  # from the <|eot|> on
-  inner = (real > 0) & ~closed
-  inner[:, 0] = False  # <|bot|>
-  inner = inner.astype(np.int32)
+  if span_text != 'gated':
+    inner = batch['latent_mask'].astype(np.int32)
+  else:
+    closed = np.cumsum((completion == vocab.eot) & (real > 0), axis=1) > 0  # from the <|eot|> on
+    inner = (real > 0) & ~closed
+    inner[:, 0] = False  # <|bot|>
+    inner = inner.astype(np.int32)
   return Stage1Batch(prompt=batch['prompt'], prompt_mask=batch['prompt_mask'], completion=completion,
                      completion_mask=real, loss_mask=batch['loss_mask'], inner_mask=inner, outer_mask=real - inner,
                      filler_mask=np.zeros_like(real))
@@ -438,7 +450,7 @@ class CurriculumBatches:
       latents = [self.cfg.jittered_latents(self.seed, step, int(i), stage) for i in rows]
     batch = build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths,
                         latents)
-    return stage1_batch(batch, self.tokenizer.vocab) if self.method == 'dtt' else batch
+    return stage1_batch(batch, self.tokenizer.vocab, self.cfg.span_text) if self.method == 'dtt' else batch
 
   def state(self) -> dict[str, int]:
     return {**self.rows.state(), 'step': self.step}
