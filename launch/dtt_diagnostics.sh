@@ -29,6 +29,8 @@ declare -A addition3_runs=(
   [compress_embedded_plain]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=embedded
                              --config.bootstrap.gate_noise=False --config.bootstrap.tau0=0.1"
   [compress_after_eot]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=after_eot"
+  [compress_after_eot_no_jitter]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=after_eot
+                                  --config.coconut.latent_jitter=False"
 )
 declare -A runs=(
   [seed]="dtt"
@@ -42,7 +44,8 @@ declare -A runs=(
 )
 names=(seed seed_dropout seed_unclipped compress compress_unclipped compress_emitted compress_learned_gate)
 if [ "$task" != addition2 ]; then
-  names=(compress compress_no_jitter compress_from_dtt compress_embedded compress_embedded_plain compress_after_eot)
+  names=(compress compress_no_jitter compress_from_dtt compress_embedded compress_embedded_plain compress_after_eot
+         compress_after_eot_no_jitter)
   for name in "${names[@]}"; do runs[$name]=${addition3_runs[$name]}; done
 fi
 if [ -n "${NAMES:-}" ]; then read -ra names <<< "$NAMES"; fi  # NAMES="a b": those runs only
@@ -57,14 +60,18 @@ for name in "${names[@]}"; do
       "${common[@]}" "${start[@]}" $flags > "$root.$name.log" 2>&1 || echo "$name failed: $root.$name.log"
   fi
 done
-python - "$root" "$steps" <<'EOF'
+# The table: every run under ROOT, then the study's COCONUT and compressing DTT of the same seed (their bootstrap)
+python - "$root" "$steps" runs/study/$task/{coconut,dtt_compress}/seed$seed <<'EOF'
 import json, os, sys
-root, last = sys.argv[1], int(sys.argv[2])
+root, last, study = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 ends = (*range(1000, last, 1000), last)  # the end of each stage
 print(f'| run | validation accuracy (%) at step {" / ".join(map(str, ends))} | best | reasoning tokens at {last} |')
 print('|---|---|---|---|')
-for name in sorted(os.listdir(root)):
-  path = os.path.join(root, name, 'metrics.jsonl')
+rows = [(name, os.path.join(root, name)) for name in sorted(os.listdir(root))]
+for path in study:  # runs/study/<task>/<method>/seed<k>
+  rows.append(('study: ' + path.split('/')[-2], path))
+for name, run in rows:
+  path = os.path.join(run, 'metrics.jsonl')
   if not os.path.exists(path):
     continue
   valid = {}
