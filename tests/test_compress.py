@@ -210,3 +210,46 @@ def test_jittered_latent_counts_from_stage_k_on(tok):
           for n in [cfg.jittered_latents(0, 50, int(i), 4) for i in batches.rows.global_rows(0, 0)]]
   assert [r.tolist()[:len(x)] for r, x in zip(batch.completion, rows)] == rows
   assert len({int(m.sum()) for m in batch.inner_mask}) > 1  # the rows' spans differ in length
+
+
+def test_pinned_latents_with_closed_gates_compute_coconuts_loss_and_gradient():
+  """The compressing DTT's bootstrap loss (the exact recurrent unroll with its hand-written backward, latents'
+  gates pinned to 1) on COCONUT's batch, with every other gate closed, is COCONUT's loss (one pass per latent, the
+  previous hidden state fed back) with the same gradient: the two recipes differ in their layouts and gate terms,
+  not in how a continuous thought is computed or trained."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dtt_jax.model.dtt import DTTConfig, DTTModel, pin_noise  # pylint: disable=g-import-not-at-top
+  from dtt_jax.model.gpt2 import GPT2Config  # pylint: disable=g-import-not-at-top
+  from dtt_jax.train import bootstrap, coconut as coconut_train  # pylint: disable=g-import-not-at-top
+
+  model = DTTModel(DTTConfig(GPT2Config(vocab_rows=16, num_tokens=16, n_positions=32, n_embd=16, n_layer=2,
+                                        n_head=2)), rngs=nnx.Rngs(0))
+  model.gate_head.kernel.value = jnp.zeros_like(model.gate_head.kernel.value)
+  model.gate_head.bias.value = jnp.full_like(model.gate_head.bias.value, -100.0)  # every unpinned gate 0
+  latent_id = 3
+  completion = jnp.array([[1, 3, 3, 2, 9, 10, 11, 12, 0], [1, 3, 3, 2, 10, 9, 11, 13, 0]], jnp.int32)
+  latent = (completion == latent_id).astype(jnp.int32)
+  loss_mask = jnp.array([[0, 0, 0, 0, 1, 1, 1, 1, 1]] * 2, jnp.int32)
+  shared = {'prompt': jnp.array([[0, 5, 6, 7], [5, 6, 7, 8]], jnp.int32),
+            'prompt_mask': jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]], jnp.int32),
+            'completion': completion, 'loss_mask': loss_mask}
+  coconut_batch = {**shared, 'latent_mask': latent}
+  dtt_batch = {**shared, 'inner_mask': latent, 'outer_mask': 1 - latent, 'filler_mask': jnp.zeros_like(latent),
+               'completion_mask': jnp.ones_like(latent)}
+  cfg = bootstrap.LossConfig(pinned_id=latent_id, gate_noise=False)
+  noise = pin_noise(jnp.zeros(completion.shape), completion, latent_id)
+  graphdef, params = nnx.split(model)
+
+  def coconut_loss(p):
+    return coconut_train.coconut_loss(nnx.merge(graphdef, p), coconut_batch)[0]
+
+  def dtt_loss(p):
+    return bootstrap.loss_terms(nnx.merge(graphdef, p), dtt_batch, noise, 0.1, cfg,
+                                bootstrap._counts(dtt_batch))[0]  # pylint: disable=protected-access
+
+  (want, want_grad), (got, got_grad) = jax.value_and_grad(coconut_loss)(params), jax.value_and_grad(dtt_loss)(params)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grad, want_grad)
+  assert float(jnp.max(jnp.abs(want_grad['gpt2']['wte']['embedding'].value))) > 0.01  # a gradient worth comparing
