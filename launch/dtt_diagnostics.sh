@@ -8,7 +8,8 @@
 # started from the seed DTT recipe's bootstrap (a trained gate head) rather than from CoT, and with the span's
 # remaining text steps fed as embeddings (gate hinged towards 0 there, `coconut.span_text=embedded`) as COCONUT does,
 # that with no gate noise at tau 0.1 from the first step (every gate but the latents' ~0: COCONUT's inputs), and
-# with them after `<|eot|>` (`span_text=after_eot`: COCONUT's arrangement, the span holding the latents alone).
+# with them after `<|eot|>` (`span_text=after_eot`: COCONUT's arrangement, the span holding the latents alone), and
+# embedded with the latents' gate learned (`model.pin_latent=False`: each latent a continuous thought or a pause).
 #   [TASK=addition3] [SEED=k] [NAMES="compress ..."] launch/dtt_diagnostics.sh [ROOT=runs/diagnostics[_addition3]]
 # (finished runs are not rerun; NAMES: those runs only, the table still lists every run under ROOT)
 set -euo pipefail
@@ -31,6 +32,8 @@ declare -A addition3_runs=(
   [compress_after_eot]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=after_eot"
   [compress_after_eot_no_jitter]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=after_eot
                                   --config.coconut.latent_jitter=False"
+  [compress_learned_gate]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=embedded
+                           --config.model.pin_latent=False"
 )
 declare -A runs=(
   [seed]="dtt"
@@ -45,7 +48,7 @@ declare -A runs=(
 names=(seed seed_dropout seed_unclipped compress compress_unclipped compress_emitted compress_learned_gate)
 if [ "$task" != addition2 ]; then
   names=(compress compress_no_jitter compress_from_dtt compress_embedded compress_embedded_plain compress_after_eot
-         compress_after_eot_no_jitter)
+         compress_after_eot_no_jitter compress_learned_gate)
   for name in "${names[@]}"; do runs[$name]=${addition3_runs[$name]}; done
 fi
 if [ -n "${NAMES:-}" ]; then read -ra names <<< "$NAMES"; fi  # NAMES="a b": those runs only
