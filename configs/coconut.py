@@ -111,13 +111,17 @@ def _compress(c) -> None:
   replacing the first k steps by COCONUT's k c latent positions (`data.span='curriculum'`, `coconut.tokens_per_latent`
   = 0) whose gate is pinned to 1 and which decoding forces, as COCONUT's head (a learned latent gate closes at each
   stage switch and stays shut; latents the model must emit itself leave it at chance: docs/study_notes.md), from
-  stage K on K c of them or fewer (`latent_jitter`: it then answers at any budget); the gate head decides
-  everywhere else. GRPO as the seed's recipe for 100 steps, with the group-normalised length reward."""
+  stage K on K c of them or fewer (`latent_jitter`: it then answers at any budget); the steps not yet replaced fed
+  as token embeddings, as COCONUT feeds them (`span_text='embedded'`: the hinge pushes their gate towards 0; in the
+  span with their gate pushed to 1, the study's first recipe, stage 1 reached half COCONUT's validation accuracy on
+  addition3); the gate head decides everywhere else. GRPO as the seed's recipe for 100 steps, with the
+  group-normalised length reward."""
   c.data.span = 'curriculum'
   c.model.pin_latent = True
   c.coconut.tokens_per_latent = 0
   c.coconut.latent_targets = False
   c.coconut.latent_jitter = True
+  c.coconut.span_text = 'embedded'
   c.grpo.length_reward = 'group'
   c.grpo.steps = 100  # RL needs 100+ steps (COMPRESSION.md); addition2 seed 0: 86.7% -> 91.1% at 20 -> 95.2% at 100
   c.grpo.max_think = c.coconut.max_stage * c.coconut.c_thoughts + 1

@@ -3,13 +3,14 @@
 # DTT's bootstrap from the study's CoT run at step 800 (run `python -m dtt_jax.eval.study --tasks=addition2
 # --methods=cot --seeds=0` first), the study's recipe with one setting changed per run, then a table of the
 # validation accuracy at the end of each stage (1000, 2000, 3000: stages 1-3; 3150: the final stage).
-# TASK=addition3 runs the compressing DTT's diagnostics there instead (seed 0, from the CoT run at step 1200, 4150
-# steps; its study runs of CoT and the seed's DTT first): the study's recipe, without the latent-count jitter, and
-# started from the seed DTT recipe's bootstrap (a trained gate head) rather than from CoT, and with the span's
-# remaining text steps fed as embeddings (gate hinged towards 0 there, `coconut.span_text=embedded`) as COCONUT does,
-# that with no gate noise at tau 0.1 from the first step (every gate but the latents' ~0: COCONUT's inputs), and
-# with them after `<|eot|>` (`span_text=after_eot`: COCONUT's arrangement, the span holding the latents alone), and
-# embedded with the latents' gate learned (`model.pin_latent=False`: each latent a continuous thought or a pause).
+# TASK=addition3 runs the compressing DTT's diagnostics there instead (from the CoT run at step 1200, 4150 steps;
+# its study runs of CoT, the seed's DTT, COCONUT and the compressing DTT first): the first recipe (kept steps in the
+# span with their gate hinged to 1, `span_text=gated`), that without the latent-count jitter and started from the
+# seed DTT recipe's bootstrap (a trained gate head); the kept steps fed as embeddings (`span_text=embedded`, the
+# study's recipe since), that with no gate noise at tau 0.1 (every gate but the latents' ~0: COCONUT's inputs), the
+# steps after `<|eot|>` (`span_text=after_eot`, COCONUT's arrangement) with and without jitter, and embedded steps
+# with the latents' gate learned (`model.pin_latent=False`: each latent a continuous thought or a pause). The runs on
+# addition2 were made with the first recipe and keep it (`span_text=gated`).
 #   [TASK=addition3] [SEED=k] [NAMES="compress ..."] launch/dtt_diagnostics.sh [ROOT=runs/diagnostics[_addition3]]
 # (finished runs are not rerun; NAMES: those runs only, the table still lists every run under ROOT)
 set -euo pipefail
@@ -22,9 +23,10 @@ cot=runs/study/$task/cot/seed$seed
 mkdir -p "$root"
 common=(--config.seed=$seed --config.bootstrap.steps=$steps --config.stage=bootstrap)
 declare -A addition3_runs=(
-  [compress]="dtt_compress --config.coconut.start_epoch=$epoch"
-  [compress_no_jitter]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.latent_jitter=False"
-  [compress_from_dtt]="dtt_compress --config.coconut.start_epoch=$epoch
+  [compress]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=gated"
+  [compress_no_jitter]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=gated
+                        --config.coconut.latent_jitter=False"
+  [compress_from_dtt]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=gated
                        --config.init_from=runs/study/$task/dtt/seed$seed --config.init_checkpoint=$steps"
   [compress_embedded]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=embedded"
   [compress_embedded_plain]="dtt_compress --config.coconut.start_epoch=$epoch --config.coconut.span_text=embedded
@@ -39,10 +41,13 @@ declare -A runs=(
   [seed]="dtt"
   [seed_dropout]="dtt --config.model.dropout=0.1"
   [seed_unclipped]="dtt --config.bootstrap.grad_clip=0"
-  [compress]="dtt_compress --config.coconut.start_epoch=16"
-  [compress_unclipped]="dtt_compress --config.coconut.start_epoch=16 --config.bootstrap.grad_clip=0"
-  [compress_emitted]="dtt_compress --config.coconut.start_epoch=16 --config.coconut.latent_targets=True"
-  [compress_learned_gate]="dtt_compress --config.coconut.start_epoch=16 --config.coconut.latent_targets=True
+  [compress]="dtt_compress --config.coconut.start_epoch=16 --config.coconut.span_text=gated"
+  [compress_unclipped]="dtt_compress --config.coconut.start_epoch=16 --config.coconut.span_text=gated
+                        --config.bootstrap.grad_clip=0"
+  [compress_emitted]="dtt_compress --config.coconut.start_epoch=16 --config.coconut.span_text=gated
+                      --config.coconut.latent_targets=True"
+  [compress_learned_gate]="dtt_compress --config.coconut.start_epoch=16 --config.coconut.span_text=gated
+                           --config.coconut.latent_targets=True
                            --config.model.pin_latent=False"
 )
 names=(seed seed_dropout seed_unclipped compress compress_unclipped compress_emitted compress_learned_gate)
