@@ -56,7 +56,13 @@ if [ "$task" != addition2 ]; then
          compress_after_eot_no_jitter compress_learned_gate)
   for name in "${names[@]}"; do runs[$name]=${addition3_runs[$name]}; done
 fi
-if [ -n "${NAMES:-}" ]; then read -ra names <<< "$NAMES"; fi  # NAMES="a b": those runs only
+if [ -n "${NAMES:-}" ]; then  # NAMES="a b": those runs only
+  known=" ${names[*]} "
+  read -ra names <<< "$NAMES"
+  for name in "${names[@]}"; do
+    if [[ $known != *" $name "* ]]; then echo "NAMES: unknown run '$name' for $task; expected one of:$known" >&2; exit 2; fi
+  done
+fi
 for name in "${names[@]}"; do
   read -r method flags <<< "$(echo ${runs[$name]})"
   start=(--config.init_from="$cot" --config.init_checkpoint=$text)  # unless the run names its own start

@@ -79,6 +79,9 @@ def test_kept_steps_fed_as_embeddings(tok, stage, span_text):
   if span_text == 'embedded':
     np.testing.assert_array_equal(batch.completion, gated.completion)
     np.testing.assert_array_equal(batch.loss_mask, gated.loss_mask)
+
+
+def test_unknown_span_text_is_named():
   with pytest.raises(ValueError, match='config.coconut.span_text=.*gated, embedded, after_eot'):
     coconut.Curriculum(span_text='inside')
 
