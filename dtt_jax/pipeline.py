@@ -174,24 +174,27 @@ def _generated_test_records(config, valid: list[dict]) -> list[dict]:
   return []
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str) -> bool:
+  """Runs `config.stage` in `workdir`; False when a signal interrupted training (its checkpoint written, the later
+  stages and the evaluation not run), else True."""
   if config.get('dry_run'):  # nothing in the workdir changes
     check_config(config)
     print(dry_run.report(config), flush=True)
-    return
+    return True
   with workdir_lib.hold(workdir):
-    _run(config, workdir)
+    return _run(config, workdir)
 
 
-def _run(config, workdir: str) -> None:
+def _run(config, workdir: str) -> bool:
   exp = setup(config, workdir)
   method = methods.get(config.method)
   for stage in method.stages_to_train(config.stage):
     result = method.train(exp, stage)
     log.info('%s finished at step %d: %s', stage, result.step, result.last_validation)
     if result.interrupted:
-      return
+      return False
   if config.stage in ('eval', 'pipeline'):
     method.evaluate(exp)
   if jax.process_index() == 0:
     summary.write_summary(workdir)  # accuracy, tokens and gates per stage; eval/training_curves.png
+  return True

@@ -4,6 +4,7 @@ curves and paired comparisons, from finished run directories made here."""
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 
@@ -82,6 +83,40 @@ def test_a_finished_run_is_not_run_again(tmp_path, monkeypatch):
   _fake_run(tmp_path, 'addition2', 'cot', 0, [1] * 10, 25.0, 100.0)
   monkeypatch.setattr(study.subprocess, 'Popen', lambda *a, **k: (_ for _ in ()).throw(AssertionError('ran')))
   assert study.run_one('addition2', 'cot', 0, str(tmp_path))['wall_s'] == 100.0
+
+
+def test_a_killed_runner_keeps_the_time_so_far_and_the_rerun_adds_to_it(tmp_path, monkeypatch):
+  """The runner writes a running run's wall time every tick (returncode None); killed there, the next call reruns
+  the run (it resumes from its checkpoints) and adds its time to the ticked time."""
+  out = study.workdir(str(tmp_path), 'addition2', 'cot', 0)
+  os.makedirs(out)
+  with open(os.path.join(out, study.RUN_FILE), 'w') as f:
+    json.dump({'wall_s': 100.0, 'attempts': 1, 'returncode': 143}, f)
+
+  def killed(cmd, out, cpu, on_tick):
+    on_tick(30.0)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(study, '_execute', killed)
+  try:
+    study.run_one('addition2', 'cot', 0, str(tmp_path))
+  except KeyboardInterrupt:
+    pass
+  with open(os.path.join(out, study.RUN_FILE)) as f:
+    record = json.load(f)
+  assert (record['wall_s'], record['attempts'], record['returncode']) == (130.0, 2, None)
+  monkeypatch.setattr(study, '_execute', lambda cmd, out, cpu, on_tick: (0, 10.0))
+  record = study.run_one('addition2', 'cot', 0, str(tmp_path))
+  assert (record['wall_s'], record['attempts'], record['returncode']) == (140.0, 3, 0)
+
+
+def test_execute_ticks_while_the_command_runs(tmp_path, monkeypatch):
+  monkeypatch.setattr(study, 'TICK_S', 0.05)
+  ticks = []
+  code, seconds = study._execute([sys.executable, '-c', 'import time; time.sleep(0.5); print("done")'],
+                                 str(tmp_path / 'run'), None, ticks.append)
+  assert code == 0 and seconds >= 0.5 and len(ticks) >= 3 and ticks == sorted(ticks) and ticks[-1] <= seconds
+  assert (tmp_path / 'run.log').read_text() == 'done\n'
 
 
 def test_a_finished_run_gets_its_budget_curve_once(tmp_path, monkeypatch):

@@ -14,9 +14,9 @@ count in their budget. Each run is scored on the test split at its final layout'
 budgets too (`dtt_jax.eval.budget`), for the accuracy-vs-tokens curves.
 
 A run that finished (its test evaluation written) is not run again; an interrupted one resumes from its
-checkpoints and its wall time adds up over the attempts (`study_run.json`, which also records the commit of the
-code that ran it). `--jobs=N` runs N at a time, each pinned to its own CPU. Every finished run's results go into a
-ledger committed beside the report (per seed: accuracy, tokens, wall time, steps, the budget curve, and which test
+checkpoints and its wall time adds up over the attempts (`study_run.json`, written every minute while a run goes,
+so that a killed runner loses at most that; it also records the commit of the code that ran it). `--jobs=N` runs N
+at a time, each pinned to its own CPU. Every finished run's results go into a ledger committed beside the report (per seed: accuracy, tokens, wall time, steps, the budget curve, and which test
 problems it got right), and the report is rendered from it: the tables, the plots and the paired comparisons
 (`dtt_jax.eval.compare`'s exact McNemar test) outlive the run directories. `docs/study_notes.md` (the setup and
 the analysis, written by hand) is appended.
@@ -56,6 +56,7 @@ FROM_COT = ('icot', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_tho
 PAIRED = (('dtt', 'cot'), ('dtt', 'coconut'), ('dtt_compress', 'cot'), ('dtt_compress', 'coconut'),
           ('dtt_compress', 'icot'), ('coconut', 'coconut_no_thought'))
 RUN_FILE = 'study_run.json'  # {wall_s, attempts, command, returncode, commit}
+TICK_S = 60  # how often a running run's wall time so far is written to its RUN_FILE
 SCALE = 'long'  # configs/coconut.py's schedule: 1000 steps per latent stage
 
 
@@ -127,14 +128,25 @@ def _commit() -> str:
     return 'unknown'
 
 
-def _execute(cmd: list[str], out: str, cpu: int | None) -> tuple[int, float]:
-  """(exit code, seconds) of `cmd`, pinned to `cpu` when given, its output appended to `<out>.log`."""
+def _execute(cmd: list[str], out: str, cpu: int | None, on_tick=lambda seconds: None) -> tuple[int, float]:
+  """(exit code, seconds) of `cmd`, pinned to `cpu` when given, its output appended to `<out>.log`; `on_tick(seconds
+  so far)` every `TICK_S` while it runs."""
   start = time.time()
   with open(out + '.log', 'a') as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     if cpu is not None:
       os.sched_setaffinity(proc.pid, {cpu})  # before it starts its thread pools
-    return proc.wait(), time.time() - start
+    while True:
+      try:
+        return proc.wait(timeout=TICK_S), time.time() - start
+      except subprocess.TimeoutExpired:
+        on_tick(time.time() - start)
+
+
+def _write_record(path: str, record: dict) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=2)
+  os.replace(path + '.tmp', path)
 
 
 def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int | None = None) -> dict:
@@ -149,16 +161,21 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
   if scored_dir(out) is None or record.get('returncode') != 0:
     os.makedirs(out, exist_ok=True)
     cmd = command(task, method, seed, root, overrides)
-    returncode, seconds = _execute(cmd, out, cpu)
-    record = {'wall_s': record['wall_s'] + seconds, 'attempts': record['attempts'] + 1,
-              'command': ' '.join(cmd[1:]), 'returncode': returncode, 'commit': _commit()}
+    before = record['wall_s']
+    record = {'wall_s': before, 'attempts': record['attempts'] + 1, 'command': ' '.join(cmd[1:]),
+              'returncode': None, 'commit': _commit()}  # returncode None: running, or its runner was killed
+
+    def tick(seconds):  # the time so far survives a killed runner
+      _write_record(record_path, dict(record, wall_s=before + seconds))
+
+    returncode, seconds = _execute(cmd, out, cpu, tick)
+    record.update(wall_s=before + seconds, returncode=returncode)
   curve = budgets(task, method)
   if record['returncode'] == 0 and curve and 'budget_command' not in record:
     cmd = [sys.executable, '-m', 'dtt_jax.eval.budget', f'--workdir={out}', f'--budgets={",".join(map(str, curve))}']
     returncode, seconds = _execute(cmd, out, cpu)
     record.update(budget_command=' '.join(cmd[1:]), budget_s=seconds, returncode=returncode)
-  with open(record_path, 'w') as f:
-    json.dump(record, f, indent=2)
+  _write_record(record_path, record)
   return record
 
 
