@@ -163,7 +163,7 @@ def test_the_compressing_configs():
   assert (c.grpo.length_reward, c.grpo.min_think, c.grpo.max_think) == ('group', 0, 4)
   assert (c.model.pin_latent, c.coconut.latent_targets, c.coconut.latent_jitter) == (True, False, True)
   assert c.coconut.span_text == 'embedded'
-  assert (c.grpo.steps, coconut_configs.get_config('addition2,dtt,long').grpo.steps) == (100, 20)
+  assert (c.grpo.steps, coconut_configs.get_config('addition2,dtt,long').grpo.steps) == (1000, 20)
   seed = coconut_configs.get_config('addition2,dtt,long')
   assert (seed.data.span, seed.grpo.length_reward, seed.grpo.min_think) == ('cot', 'flat', 0)
 
