@@ -16,9 +16,10 @@ budgets too (`dtt_jax.eval.budget`), for the accuracy-vs-tokens curves.
 A run that finished (its test evaluation written) is not run again; an interrupted one resumes from its
 checkpoints and its wall time adds up over the attempts (`study_run.json`, written every minute while a run goes,
 so that a killed runner loses at most that; it also records the commit of the code that ran it). `--jobs=N` runs N
-at a time, each pinned to its own CPU. Every finished run's results go into a ledger committed beside the report (per seed: accuracy, tokens, wall time, steps, the budget curve, and which test
-problems it got right), and the report is rendered from it: the tables, the plots and the paired comparisons
-(`dtt_jax.eval.compare`'s exact McNemar test) outlive the run directories. `docs/study_notes.md` (the setup and
+at a time, each pinned to its own CPU. Every finished run's results go into a ledger committed beside the report
+(per seed: accuracy, tokens, wall time, steps, the budget curve, and which test problems it got right), and the
+report is rendered from it: the tables, the plots and the paired comparisons (`dtt_jax.eval.compare`'s exact
+McNemar test) outlive the run directories. `docs/study_notes.md` (the setup and
 the analysis, written by hand) is appended.
 """
 
