@@ -110,8 +110,8 @@ def _compress(c) -> None:
   """The compressing DTT (issue #28): DTT's bootstrap on the CoT span under COCONUT's stage schedule, stage k
   replacing the first k steps by COCONUT's k c latent positions (`data.span='curriculum'`, `coconut.tokens_per_latent`
   = 0) whose gate is pinned to 1 and which decoding forces, as COCONUT's head (latents the model must emit itself
-  stayed at chance, with a learned gate shut; a learned gate at forced latents went through addition3 on one seed
-  of two, as COCONUT: docs/study_notes.md), from
+  stayed at chance, with a learned gate shut; a learned gate at forced latents went through addition3 on 2 seeds
+  of 6, COCONUT on 1 of 3: docs/study_notes.md), from
   stage K on K c of them or fewer (`latent_jitter`: it then answers at any budget); the steps not yet replaced fed
   as token embeddings, as COCONUT feeds them (`span_text='embedded'`: the hinge pushes their gate towards 0; in the
   span with their gate pushed to 1, the study's first recipe, stage 1 reached half COCONUT's validation accuracy on

@@ -316,7 +316,11 @@ def record_stage_config(workdir: str, stage: str, config) -> None:
   if jax.process_index() != 0 or checkpoint_steps(stage_dir):
     return
   os.makedirs(stage_dir, exist_ok=True)
-  path = os.path.join(stage_dir, CONFIG_FILE)
+  write_atomic(os.path.join(stage_dir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file renamed over it: a reader sees the old file or the new one."""
   with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+    f.write(text)
   os.replace(path + '.tmp', path)

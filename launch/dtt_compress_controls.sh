@@ -16,7 +16,7 @@ for method in ${METHODS:-dtt_compress icot coconut}; do
     common=(--config=configs/coconut.py:addition2,$method,long --workdir="$out" --config.seed=$seed
             --config.init_from=runs/study/addition2/cot/seed$seed --config.init_checkpoint=800
             --config.coconut.start_epoch=16 --config.eval.split=test)
-    if [ -n "$(ls "$out"/eval/test/bootstrap/metrics.json 2>/dev/null)" ]; then continue; fi
+    if [ -f "$out/eval/test/bootstrap/metrics.json" ]; then continue; fi
     echo "== $out"
     mkdir -p "$root"
     if [ "$method" = dtt_compress ]; then  # DTT counts its bootstrap's steps; then evaluation alone (no GRPO)

@@ -19,8 +19,8 @@ so that a killed runner loses at most that; it also records the commit of the co
 at a time, each pinned to its own CPU. Every finished run's results go into a ledger committed beside the report
 (per seed: accuracy, tokens, wall time, steps, the budget curve, and which test problems it got right), and the
 report is rendered from it: the tables, the plots and the paired comparisons (`dtt_jax.eval.compare`'s exact
-McNemar test) outlive the run directories. `docs/study_notes.md` (the setup and
-the analysis, written by hand) is appended.
+McNemar test) outlive the run directories. `docs/study_notes.md` (the setup and the analysis, written by hand) is
+appended.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 
 from dtt_jax.eval import budget as budget_lib
 from dtt_jax.eval import compare, heldout
-from dtt_jax.workdir import checkpoint_steps
+from dtt_jax.workdir import checkpoint_steps, write_atomic
 
 TASKS = ('addition2', 'addition3', 'prosqa_mini')
 METHODS = ('no_cot', 'cot', 'icot', 'pause', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_thought',
@@ -144,12 +144,6 @@ def _execute(cmd: list[str], out: str, cpu: int | None, on_tick=lambda seconds: 
         on_tick(time.time() - start)
 
 
-def _write_record(path: str, record: dict) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
-
-
 def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int | None = None) -> dict:
   """Trains and evaluates one run (unless finished), pinned to `cpu` when given, then evaluates its budget curve;
   its log next to the workdir, its wall time and commit in RUN_FILE."""
@@ -167,7 +161,7 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
               'returncode': None, 'commit': _commit()}  # returncode None: running, or its runner was killed
 
     def tick(seconds):  # the time so far survives a killed runner
-      _write_record(record_path, dict(record, wall_s=before + seconds))
+      write_atomic(record_path, json.dumps(dict(record, wall_s=before + seconds), indent=2))
 
     returncode, seconds = _execute(cmd, out, cpu, tick)
     record.update(wall_s=before + seconds, returncode=returncode)
@@ -176,7 +170,7 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
     cmd = [sys.executable, '-m', 'dtt_jax.eval.budget', f'--workdir={out}', f'--budgets={",".join(map(str, curve))}']
     returncode, seconds = _execute(cmd, out, cpu)
     record.update(budget_command=' '.join(cmd[1:]), budget_s=seconds, returncode=returncode)
-  _write_record(record_path, record)
+  write_atomic(record_path, json.dumps(record, indent=2))
   return record
 
 
