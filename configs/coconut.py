@@ -12,9 +12,9 @@ study suite of docs/study.md (`_suite_schedule`): 'addition2' | 'addition3' | 'a
 exactly 2, 3 or 4 digits, K = digits + 1) and 'prosqa_mini' (ProsQA's generator on graphs of N = 8 nodes, answer
 paths of 3 or more steps, `PROSQA_MINI`, K = 3), with disjoint train / valid / test splits: d = 64, lr 3e-3, epochs
 of 50 steps, a text stage of `TEXT_STEPS`, one epoch per latent stage (`,long`, the study's: `LONG_STAGE_EPOCHS`)
-and `FINAL_EPOCHS` of the final one. iCoT removes one CoT token every `removal_interval` steps, from the end of the
-text stage (suite) or the first step, chosen so that the longest CoT of the training records (`ICOT_LONGEST`) is
-gone when the final stage of the others starts.
+and `FINAL_STAGES` times that for the final one. iCoT removes one CoT token every `removal_interval` steps, from
+the end of the text stage (suite) or the first step, chosen so that the longest CoT of the training records
+(`ICOT_LONGEST`) is gone when the final stage of the others starts.
 
     python -m dtt_jax.main --config=configs/coconut.py:addition2,coconut,long --workdir=runs/addition2_coconut
 
@@ -47,8 +47,10 @@ METHODS = ('coconut', 'coconut_no_curriculum', 'coconut_no_thought', 'pause_as_t
 DTT_METHODS = ('dtt', 'dtt_compress')  # config.method 'dtt': the seed's recipe, and the compressing curriculum
 SUITE = ('addition2', 'addition3', 'addition4', 'prosqa_mini')  # the CPU suite (docs/study.md: all but addition4)
 TEXT_STEPS = {'addition2': 800, 'addition3': 1200, 'addition4': 1600, 'prosqa_mini': 2000}  # stage 0, the text CoT
-FINAL_EPOCHS = 3  # of the final stage
 LONG_STAGE_EPOCHS = 20  # ',long': 1000 steps per latent stage (50 are too few: docs/study_notes.md)
+# The final stage lasts as long as this many latent stages (COCONUT's official schedules: 4 on ProsQA / ProntoQA):
+# with 150 final steps every method's final layout was short of converged (docs/study_notes.md, matched compute)
+FINAL_STAGES = 3
 STEP_CURRICULUM = ('coconut', 'pause_as_thought', 'coconut_no_thought', 'dtt_compress')  # from `start_epoch`
 # Tokens of the longest CoT (steps + `\n`, GPT-2 tokens) of each tiny training set that fits its lengths.
 ICOT_LONGEST = {'prontoqa': 103, 'prosqa': 89, 'addition': 27, 'addition2': 27, 'addition3': 39, 'addition4': 51,
@@ -109,16 +111,17 @@ def _recipe(c, paper: bool) -> None:
 def _compress(c) -> None:
   """The compressing DTT (issue #28): DTT's bootstrap on the CoT span under COCONUT's stage schedule, stage k
   replacing the first k steps by COCONUT's k c latent positions (`data.span='curriculum'`, `coconut.tokens_per_latent`
-  = 0) whose gate is pinned to 1 and which decoding forces, as COCONUT's head (latents the model must emit itself
-  stayed at chance, with a learned gate shut; a learned gate at forced latents went through addition3 on 2 seeds
-  of 6, COCONUT on 1 of 3: docs/study_notes.md), from
-  stage K on K c of them or fewer (`latent_jitter`: it then answers at any budget); the steps not yet replaced fed
-  as token embeddings, as COCONUT feeds them (`span_text='embedded'`: the hinge pushes their gate towards 0; in the
-  span with their gate pushed to 1, the study's first recipe, stage 1 reached half COCONUT's validation accuracy on
-  addition3); the gate head decides everywhere else. GRPO as the seed's recipe for 1000 steps, with the
+  = 0), which decoding forces, as COCONUT's head (latents the model must emit itself stayed at chance:
+  docs/study_notes.md), from stage K on K c of them or fewer (`latent_jitter`: it then answers at any budget). The
+  latents' gate is learned (DTT's own mechanism: each input g h + (1 - g) E[`<|latent|>`], a continuous thought or a
+  pause; the hinge pushes g towards 1, the cross-entropy may close it): pinned to 1 (`model.pin_latent`, COCONUT's
+  continuous thought) it got through addition3 on none of 3 seeds, learned on 2 of 6 (docs/study_notes.md). The
+  steps not yet replaced are fed as token embeddings, as COCONUT feeds them (`span_text='embedded'`: the hinge pushes
+  their gate towards 0; gated towards 1, the study's first recipe, stage 1 reached half COCONUT's validation accuracy
+  on addition3); the gate head decides everywhere else. GRPO as the seed's recipe for 1000 steps, with the
   group-normalised length reward."""
   c.data.span = 'curriculum'
-  c.model.pin_latent = True
+  c.model.pin_latent = False
   c.coconut.tokens_per_latent = 0
   c.coconut.latent_targets = False
   c.coconut.latent_jitter = True
@@ -157,8 +160,8 @@ def _paper(dataset: str, method: str):
 def _suite_schedule(c, dataset: str, stage_epochs: int) -> None:
   """The study suite (docs/study.md): GPT-2 with 2 layers, d = 64, lr 3e-3; epochs of 50 steps; a text stage
   (stage 0, CoT) of `TEXT_STEPS` in which CoT learns the task, then `stage_epochs` per latent stage 1..K and
-  `FINAL_EPOCHS` of the final stage (every step latent). Every method trains that many steps; the study starts the
-  latent methods from the CoT run's checkpoint at the end of the text stage (`--config.init_from`,
+  `FINAL_STAGES` x `stage_epochs` of the final stage (every step latent). Every method trains that many steps; the
+  study starts the latent methods from the CoT run's checkpoint at the end of the text stage (`--config.init_from`,
   `init_checkpoint`, `coconut.start_epoch`: the paper's GSM8K recipe), which that run shares with them. No
   optimizer resets inside a run: COCONUT resets every epoch, but these 50-step epochs would reset it 20 times as
   often as the paper's (a 3-digit CoT run reached 0.88 token accuracy at step 600 without resets, 0.83 with them);
@@ -169,7 +172,7 @@ def _suite_schedule(c, dataset: str, stage_epochs: int) -> None:
   k = c.coconut
   k.steps_per_epoch, k.epochs_per_stage = 50, stage_epochs
   k.first_stage_epochs = TEXT_STEPS[dataset] // k.steps_per_epoch
-  k.num_epochs = k.first_stage_epochs + k.max_stage * stage_epochs + FINAL_EPOCHS
+  k.num_epochs = k.first_stage_epochs + (k.max_stage + FINAL_STAGES) * stage_epochs
   k.reset_optimizer = 'never'
   c.bootstrap.eval_every = c.bootstrap.checkpoint_every = 100
 

@@ -157,11 +157,11 @@ def test_length_reward_enters_the_rewards_of_a_rollout_group():
 
 def test_the_compressing_configs():
   """`configs/coconut.py:<task>,dtt_compress[,long]`: DTT on the CoT span under the suite's stage schedule, c = 1
-  pinned, forced latent per replaced step, GRPO with the group length reward."""
+  forced latent per replaced step with its gate learned, GRPO with the group length reward."""
   c = coconut_configs.get_config('addition2,dtt_compress,long')
   assert (c.method, c.data.span, c.coconut.tokens_per_latent, c.coconut.c_thoughts) == ('dtt', 'curriculum', 0, 1)
   assert (c.grpo.length_reward, c.grpo.min_think, c.grpo.max_think) == ('group', 0, 4)
-  assert (c.model.pin_latent, c.coconut.latent_targets, c.coconut.latent_jitter) == (True, False, True)
+  assert (c.model.pin_latent, c.coconut.latent_targets, c.coconut.latent_jitter) == (False, False, True)
   assert c.coconut.span_text == 'embedded'
   assert (c.grpo.steps, coconut_configs.get_config('addition2,dtt,long').grpo.steps) == (1000, 20)
   seed = coconut_configs.get_config('addition2,dtt,long')

@@ -33,7 +33,8 @@ def _fake_run(root, task, method, seed, correct, tokens, wall, stages=(('bootstr
         f.writelines(json.dumps({'id': i, 'correct': bool(c), 'generated_tokens': 3, 'reasoning_tokens': 1}) + '\n'
                      for i, c in zip(IDS, flags))
   with open(os.path.join(out, study.RUN_FILE), 'w') as f:
-    json.dump({'wall_s': wall, 'attempts': 1, 'returncode': 0, 'commit': 'abc1234', 'budget_command': 'x'}, f)
+    json.dump({'wall_s': wall, 'attempts': 1, 'returncode': 0, 'commit': 'abc1234', 'budget_command': 'x',
+               'recipe': study.recipe(task, method)}, f)
 
 
 def test_report_tables_curves_and_paired_comparisons(tmp_path):
@@ -136,16 +137,16 @@ def test_a_finished_run_gets_its_budget_curve_once(tmp_path, monkeypatch):
 
 def test_latent_methods_start_from_the_cot_runs_text_stage(tmp_path):
   """addition2: the CoT run keeps its checkpoints; COCONUT and the compressing DTT start from its step 800 at epoch
-  16 (stage 1 of the schedule); the seed's DTT recipe bootstraps there for the 3150 steps left of 3950; No-CoT
+  16 (stage 1 of the schedule); the seed's DTT recipe bootstraps there for the 6000 steps left of 6800; No-CoT
   trains from scratch."""
   root = str(tmp_path)
   cot_dir = study.workdir(root, 'addition2', 'cot', 1)
   assert '--config.bootstrap.keep_checkpoints=1000' in study.command('addition2', 'cot', 1, root)
   start = [f'--config.init_from={cot_dir}', '--config.init_checkpoint=800']
   assert study.command('addition2', 'coconut', 1, root)[-3:] == start + ['--config.coconut.start_epoch=16']
-  assert study.command('addition2', 'dtt', 1, root)[-3:] == start + ['--config.bootstrap.steps=3150']
+  assert study.command('addition2', 'dtt', 1, root)[-3:] == start + ['--config.bootstrap.steps=6000']
   assert study.command('addition2', 'dtt_compress', 1, root)[-4:] == start + [
-      '--config.bootstrap.steps=3150', '--config.coconut.start_epoch=16']
+      '--config.bootstrap.steps=6000', '--config.coconut.start_epoch=16']
   assert not any('init_from' in a for a in study.command('addition2', 'no_cot', 1, root))
   assert '--config=configs/coconut.py:addition2,dtt,long' in study.command('addition2', 'dtt', 1, root)
   assert study.seeds_of('pause') == (0,) and study.seeds_of('coconut') == (0, 1, 2)

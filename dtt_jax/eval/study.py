@@ -39,7 +39,7 @@ import numpy as np
 
 from dtt_jax.eval import budget as budget_lib
 from dtt_jax.eval import compare, heldout
-from dtt_jax.workdir import checkpoint_steps, write_atomic
+from dtt_jax.workdir import checkpoint_steps, config_dict, default_config, differences, write_atomic
 
 TASKS = ('addition2', 'addition3', 'prosqa_mini')
 METHODS = ('no_cot', 'cot', 'icot', 'pause', 'pause_as_thought', 'coconut_no_curriculum', 'coconut_no_thought',
@@ -72,6 +72,16 @@ def workdir(root: str, task: str, method: str, seed: int) -> str:
 def task_config(task: str, method: str):
   from configs import coconut as coconut_configs  # pylint: disable=g-import-not-at-top
   return coconut_configs.get_config(f'{task},{method},{SCALE}')
+
+
+def recipe(task: str, method: str, overrides=()) -> str:
+  """sha256[:12] of what the run's config sets apart from `configs/base.py`'s defaults, and the study's command-line
+  overrides: a ledger row with another recipe is stale (not in the report; the study command runs it again). A new
+  config field at its default leaves every recipe as it was; a changed default of `configs/base.py` does not show
+  (each row names its commit too)."""
+  changed = differences(default_config(), config_dict(task_config(task, method)))
+  text = json.dumps([[key, value] for key, _, value in changed] + [list(overrides)], sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def text_stage_steps(task: str) -> int:
@@ -158,7 +168,8 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
     cmd = command(task, method, seed, root, overrides)
     before = record['wall_s']
     record = {'wall_s': before, 'attempts': record['attempts'] + 1, 'command': ' '.join(cmd[1:]),
-              'returncode': None, 'commit': _commit()}  # returncode None: running, or its runner was killed
+              'returncode': None, 'commit': _commit(), 'recipe': recipe(task, method, overrides)}
+    # returncode None: running, or its runner was killed
 
     def tick(seconds):  # the time so far survives a killed runner
       write_atomic(record_path, json.dumps(dict(record, wall_s=before + seconds), indent=2))
@@ -174,9 +185,9 @@ def run_one(task: str, method: str, seed: int, root: str, overrides=(), cpu: int
   return record
 
 
-def run_all(runs, root: str, overrides=(), jobs: int = 1) -> None:
+def run_all(runs, root: str, overrides=(), jobs: int = 1, on_done=lambda run, record: None) -> None:
   """Every (task, method, seed) of `runs`, `jobs` at a time (each on its own CPU when there are that many), a
-  `FROM_COT` run once its CoT run has finished (skipped when that one failed)."""
+  `FROM_COT` run once its CoT run has finished (skipped when that one failed); `on_done(run, record)` after each."""
   cpus = sorted(os.sched_getaffinity(0))
   slots = queue.Queue()
   for i in range(jobs):
@@ -209,6 +220,16 @@ def run_all(runs, root: str, overrides=(), jobs: int = 1) -> None:
         run, record = running.pop(future), future.result()
         (ok if record['returncode'] == 0 else failed).add(run)
         print(f'{run[0]} {run[1]} seed {run[2]}: {record["wall_s"]:.0f} s, exit {record["returncode"]}', flush=True)
+        on_done(run, record)
+
+
+def to_run(runs, ledger: dict, root: str, overrides=()) -> list:
+  """The runs of `runs` (in their order) that the ledger holds no row of with today's recipe, and the CoT runs
+  those start from when their directories are gone: a run in the ledger is not run again unless another run needs
+  its checkpoints (run directories are local; the ledger is committed)."""
+  todo = {r for r in runs if ledger.get(r, {}).get('recipe') != recipe(r[0], r[1], overrides)}
+  todo |= {(t, 'cot', s) for t, m, s in todo if m in FROM_COT and scored_dir(workdir(root, t, 'cot', s)) is None}
+  return [r for r in runs if r in todo]
 
 
 # ------------------------------------------------------------------------------------------------------ ledger
@@ -254,7 +275,7 @@ def collect(root: str, tasks, methods, seeds) -> dict:
             'accuracy': m['accuracy'], 'tokens': m.get('generated_tokens', m.get('completion_tokens')),
             'num_examples': m['num_examples'], 'scored_step': m['step'], 'wall_s': record['wall_s'],
             'steps': trained['bootstrap'], 'grpo_steps': trained['grpo'], 'budget_curve': curve,
-            'correct': bits, 'ids': ids, 'commit': record.get('commit', 'unknown')}
+            'correct': bits, 'ids': ids, 'commit': record.get('commit', 'unknown'), 'recipe': record.get('recipe')}
   return found
 
 
@@ -346,13 +367,15 @@ def paired_rows(task: str, recorded: dict, seeds) -> list[str]:
   return lines
 
 
-def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> str:
+def render(root: str, output: str, tasks, methods, seeds, command_line: str, overrides=()) -> str:
   """The report of the runs recorded in the ledger beside `output` and those finished in `root` (which replace
-  their ledger rows and are added to the ledger)."""
-  recorded = read_ledger(ledger_path(output))
-  recorded.update(collect(root, tasks, methods, seeds))
+  their ledger rows and are added to the ledger); rows of another recipe than today's stay out of it."""
+  ledger = read_ledger(ledger_path(output))
+  ledger.update(collect(root, tasks, methods, seeds))
   os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
-  write_ledger(ledger_path(output), recorded)
+  write_ledger(ledger_path(output), ledger)
+  recorded = {k: r for k, r in ledger.items()
+              if k[0] in tasks and k[1] in methods and r.get('recipe') == recipe(k[0], k[1], overrides)}
   runs = {}
   for task in tasks:
     for method in methods:
@@ -362,10 +385,12 @@ def render(root: str, output: str, tasks, methods, seeds, command_line: str) -> 
         runs[task, method] = rows
   planned = sum(len(seeds_of(m, seeds)) for m in methods) * len(tasks)
   total = sum(r['wall_s'] for rows in runs.values() for r in rows)
+  stale = sum(k[0] in tasks and k[1] in methods and k not in recorded for k in ledger)
   count = sum(len(v) for v in runs.values())
   lines = [f'Command: `{command_line}`', '',
            f'Runs recorded ({os.path.basename(ledger_path(output))}): {count} of {planned}; their total wall time '
-           f'(training + evaluation, one core per run): {total / 3600:.1f} h.', '']
+           f'(training + evaluation, one core per run): {total / 3600:.1f} h.' + (
+               f' Rows of an earlier recipe, not shown (the command runs them again): {stale}.' if stale else ''), '']
   for task in tasks:
     lines += [f'### {task}', '',
               '| Method | test acc. (%) mean ± std | n | # tokens | steps | wall (s) / run | per seed (%) |',
@@ -426,18 +451,23 @@ def main(argv=None):
   for name, chosen, allowed in (('--tasks', tasks, TASKS), ('--methods', methods, METHODS)):
     if set(chosen) - set(allowed):
       parser.error(f'{name}: {", ".join(sorted(set(chosen) - set(allowed)))} unknown; expected {", ".join(allowed)}.')
+  line = ' '.join(['python -m dtt_jax.eval.study'] + (argv if argv is not None else sys.argv[1:]))
+
+  def publish() -> str:  # the ledger, the report and its plots, as far as the runs have gone
+    text = render(args.root, args.output, tasks, methods, seeds, line, overrides)
+    if os.path.exists(args.notes):
+      with open(args.notes) as f:
+        text += '\n' + f.read()
+    with open(args.output, 'w') as f:
+      f.write(text)
+    return text
+
   if not args.render_only:  # task by task, in the order of --tasks: a partial study has whole tasks
     order = sorted(methods, key=lambda m: (m != 'cot', m in FROM_COT))  # CoT first: the others start from it
-    run_all([(t, m, s) for t in tasks for s in seeds for m in order if s in seeds_of(m, seeds)], args.root,
-            overrides, args.jobs)
-  line = ' '.join(['python -m dtt_jax.eval.study'] + (argv if argv is not None else sys.argv[1:]))
-  text = render(args.root, args.output, tasks, methods, seeds, line)
-  if os.path.exists(args.notes):
-    with open(args.notes) as f:
-      text += '\n' + f.read()
-  with open(args.output, 'w') as f:
-    f.write(text)
-  print(text)
+    runs = [(t, m, s) for t in tasks for s in seeds for m in order if s in seeds_of(m, seeds)]
+    runs = to_run(runs, read_ledger(ledger_path(args.output)), args.root, overrides)
+    run_all(runs, args.root, overrides, args.jobs, on_done=lambda run, record: publish())
+  print(publish())
 
 
 if __name__ == '__main__':
