@@ -6,6 +6,8 @@
 # the budget curve where the method has one); the table puts them beside the study's runs of the same seed.
 #   [SEED=k] [METHODS="..."] [EXTRA="..."] launch/dtt_compress_controls.sh [ROOT=runs/compress_controls[_seedk]]
 # (finished runs are not rerun)
+# Its table in docs/study_notes.md was made at commit a519e2b, when the study's final stage had 150 steps and the
+# compressing DTT pinned its latents' gate; `git checkout a519e2b` reruns it as it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seed=${SEED:-0}

@@ -13,6 +13,8 @@
 # addition2 were made with the first recipe and keep it (`span_text=gated`).
 #   [TASK=addition3] [SEED=k] [NAMES="compress ..."] launch/dtt_diagnostics.sh [ROOT=runs/diagnostics[_addition3]]
 # (finished runs are not rerun; NAMES: those runs only, the table still lists every run under ROOT)
+# Its table in docs/study_notes.md was made at commit a519e2b, when the study's final stage had 150 steps and the
+# compressing DTT pinned its latents' gate; `git checkout a519e2b` reruns it as it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${TASK:-addition2}

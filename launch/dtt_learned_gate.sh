@@ -4,6 +4,8 @@
 # missing), then the study recipe's 1000 GRPO steps, scored on the test split with its budget curve; the table puts
 # it beside the study's compressing DTT of the same seed (latents pinned).
 #   [SEED=k] launch/dtt_learned_gate.sh [ROOT=runs/learned_gate_addition3]
+# Its table in docs/study_notes.md was made at commit a519e2b, when the study's final stage had 150 steps and the
+# compressing DTT pinned its latents' gate; `git checkout a519e2b` reruns it as it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seed=${SEED:-0}

@@ -161,6 +161,55 @@ def test_runs_wait_for_their_cot_run_and_skip_when_it_failed(tmp_path, monkeypat
 
   monkeypatch.setattr(study, 'run_one', fake_run_one)
   runs = [(t, m, 0) for t in ('addition2', 'addition3') for m in ('coconut', 'no_cot', 'cot')]
-  study.run_all(runs, str(tmp_path), jobs=2)
+  done = []
+  study.run_all(runs, str(tmp_path), jobs=2, on_done=lambda run, record: done.append(run))
+  assert sorted(done) == sorted(started)  # the ledger and report are written after each
   assert started.index(('addition2', 'cot', 0)) < started.index(('addition2', 'coconut', 0))
   assert ('addition3', 'coconut', 0) not in started and len(started) == 5
+
+
+def test_the_recipe_changes_with_the_schedule_and_overrides_but_not_with_a_new_default_field(monkeypatch):
+  from configs import base, coconut  # pylint: disable=g-import-not-at-top
+  before = study.recipe('addition2', 'coconut')
+  assert study.recipe('addition2', 'coconut', ['--config.bootstrap.lr=1e-3']) != before
+  assert study.recipe('addition2', 'cot') != before
+  get_config = base.get_config
+
+  def with_new_field():
+    c = get_config()
+    c.some_new_field = 7
+    return c
+
+  monkeypatch.setattr(base, 'get_config', with_new_field)
+  assert study.recipe('addition2', 'coconut') == before
+  monkeypatch.setattr(coconut, 'FINAL_STAGES', coconut.FINAL_STAGES + 1)
+  assert study.recipe('addition2', 'coconut') != before
+
+
+def test_a_ledger_row_of_todays_recipe_is_not_run_again_unless_a_run_needs_its_checkpoints(tmp_path):
+  """A run whose ledger row has today's recipe is skipped; a stale or missing one runs, and a `FROM_COT` run to be
+  made brings back its CoT run when that run's directory is gone."""
+  cot, no_cot, coconut = ('addition2', 'cot', 0), ('addition2', 'no_cot', 0), ('addition2', 'coconut', 0)
+  today = {run: {'recipe': study.recipe(run[0], run[1])} for run in (cot, no_cot, coconut)}
+  runs = [cot, no_cot, coconut]
+  assert not study.to_run(runs, today, str(tmp_path))
+  assert study.to_run(runs, {**today, no_cot: {'recipe': 'earlier'}}, str(tmp_path)) == [no_cot]
+  stale_coconut = {**today, coconut: {'recipe': 'earlier'}}
+  assert study.to_run(runs, stale_coconut, str(tmp_path)) == [cot, coconut]
+  _fake_run(tmp_path, *cot, [1] * 10, 25.0, 100.0)  # its directory is here: COCONUT starts from it
+  assert study.to_run(runs, stale_coconut, str(tmp_path)) == [coconut]
+
+
+def test_rows_of_an_earlier_recipe_stay_out_of_the_report(tmp_path):
+  root, out = tmp_path / 'runs', tmp_path / 'docs' / 'study.md'
+  _fake_run(root, 'addition2', 'cot', 0, [1] * 10, 25.0, 100.0)
+  _fake_run(root, 'addition2', 'no_cot', 0, [1] * 2 + [0] * 8, 3.0, 100.0)
+  record_path = os.path.join(study.workdir(str(root), 'addition2', 'no_cot', 0), study.RUN_FILE)
+  with open(record_path) as f:
+    record = json.load(f)
+  with open(record_path, 'w') as f:
+    json.dump(dict(record, recipe='earlier'), f)
+  text = study.render(str(root), str(out), ['addition2'], ['no_cot', 'cot'], [0], 'cmd')
+  assert '| No-CoT | not run | 0 |' in text and '| CoT | 100.0 ± 0.0 | 1 |' in text
+  assert 'Rows of an earlier recipe, not shown (the command runs them again): 1.' in text
+  assert len(study.read_ledger(str(tmp_path / 'docs' / 'study_runs.json'))) == 2  # kept until run again
