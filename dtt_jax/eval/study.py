@@ -13,14 +13,15 @@ count in their budget. Each run is scored on the test split at its final layout'
 (`methods.base.FINAL_METRIC`). The methods with a reasoning budget (`BUDGETS`) are then evaluated at forced
 budgets too (`dtt_jax.eval.budget`), for the accuracy-vs-tokens curves.
 
-A run that finished (its test evaluation written) is not run again; an interrupted one resumes from its
-checkpoints and its wall time adds up over the attempts (`study_run.json`, written every minute while a run goes,
-so that a killed runner loses at most that; it also records the commit of the code that ran it). `--jobs=N` runs N
-at a time, each pinned to its own CPU. Every finished run's results go into a ledger committed beside the report
-(per seed: accuracy, tokens, wall time, steps, the budget curve, and which test problems it got right), and the
-report is rendered from it: the tables, the plots and the paired comparisons (`dtt_jax.eval.compare`'s exact
-McNemar test) outlive the run directories. `docs/study_notes.md` (the setup and the analysis, written by hand) is
-appended.
+A run that finished (its test evaluation written, or its row in the ledger with today's recipe: `recipe`) is not
+run again; an interrupted one resumes from its checkpoints and its wall time adds up over the attempts
+(`study_run.json`, written every minute while a run goes, so that a killed runner loses at most that; it also
+records the commit and the recipe of the run). `--jobs=N` runs N at a time, each pinned to its own CPU. Every
+finished run's results go into a ledger committed beside the report (per seed: accuracy, tokens, wall time, steps,
+the budget curve, and which test problems it got right), and the report is rendered from it after every finished
+run, rows of an earlier recipe left out: the tables, the plots and the paired comparisons (`dtt_jax.eval.compare`'s
+exact McNemar test) outlive the run directories. `docs/study_notes.md` (the setup and the analysis, written by
+hand) is appended.
 """
 
 from __future__ import annotations
