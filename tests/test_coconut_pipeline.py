@@ -190,15 +190,15 @@ def test_paper_settings():
 def test_study_configs_are_valid(dataset, scale, method):
   """Every method of a tiny-scale task gets the same budget (DTT: as bootstrap.steps): docs/study.md's tasks one
   epoch per stage, the final one included; the suite of docs/study.md its text stage, one 50-step epoch per
-  latent stage (',long': 20) and 3 of the final stage (addition at 2 digits: 800 + 3 x 50 + 150; long:
-  800 + 3 x 1000 + 150)."""
+  latent stage (',long': 20) and 3 stages' epochs of the final stage (addition at 2 digits: 800 + 3 x 50 + 150;
+  long: 800 + 3 x 1000 + 3000)."""
   c = coconut_configs.get_config(f'{dataset},{method}' + (f',{scale}' if scale else ''))
   pipeline.check_config(c)
   assert c.method == {'coconut_no_curriculum': 'coconut', 'dtt_compress': 'dtt'}.get(method, method)
   assert c.coconut.curriculum == (method != 'coconut_no_curriculum')
   k = c.coconut
   if dataset in coconut_configs.SUITE:
-    budget = coconut_configs.TEXT_STEPS[dataset] + 50 * (k.max_stage * (20 if scale else 1) + 3)
+    budget = coconut_configs.TEXT_STEPS[dataset] + 50 * (k.max_stage + 3) * (20 if scale else 1)
   else:
     budget = k.steps_per_epoch * (k.max_stage + 2)
   if method in coconut_configs.DTT_METHODS:
