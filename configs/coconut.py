@@ -115,7 +115,8 @@ def _compress(c) -> None:
   docs/study_notes.md), from stage K on K c of them or fewer (`latent_jitter`: it then answers at any budget). The
   latents' gate is learned (DTT's own mechanism: each input g h + (1 - g) E[`<|latent|>`], a continuous thought or a
   pause; the hinge pushes g towards 1, the cross-entropy may close it): pinned to 1 (`model.pin_latent`, COCONUT's
-  continuous thought) it got through addition3 on none of 3 seeds, learned on 2 of 6 (docs/study_notes.md). The
+  continuous thought) it got through addition3 on none of 3 seeds, learned on 2 of 6, but over the 3000-step final
+  stage the hinge pries a second gate open and validation falls (launch/dtt_gate_drift.sh; docs/study_notes.md). The
   steps not yet replaced are fed as token embeddings, as COCONUT feeds them (`span_text='embedded'`: the hinge pushes
   their gate towards 0; gated towards 1, the study's first recipe, stage 1 reached half COCONUT's validation accuracy
   on addition3); the gate head decides everywhere else. GRPO as the seed's recipe for 1000 steps, with the

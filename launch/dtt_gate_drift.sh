@@ -39,11 +39,9 @@ for name, out in (('the study (learned gate)', study), ('latents pinned', os.pat
   path = os.path.join(out, 'metrics.jsonl')
   if not os.path.exists(path):
     continue
-  valid = {}
-  for line in open(path):
-    r = json.loads(line)
-    if 'bootstrap/valid/accuracy' in r:
-      valid[r['step']] = (100 * r['bootstrap/valid/accuracy'], r['bootstrap/valid/gate_inner_mean'])
+  rows = [json.loads(line) for line in open(path)]
+  valid = {r['step']: (100 * r['bootstrap/valid/accuracy'], r['bootstrap/valid/gate_inner_mean'])
+           for r in rows if 'bootstrap/valid/accuracy' in r}
   print(f'| {name} | ' + ' / '.join(f'{valid[s][0]:.1f}, {valid[s][1]:.2f}' if s in valid else '-' for s in steps)
         + ' |')
 EOF
