@@ -180,6 +180,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Where the compressing DTT's remaining text steps go: 'gated' (in the span, gate hinged towards 1), 'embedded' (in
   # the span, gate towards 0: token embeddings), 'after_eot' (after the span, as COCONUT lays them out)
   c.coconut.span_text = 'gated'
+  # The hinge pushes the latents' gate towards 1 at every stage ('always') or before the final stage only
+  # ('before_final': in the final stage the cross-entropy alone sets it)
+  c.coconut.latent_hinge = 'always'
 
   # Thinking-token vocabulary (config.method='think_tokens', dtt_jax/methods/think_tokens/)
   c.think = ml_collections.ConfigDict()

@@ -81,6 +81,33 @@ def test_kept_steps_fed_as_embeddings(tok, stage, span_text):
     np.testing.assert_array_equal(batch.loss_mask, gated.loss_mask)
 
 
+@pytest.mark.parametrize('span_text', ['gated', 'embedded'])
+def test_latent_hinge_before_final_frees_the_final_stages_latents(tok, span_text):
+  """`latent_hinge='before_final'`: before the final stage the batches of 'always'; in it (stage K + 1) the latents
+  leave both hinge terms (their gate set by the cross-entropy alone), every other position as before."""
+  kw = dict(c_thoughts=1, max_stage=3, span_text=span_text, first_stage_epochs=1, epochs_per_stage=1)
+  always, before = coconut.Curriculum(**kw), coconut.Curriculum(**kw, latent_hinge='before_final')
+  make = lambda cfg: coconut.CurriculumBatches([RECORD] * 2, 'dtt', cfg, tok, 2, 16, 40, steps_per_epoch=1)
+  a, b = make(always), make(before)
+  for step in range(6):  # stages 0, 1, 2, 3, 4 (final), 4
+    x, y = next(a), next(b)
+    np.testing.assert_array_equal(x.completion, y.completion)
+    latents = x.completion == tok.vocab.latent
+    if step < 4:
+      np.testing.assert_array_equal(x.inner_mask, y.inner_mask)
+      np.testing.assert_array_equal(x.outer_mask, y.outer_mask)
+    else:
+      assert latents.sum() == 2 * 3 and (x.inner_mask[latents] == 1).all()
+      assert (y.inner_mask[latents] == 0).all() and (y.outer_mask[latents] == 0).all()
+      np.testing.assert_array_equal(y.inner_mask[~latents], x.inner_mask[~latents])
+      np.testing.assert_array_equal(y.outer_mask[~latents], x.outer_mask[~latents])
+
+
+def test_unknown_latent_hinge_is_named():
+  with pytest.raises(ValueError, match="config.coconut.latent_hinge='final': expected one of always, before_final"):
+    coconut.Curriculum(latent_hinge='final')
+
+
 def test_unknown_span_text_is_named():
   with pytest.raises(ValueError, match='config.coconut.span_text=.*gated, embedded, after_eot'):
     coconut.Curriculum(span_text='inside')

@@ -66,6 +66,7 @@ ANSWER_PREFIX = '### '
 MAX_REMOVAL_OFFSET = 99  # the official lambda distribution's truncation (100 values)
 ALL_REMOVED = 2 ** 31 - 1  # iCoT's removal count once every CoT token goes
 SPAN_TEXT = ('gated', 'embedded', 'after_eot')  # `Curriculum.span_text`
+LATENT_HINGE = ('always', 'before_final')  # `Curriculum.latent_hinge`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,8 @@ class Curriculum:
   span_text: str = 'gated'  # 'dtt' layout's kept steps: 'gated' (in the span, the hinge pushing their gate towards
   # 1), 'embedded' (in the span, gate towards 0: token embeddings, as COCONUT feeds them), 'after_eot' (after
   # `<|eot|>`, gate towards 0: COCONUT's arrangement, the span holding the latents alone)
+  latent_hinge: str = 'always'  # 'dtt' layout: the hinge pushes the latents' gate towards 1 at every stage
+  # ('always') or before the final stage only ('before_final': there the cross-entropy alone sets it)
 
   def __post_init__(self):
     for name in ('c_thoughts', 'epochs_per_stage'):
@@ -99,8 +102,9 @@ class Curriculum:
                  'tokens_per_latent'):
       if getattr(self, name) < 0:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be >= 0.')
-    if self.span_text not in SPAN_TEXT:
-      raise ValueError(f'config.coconut.span_text={self.span_text!r}: expected one of {", ".join(SPAN_TEXT)}.')
+    for name, allowed in (('span_text', SPAN_TEXT), ('latent_hinge', LATENT_HINGE)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'config.coconut.{name}={getattr(self, name)!r}: expected one of {", ".join(allowed)}.')
     for name in ('icot_delta', 'icot_lambda'):
       if not getattr(self, name) > 0:
         raise ValueError(f'config.coconut.{name}={getattr(self, name)} must be > 0 (icot_lambda=inf: no smoothing).')
@@ -328,10 +332,11 @@ def build_batch(records, method: str, stage: int | Sequence[int], cfg: Curriculu
   return out
 
 
-def stage1_batch(batch: dict[str, np.ndarray], vocab, span_text: str = 'gated') -> Stage1Batch:
+def stage1_batch(batch: dict[str, np.ndarray], vocab, span_text: str = 'gated',
+                 hinge_latents: bool = True) -> Stage1Batch:
   """A 'dtt' layout `build_batch` -> the DTT bootstrap's Stage1Batch [B,P] / [B,T]: its targets (`loss_mask`),
   inner positions strictly between `<|bot|>` (column 0) and the `<|eot|>` (`span_text` 'gated'), else the latents
-  alone; no filler."""
+  alone; no filler. `hinge_latents` False: the latents are in neither hinge term (inner nor outer)."""
   completion, real = batch['completion'], ((batch['loss_mask'] + batch['latent_mask']) > 0).astype(np.int32)
   if span_text != 'gated':
     inner = batch['latent_mask'].astype(np.int32)
@@ -340,8 +345,11 @@ def stage1_batch(batch: dict[str, np.ndarray], vocab, span_text: str = 'gated') 
     inner = (real > 0) & ~closed
     inner[:, 0] = False  # <|bot|>
     inner = inner.astype(np.int32)
+  free = np.zeros_like(real) if hinge_latents else batch['latent_mask'].astype(np.int32)  # no hinge on their gate
+  inner = inner * (1 - free)
   return Stage1Batch(prompt=batch['prompt'], prompt_mask=batch['prompt_mask'], completion=completion,
-                     completion_mask=real, loss_mask=batch['loss_mask'], inner_mask=inner, outer_mask=real - inner,
+                     completion_mask=real, loss_mask=batch['loss_mask'], inner_mask=inner,
+                     outer_mask=real - inner - free,
                      filler_mask=np.zeros_like(real))
 
 
@@ -450,7 +458,10 @@ class CurriculumBatches:
       latents = [self.cfg.jittered_latents(self.seed, step, int(i), stage) for i in rows]
     batch = build_batch([self.records[i] for i in rows], self.method, stage, self.cfg, self.tokenizer, *self.lengths,
                         latents)
-    return stage1_batch(batch, self.tokenizer.vocab, self.cfg.span_text) if self.method == 'dtt' else batch
+    if self.method != 'dtt':
+      return batch
+    hinged = self.cfg.latent_hinge == 'always' or not self.cfg.is_final(stage)
+    return stage1_batch(batch, self.tokenizer.vocab, self.cfg.span_text, hinged)
 
   def state(self) -> dict[str, int]:
     return {**self.rows.state(), 'step': self.step}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Which latent gate should the compressing DTT learn through the study's 3000-step final stage? (docs/study_notes.md)
+# TASK (addition3), seed SEED (0): the study's compressing DTT run (bootstrap, GRPO, test, budget curve; run the
+# study's TASK CoT and compressing DTT of that seed first), beside the same run with one change each:
+#   before_final: the hinge pushes the latents' gate towards 1 before the final stage only
+#                 (`coconut.latent_hinge=before_final`: in the final stage the cross-entropy alone sets it);
+#   pinned:       the latents' gate pinned to 1 (`model.pin_latent=True`: COCONUT's continuous thoughts).
+# Each runs as the study runs it (`python -m dtt_jax.eval.study`, its own root and ledger under ROOT/<name>, the
+# study's CoT run linked in), one per core from core FIRST_CPU (0). The table: validation accuracy and mean latent
+# gate at the end of the last latent stage and through the final stage, then the test accuracy of the bootstrap's
+# scored checkpoint and after GRPO, and the budget curve.
+#   [TASK=addition3] [SEED=k] [NAMES="before_final pinned"] [FIRST_CPU=0] launch/dtt_compress_hinge.sh [ROOT]
+# (finished runs are not rerun)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+task=${TASK:-addition3}
+seed=${SEED:-0}
+root=${1:-runs/compress_hinge}
+declare -A flags=([before_final]="--config.coconut.latent_hinge=before_final" [pinned]="--config.model.pin_latent=True")
+cpu=${FIRST_CPU:-0}
+for name in ${NAMES:-before_final pinned}; do
+  out="$root/$name"
+  mkdir -p "$out/$task/cot"
+  ln -sfn "$(realpath "runs/study/$task/cot/seed$seed")" "$out/$task/cot/seed$seed"
+  echo "== $out (core $((cpu % $(nproc))))"
+  # shellcheck disable=SC2086
+  taskset -c $((cpu % $(nproc))) python -m dtt_jax.eval.study --tasks="$task" --methods=dtt_compress --seeds="$seed" \
+    --root="$out" --output="$out/study.md" --notes=none ${flags[$name]} > "$out.log" 2>&1 &
+  cpu=$((cpu + 1))
+done
+wait
+python - "$task" "$seed" "$root" <<'EOF2'
+import json, os, sys
+from configs import coconut as configs
+from dtt_jax.eval import budget, heldout
+task, seed, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+k = configs.get_config(f'{task},dtt_compress,long').coconut
+final = (k.max_stage * k.epochs_per_stage) * k.steps_per_epoch  # bootstrap step where the final stage starts
+steps = [final - 100] + [final + i * 500 for i in range(7)]
+print(f'| {task} seed {seed} | validation accuracy (%), mean latent gate at bootstrap step '
+      + ' / '.join(map(str, steps)) + f' (final stage from {final}) | test: bootstrap / GRPO (%), tokens | '
+      'budget curve (latents: test %) |')
+print('|---|---|---|---|')
+runs = [('the study (hinge always, gate learned)', f'runs/study/{task}/dtt_compress/seed{seed}')]
+runs += [(name, f'{root}/{name}/{task}/dtt_compress/seed{seed}') for name in ('before_final', 'pinned')]
+for name, out in runs:
+  path = os.path.join(out, 'metrics.jsonl')
+  if not os.path.exists(path):
+    continue
+  rows = [json.loads(line) for line in open(path)]
+  valid = {r['step']: (100 * r['bootstrap/valid/accuracy'], r['bootstrap/valid/gate_inner_mean'])
+           for r in rows if 'bootstrap/valid/accuracy' in r}
+  test = []
+  for stage in ('bootstrap', 'grpo'):
+    p = os.path.join(heldout.output_dir(out, 'test', stage), 'metrics.json')
+    m = json.load(open(p)) if os.path.exists(p) else None
+    test.append(f'{100 * m["accuracy"]:.1f} (step {m["step"]})' if m else '-')
+  p = os.path.join(heldout.output_dir(out, 'test', 'grpo'), 'metrics.json')
+  tokens = json.load(open(p)).get('generated_tokens') if os.path.exists(p) else None
+  curve = []
+  for b in range(k.max_stage * k.c_thoughts + 2):
+    p = budget.metrics_path(out, 'test', 'grpo', 'best', b)
+    if os.path.exists(p):
+      curve.append(f'{b}: {100 * json.load(open(p))["accuracy"]:.1f}')
+  print(f'| {name} | ' + ' / '.join(f'{valid[s][0]:.1f}, {valid[s][1]:.2f}' if s in valid else '-' for s in steps)
+        + f' | {" / ".join(test)}, {tokens if tokens is None else round(tokens, 1)} | {", ".join(curve) or "-"} |')
+EOF2
