@@ -7,7 +7,7 @@
 #   pinned:       the latents' gate pinned to 1 (`model.pin_latent=True`: COCONUT's continuous thoughts).
 # Each runs as the study runs it (`python -m dtt_jax.eval.study`, its own root and ledger under ROOT/<name>, the
 # study's CoT run linked in), one per core from core FIRST_CPU (0). The table: validation accuracy and mean latent
-# gate at the end of the last latent stage and through the final stage, then the test accuracy of the bootstrap's
+# gate at the end of each latent stage and every 1000 steps of the final stage, the test accuracy of the bootstrap's
 # scored checkpoint and after GRPO, and the budget curve.
 #   [TASK=addition3] [SEED=k] [NAMES="before_final pinned"] [FIRST_CPU=0] launch/dtt_compress_hinge.sh [ROOT]
 # (finished runs are not rerun)
@@ -35,33 +35,37 @@ from configs import coconut as configs
 from dtt_jax.eval import budget, heldout
 task, seed, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 k = configs.get_config(f'{task},dtt_compress,long').coconut
-final = (k.max_stage * k.epochs_per_stage) * k.steps_per_epoch  # bootstrap step where the final stage starts
-steps = [final - 100] + [final + i * 500 for i in range(7)]
+stage = k.epochs_per_stage * k.steps_per_epoch  # steps of a latent stage
+final = k.max_stage * stage  # bootstrap step where the final stage starts
+steps = list(range(stage, final + configs.FINAL_STAGES * stage + 1, stage))
 print(f'| {task} seed {seed} | validation accuracy (%), mean latent gate at bootstrap step '
-      + ' / '.join(map(str, steps)) + f' (final stage from {final}) | test: bootstrap / GRPO (%), tokens | '
-      'budget curve (latents: test %) |')
+      + ' / '.join(map(str, steps)) + f' (the ends of stages 1-{k.max_stage}, then the final stage) | '
+      'test: bootstrap / GRPO (%) (scored step), tokens | budget curve of the scored run (latents: test %) |')
 print('|---|---|---|---|')
 runs = [('the study (hinge always, gate learned)', f'runs/study/{task}/dtt_compress/seed{seed}')]
 runs += [(name, f'{root}/{name}/{task}/dtt_compress/seed{seed}') for name in ('before_final', 'pinned')]
+runs += [("the study's COCONUT (no GRPO)", f'runs/study/{task}/coconut/seed{seed}')]
 for name, out in runs:
   path = os.path.join(out, 'metrics.jsonl')
   if not os.path.exists(path):
     continue
   rows = [json.loads(line) for line in open(path)]
-  valid = {r['step']: (100 * r['bootstrap/valid/accuracy'], r['bootstrap/valid/gate_inner_mean'])
+  valid = {r['step']: (f"{100 * r['bootstrap/valid/accuracy']:.1f}",
+                       f"{r['bootstrap/valid/gate_inner_mean']:.2f}" if 'bootstrap/valid/gate_inner_mean' in r else '-')
            for r in rows if 'bootstrap/valid/accuracy' in r}
   test = []
   for stage in ('bootstrap', 'grpo'):
     p = os.path.join(heldout.output_dir(out, 'test', stage), 'metrics.json')
     m = json.load(open(p)) if os.path.exists(p) else None
     test.append(f'{100 * m["accuracy"]:.1f} (step {m["step"]})' if m else '-')
-  p = os.path.join(heldout.output_dir(out, 'test', 'grpo'), 'metrics.json')
-  tokens = json.load(open(p)).get('generated_tokens') if os.path.exists(p) else None
+  p = os.path.join(heldout.output_dir(out, 'test', 'grpo' if test[1] != '-' else 'bootstrap'), 'metrics.json')
+  tokens = f'{json.load(open(p))["completion_tokens"]:.1f}' if os.path.exists(p) else '-'
   curve = []
   for b in range(k.max_stage * k.c_thoughts + 2):
-    p = budget.metrics_path(out, 'test', 'grpo', 'best', b)
+    scored = 'grpo' if os.path.isdir(heldout.output_dir(out, 'test', 'grpo')) else 'bootstrap'
+    p = budget.metrics_path(out, 'test', scored, 'best', b)
     if os.path.exists(p):
       curve.append(f'{b}: {100 * json.load(open(p))["accuracy"]:.1f}')
-  print(f'| {name} | ' + ' / '.join(f'{valid[s][0]:.1f}, {valid[s][1]:.2f}' if s in valid else '-' for s in steps)
-        + f' | {" / ".join(test)}, {tokens if tokens is None else round(tokens, 1)} | {", ".join(curve) or "-"} |')
+  print(f'| {name} | ' + ' / '.join(', '.join(valid[s]) if s in valid else '-' for s in steps)
+        + f' | {" / ".join(test)}, {tokens} | {", ".join(curve) or "-"} |')
 EOF2
