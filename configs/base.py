@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   # True: the gate is 1 at `<|latent|>` positions (their input is the previous hidden state, a continuous thought),
   # the gate head decides elsewhere (the compressing DTT; model/dtt.py pin_noise)
   c.model.pin_latent = False
+  # True (with pin_latent): the gate is 0 at every other token (its input exactly the token's embedding), so the model
+  # computes COCONUT's inputs and its gate head is unused (an ablation of DTT's gate: docs/study_notes.md)
+  c.model.pin_text = False
   c.model.hrpo_c = 8.0  # HRPO gate: a = sigmoid(lam)^(c * r)
   c.model.hrpo_a_init = (0.99, 0.999)  # HRPO gate: initial a over the D dimensions (input starts as the token)
   # GPT-2's training-mode dropout (embedding, attention probabilities, residual branches) in the supervised steps

@@ -71,9 +71,10 @@ def gate_tensors(model) -> dict[str, np.ndarray]:
 
 
 def write_export(model, tokenizer: tokens.Tokenizer, out_dir: str, stage: str, eval_tau: float,
-                 pinned_id: int = -1) -> None:
+                 pinned_id: int = -1, pin_others: bool = False) -> None:
   """Writes the HF directory of `model` (a `DTTModel` whose rows are `tokenizer.vocab`'s model ids); `pinned_id`:
-  the token whose gate is 1 (`config.model.pin_latent`: `<|latent|>`), -1 for none."""
+  the token whose gate is 1 (`config.model.pin_latent`: `<|latent|>`), -1 for none; `pin_others`: every other
+  token's gate 0 (`config.model.pin_text`)."""
   vocab = tokenizer.vocab
   if model.gpt2.cfg.family == 'gpt2':  # LoRA adapters merged into the base by either exporter
     hf_io.export_pretrained(model.gpt2, out_dir, eos_id=vocab.eos)
@@ -95,7 +96,7 @@ def write_export(model, tokenizer: tokens.Tokenizer, out_dir: str, stage: str, e
   write_remote_code(out_dir, model.gpt2.cfg.family, {
       'gate': model.cfg.gate, 'use_projection': model.proj is not None, 'tau': eval_tau,
       'hrpo_c': model.hrpo.c if model.hrpo is not None else None, 'bot_id': vocab.bot, 'eot_id': vocab.eot,
-      'latent_id': vocab.latent, 'pause_id': vocab.pause, 'pinned_id': pinned_id})
+      'latent_id': vocab.latent, 'pause_id': vocab.pause, 'pinned_id': pinned_id, 'pin_others': pin_others})
 
 
 def write_remote_code(out_dir: str, family: str, dtt: dict) -> None:
@@ -119,7 +120,7 @@ def export(workdir: str, out_dir: str, stage: str = '') -> str:
   graphdef, params = base.stage_params(exp, stage)
   from flax import nnx  # pylint: disable=g-import-not-at-top
   write_export(nnx.merge(graphdef, params), exp.tokenizer, out_dir, stage, exp.config[stage].tau_min,
-               exp.vocab.latent if exp.config.model.pin_latent else -1)
+               exp.vocab.latent if exp.config.model.pin_latent else -1, exp.config.model.pin_text)
   return stage
 
 

@@ -59,7 +59,8 @@ for name, out in runs:
     m = json.load(open(p)) if os.path.exists(p) else None
     test.append(f'{100 * m["accuracy"]:.1f} (step {m["step"]})' if m else '-')
   p = os.path.join(heldout.output_dir(out, 'test', 'grpo' if test[1] != '-' else 'bootstrap'), 'metrics.json')
-  tokens = f'{json.load(open(p))["completion_tokens"]:.1f}' if os.path.exists(p) else '-'
+  m = json.load(open(p)) if os.path.exists(p) else {}
+  tokens = f'{m.get("generated_tokens", m.get("completion_tokens")):.1f}' if m else '-'  # as the study reads them
   curve = []
   for b in range(k.max_stage * k.c_thoughts + 2):
     scored = 'grpo' if os.path.isdir(heldout.output_dir(out, 'test', 'grpo')) else 'bootstrap'

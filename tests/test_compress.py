@@ -103,6 +103,16 @@ def test_latent_hinge_before_final_frees_the_final_stages_latents(tok, span_text
       np.testing.assert_array_equal(y.outer_mask[~latents], x.outer_mask[~latents])
 
 
+def test_pin_text_needs_pinned_latents():
+  from dtt_jax.methods import dtt  # pylint: disable=g-import-not-at-top
+  c = coconut_configs.get_config('addition2,dtt_compress,long')
+  c.model.pin_text = True
+  with pytest.raises(ValueError, match='config.model.pin_text=True .* needs config.model.pin_latent=True'):
+    dtt.DTT().check_config(c)
+  c.model.pin_latent = True
+  dtt.DTT().check_config(c)
+
+
 def test_unknown_latent_hinge_is_named():
   with pytest.raises(ValueError, match="config.coconut.latent_hinge='final': expected one of always, before_final"):
     coconut.Curriculum(latent_hinge='final')
@@ -222,6 +232,7 @@ def test_pinned_latent_gates_are_exactly_one_and_the_rest_stay_learned():
   np.testing.assert_allclose(np.asarray(gates), np.asarray(out.gates), atol=1e-6)
   tokens = jnp.array([3, 4, 3])
   np.testing.assert_array_equal(pin_noise(jnp.zeros(3), tokens, 3), [1e4, 0.0, 1e4])
+  np.testing.assert_array_equal(pin_noise(jnp.zeros(3), tokens, 3, pin_others=True), [1e4, -1e4, 1e4])
   np.testing.assert_array_equal(pin_noise(jnp.ones(3), tokens, -1), [1.0, 1.0, 1.0])
 
 
@@ -243,11 +254,13 @@ def test_jittered_latent_counts_from_stage_k_on(tok):
   assert len({int(m.sum()) for m in batch.inner_mask}) > 1  # the rows' spans differ in length
 
 
-def test_pinned_latents_with_closed_gates_compute_coconuts_loss_and_gradient():
+@pytest.mark.parametrize('closed_by', ['gate_head', 'pin_text'])
+def test_pinned_latents_with_closed_gates_compute_coconuts_loss_and_gradient(closed_by):
   """The compressing DTT's bootstrap loss (the exact recurrent unroll with its hand-written backward, latents'
-  gates pinned to 1) on COCONUT's batch, with every other gate closed, is COCONUT's loss (one pass per latent, the
-  previous hidden state fed back) with the same gradient: the two recipes differ in their layouts and gate terms,
-  not in how a continuous thought is computed or trained."""
+  gates pinned to 1) on COCONUT's batch, with every other gate closed (by the gate head, or pinned to 0 through the
+  noise: `model.pin_text`), is COCONUT's loss (one pass per latent, the previous hidden state fed back) with the
+  same gradient: the two recipes differ in their layouts and gate terms, not in how a continuous thought is
+  computed or trained."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -257,8 +270,12 @@ def test_pinned_latents_with_closed_gates_compute_coconuts_loss_and_gradient():
 
   model = DTTModel(DTTConfig(GPT2Config(vocab_rows=16, num_tokens=16, n_positions=32, n_embd=16, n_layer=2,
                                         n_head=2)), rngs=nnx.Rngs(0))
-  model.gate_head.kernel.value = jnp.zeros_like(model.gate_head.kernel.value)
-  model.gate_head.bias.value = jnp.full_like(model.gate_head.bias.value, -100.0)  # every unpinned gate 0
+  if closed_by == 'gate_head':
+    model.gate_head.kernel.value = jnp.zeros_like(model.gate_head.kernel.value)
+    model.gate_head.bias.value = jnp.full_like(model.gate_head.bias.value, -100.0)  # every unpinned gate 0
+  else:  # a head that would open gates: the noise closes them
+    model.gate_head.kernel.value = jax.random.normal(jax.random.key(1), model.gate_head.kernel.value.shape)
+  pin_others = closed_by == 'pin_text'
   latent_id = 3
   completion = jnp.array([[1, 3, 3, 2, 9, 10, 11, 12, 0], [1, 3, 3, 2, 10, 9, 11, 13, 0]], jnp.int32)
   latent = (completion == latent_id).astype(jnp.int32)
@@ -269,8 +286,8 @@ def test_pinned_latents_with_closed_gates_compute_coconuts_loss_and_gradient():
   coconut_batch = {**shared, 'latent_mask': latent}
   dtt_batch = {**shared, 'inner_mask': latent, 'outer_mask': 1 - latent, 'filler_mask': jnp.zeros_like(latent),
                'completion_mask': jnp.ones_like(latent)}
-  cfg = bootstrap.LossConfig(pinned_id=latent_id, gate_noise=False)
-  noise = pin_noise(jnp.zeros(completion.shape), completion, latent_id)
+  cfg = bootstrap.LossConfig(pinned_id=latent_id, gate_noise=False, pin_others=pin_others)
+  noise = pin_noise(jnp.zeros(completion.shape), completion, latent_id, pin_others)
   graphdef, params = nnx.split(model)
 
   def coconut_loss(p):

@@ -134,21 +134,25 @@ def test_remote_code_decodes_like_the_engine(case, records, hf_tokenizer, tmp_pa
   assert (np.where(real, gate_off.numpy(), -1) != np.where(real, theirs, -1)).any(1).sum() >= NUM_PROMPTS // 4
 
 
-def test_max_think_and_a_pinned_gate_like_the_engine(records, hf_tokenizer, tmp_path):
+@pytest.mark.parametrize('pin_others', [False, True])
+def test_max_think_and_a_pinned_gate_like_the_engine(records, hf_tokenizer, tmp_path, pin_others):
   """`generate(max_think=k)` (a LogitsProcessor) forces `<|eot|>` where the engine's `GenerateConfig.max_think`
   does, and a pinned token's gate is 1 as the engine's `pinned_id` makes it (`model.pin_latent` pins `<|latent|>`;
-  here `<|bot|>`, which every row emits first: the model's <|bot|> row is aligned with the last prompt states)."""
+  here `<|bot|>`, which every row emits first: the model's <|bot|> row is aligned with the last prompt states),
+  with `pin_others` (`model.pin_text`) every other gate 0."""
   model, ours = _tiny_model('gpt2_projection', records, hf_tokenizer, tmp_path)
   vocab = ours.vocab
   wte = model.gpt2.wte.embedding
   prompts = data_lib.build_prompts(records[:16], ours, max_prompt_len=16)
   last = np.asarray(engine.prefill(model, prompts.prompt, prompts.prompt_mask, 16).last_hidden).mean(0)
   wte[...] = wte[...].at[vocab.bot].set(20.0 * last / np.linalg.norm(last))
-  export.write_export(model, ours, str(tmp_path), stage='grpo', eval_tau=TAU, pinned_id=vocab.bot)
+  export.write_export(model, ours, str(tmp_path), stage='grpo', eval_tau=TAU, pinned_id=vocab.bot,
+                      pin_others=pin_others)
   hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
   texts = [data_lib.record_texts(records[i])[0] for i in prompts.indices]
-  cfg = dataclasses.replace(greedy_config(vocab, NEW_TOKENS, max_think=3), pinned_id=vocab.bot)
+  cfg = dataclasses.replace(greedy_config(vocab, NEW_TOKENS, max_think=3), pinned_id=vocab.bot,
+                            pin_others=pin_others)
   rollout = engine.generate(model, prompts.prompt, prompts.prompt_mask, jax.random.key(0), TAU, cfg)
   ours_tokens, ours_gates, real = np.asarray(rollout.tokens), np.asarray(rollout.gates), np.asarray(rollout.mask) > 0
   assert (ours_tokens[:, 0] == vocab.bot).all() and (ours_tokens[:, 4] == vocab.eot).all()
@@ -157,3 +161,5 @@ def test_max_think_and_a_pinned_gate_like_the_engine(records, hf_tokenizer, tmp_
   np.testing.assert_array_equal(np.where(real, theirs, -1), np.where(real, ours_tokens, -1))
   np.testing.assert_allclose(np.where(real, gates, 0), np.where(real, ours_gates, 0), atol=1e-4, rtol=0)
   assert (gates[:, 0] == 1.0).all()
+  opened = np.where(real & (ours_tokens != vocab.bot), ours_gates, 0)  # the unpinned tokens' gates
+  assert (opened == 0.0).all() if pin_others else opened.max() > 0.01

@@ -33,12 +33,13 @@ class EvalResult:
 
 
 def greedy_config(vocab, max_new_tokens: int, max_think: int, return_hidden: bool = False,
-                  pinned_id: int = -1) -> engine.GenerateConfig:
+                  pinned_id: int = -1, pin_others: bool = False) -> engine.GenerateConfig:
   """Greedy decoding, gate noise off; `return_hidden` keeps the fed-back hidden states (for the latent lens);
-  `pinned_id`: the token whose gate is 1 (`config.model.pin_latent`: `vocab.latent`)."""
+  `pinned_id`: the token whose gate is 1 (`config.model.pin_latent`: `vocab.latent`), `pin_others`: every other
+  token's 0 (`config.model.pin_text`)."""
   return engine.GenerateConfig(max_new_tokens=max_new_tokens, eos_id=vocab.eos, bot_id=vocab.bot, eot_id=vocab.eot,
                                sampling=SamplingConfig(greedy=True), max_think=max_think, gate_noise=False,
-                               return_hidden=return_hidden, pinned_id=pinned_id)
+                               return_hidden=return_hidden, pinned_id=pinned_id, pin_others=pin_others)
 
 
 def generate_all(model, prompt: np.ndarray, prompt_mask: np.ndarray, gen_cfg: engine.GenerateConfig, tau: float,

@@ -58,6 +58,9 @@ class DTT(base.Method):
         raise ValueError(f'config.coconut.tokens_per_latent={c.coconut.tokens_per_latent} gives each record its own '
                          'latent count, which a forced head cannot: set it to 0 (COCONUT\'s k * c_thoughts) or '
                          'config.coconut.latent_targets=True (the model emits its latents).')
+    if c.model.pin_text and not c.model.pin_latent:
+      raise ValueError('config.model.pin_text=True pins every gate but the latents\' to 0: it needs '
+                       'config.model.pin_latent=True (the latents\' gate pinned to 1).')
     if c.model.pin_latent and (c.model.gate != 'dtt' or c.grpo.gate_as_action):
       raise ValueError('config.model.pin_latent=True pins the Gumbel-sigmoid gate through its noise: it needs '
                        'config.model.gate="dtt" and config.grpo.gate_as_action=False.')
@@ -119,7 +122,7 @@ def decode_config(exp: base.Experiment, stage: str, step: int, budget: int | Non
   new_tokens = max_new_tokens or c.generate.max_new_tokens
   head = forced_head(c, exp.vocab, stage, step, budget)
   gen_cfg = eval_lib.greedy_config(exp.vocab, len(head) + new_tokens, c.generate.max_think, return_hidden,
-                                   pinned_id(c, exp.vocab))
+                                   pinned_id(c, exp.vocab), c.model.pin_text)
   if head:
     return dataclasses.replace(gen_cfg, forced_prefix=head), None
   return gen_cfg, budget
@@ -151,7 +154,8 @@ def run_bootstrap(exp: base.Experiment) -> loop.LoopResult:
     resets, is_final = set(), lambda step: True
     tx = bootstrap_optimizer(c)
   graphdef, state = base.initial_state(exp, tx)  # with config.init_from: e.g. a CoT run's weights
-  loss_cfg = bootstrap.LossConfig.from_config(b, dropout=c.model.dropout, pinned_id=pinned_id(c, exp.vocab))
+  loss_cfg = bootstrap.LossConfig.from_config(b, dropout=c.model.dropout, pinned_id=pinned_id(c, exp.vocab),
+                                              pin_others=c.model.pin_text)
   train_step = bootstrap.make_train_step(graphdef, tx, loss_cfg, exp.mesh, b.microbatches,
                                          grads.trained_filter(lora.configured_train_modules(c.get('lora'))))
 
@@ -214,7 +218,8 @@ def run_grpo(exp: base.Experiment) -> loop.LoopResult:
   grpo_step = grpo.make_grpo_step(graphdef, tx, cfg, exp.mesh, trained)
   collector = rollout.RolloutCollector(graphdef, cfg, exp.tokenizer, c.dataset.name, exp.mesh,
                                        dict(g.reward_weights), c.eval.answer_match, g.length_reward, g.min_think,
-                                       pinned_id(c, exp.vocab), forced_head(c, exp.vocab, 'grpo', 0))
+                                       pinned_id(c, exp.vocab), forced_head(c, exp.vocab, 'grpo', 0),
+                                       c.model.pin_text)
   prompts = data_lib.prompt_iterator(exp.train, exp.tokenizer, c.data.max_prompt_len, g.prompts_per_step,
                                      seed=c.seed)
 

@@ -73,11 +73,15 @@ class DTTConfig:
 PINNED = 1e4  # gate noise that pins a DTT gate to exactly 1 (sigmoid((logit + 1e4) / tau) rounds to 1 in float32)
 
 
-def pin_noise(noise: jax.Array, tokens: jax.Array, pinned_id: int) -> jax.Array:
+def pin_noise(noise: jax.Array, tokens: jax.Array, pinned_id: int, pin_others: bool = False) -> jax.Array:
   """noise, tokens [...] -> the noise with PINNED where tokens == pinned_id (>= 0; -1: unchanged): the gate of those
   positions is 1, their input exactly P(h) (`config.model.pin_latent`: `<|latent|>` positions are continuous
-  thoughts), with no gradient through the gate there; a rollout stores this noise, so re-scoring reproduces it."""
-  return noise if pinned_id < 0 else jnp.where(tokens == pinned_id, PINNED, noise)
+  thoughts), with no gradient through the gate there; `pin_others`: -PINNED at every other token, whose gate is then
+  0, its input exactly the token's embedding (`config.model.pin_text`: COCONUT's inputs). A rollout stores this
+  noise, so re-scoring reproduces it."""
+  if pinned_id < 0:
+    return noise
+  return jnp.where(tokens == pinned_id, PINNED, -PINNED if pin_others else noise)
 
 
 def logistic_noise(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:

@@ -12,7 +12,8 @@ Qwen2ForCausalLM): dtt_jax's decoding with the gate off. This file imports torch
 The gate (`config.dtt['gate']`), computed in float32 at the evaluation temperature `config.dtt['tau']`, noise 0:
 
     'dtt':  g_t = sigmoid(gate_head(h_{t-1}) / tau),  x_t = g_t * P(h_{t-1}) + (1 - g_t) * E[y_t]
-            (g_t = 1 where y_t is `config.dtt['pinned_id']` >= 0: `model.pin_latent`'s `<|latent|>`)
+            (g_t = 1 where y_t is `config.dtt['pinned_id']` >= 0: `model.pin_latent`'s `<|latent|>`; with
+            `config.dtt['pin_others']`, `model.pin_text`, g_t = 0 at every other token)
     'hrpo': p = softmax(lm_head(h_{t-1}) / tau), z = E^T p / |p|_2, e = E[y_t], r = sigmoid(gate_r(e)),
             i = sigmoid(gate_i(e)), a = sigmoid(lam)^(c r),  x_t = a e + sqrt(1 - a^2) (i z),  g_t = mean sqrt(1 - a^2)
 
@@ -133,6 +134,7 @@ class DTTMixin:
       raise ValueError(f"config.json dtt.gate={dtt['gate']!r}: expected 'dtt' or 'hrpo'.")
     self.tau = float(dtt['tau'])
     self.pinned_id = int(dtt.get('pinned_id', -1))
+    self.pin_others = bool(dtt.get('pin_others', False))  # with pinned_id: every other token's gate is 0
     self.gate_head = nn.Linear(d, 1) if dtt['gate'] == 'dtt' else None
     self.proj = nn.Linear(d, d) if dtt.get('use_projection') else None
     self.hrpo = HRPOGate(d, float(dtt['hrpo_c'])) if dtt['gate'] == 'hrpo' else None
@@ -173,7 +175,7 @@ class DTTMixin:
       return self.hrpo(token_embedding, latent)
     gate = gumbel_sigmoid(self.gate_logit(prev_hidden), self.tau)
     if self.pinned_id >= 0:
-      gate = torch.where(tokens == self.pinned_id, 1.0, gate)
+      gate = torch.where(tokens == self.pinned_id, 1.0, torch.zeros_like(gate) if self.pin_others else gate)
     return blend(gate, self.project(prev_hidden), token_embedding), gate
 
   def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,

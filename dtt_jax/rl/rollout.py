@@ -60,17 +60,19 @@ def repeat_prompts(prompt: np.ndarray, prompt_mask: np.ndarray, num_generations:
 
 
 def make_rollout_fn(graphdef, cfg: GRPOConfig, vocab: Vocab, mesh, min_think: int = 0, pinned_id: int = -1,
-                    forced_prefix: tuple[int, ...] = ()):
+                    forced_prefix: tuple[int, ...] = (), pin_others: bool = False):
   """-> jitted `rollout(params, ref_params, prompt, prompt_mask, key, tau) -> (engine.Rollout, ref_logprobs [N,T])`.
 
   prompt, prompt_mask [N,P] sharded over ('data', 'fsdp'); params, ref_params (None when beta == 0; None at its
   leaves the policy shares, `grpo.reference_params`) laid out by `parallel.state_shardings` (gathered inside); key,
   tau replicated. The reference parameters are only read.
   min_think > 0: a budget per row, uniform in [min_think, cfg.max_think] (module docstring). pinned_id >= 0: that
-  token's gate is 1 (`model.dtt.pin_noise`, stored in the rollout's noise, so the update re-scores it alike).
+  token's gate is 1 (`model.dtt.pin_noise`, stored in the rollout's noise, so the update re-scores it alike), with
+  `pin_others` every other token's 0.
   forced_prefix: tokens forced first (the compressing DTT's latent head; marked `forced`: no loss).
   """
-  gen_cfg = dataclasses.replace(generate_config(cfg, vocab), pinned_id=pinned_id, forced_prefix=forced_prefix,
+  gen_cfg = dataclasses.replace(generate_config(cfg, vocab), pinned_id=pinned_id, pin_others=pin_others,
+                                forced_prefix=forced_prefix,
                                 max_new_tokens=cfg.max_new_tokens + len(forced_prefix))
 
   def rollout(params, ref_params, prompt, prompt_mask, key, tau):
@@ -109,14 +111,15 @@ class RolloutCollector:
   def __init__(self, graphdef, cfg: GRPOConfig, tokenizer: Tokenizer, dataset: str, mesh,
                reward_weights: Mapping[str, float] | None = None, answer_match: str = 'lenient',
                length_reward: str = 'flat', min_think: int = 0, pinned_id: int = -1,
-               forced_prefix: tuple[int, ...] = ()):
+               forced_prefix: tuple[int, ...] = (), pin_others: bool = False):
     if not 0 <= min_think <= cfg.max_think:
       raise ValueError(f'grpo.min_think={min_think}: expected 0 (no drawn budgets) up to grpo.max_think='
                        f'{cfg.max_think}.')
     self.cfg, self.tokenizer, self.dataset, self.mesh = cfg, tokenizer, dataset, mesh
     self.reward_weights = None if reward_weights is None else dict(reward_weights)
     self.answer_match, self.length_reward = answer_match, length_reward
-    self.rollout_fn = make_rollout_fn(graphdef, cfg, tokenizer.vocab, mesh, min_think, pinned_id, forced_prefix)
+    self.rollout_fn = make_rollout_fn(graphdef, cfg, tokenizer.vocab, mesh, min_think, pinned_id, forced_prefix,
+                                      pin_others)
 
   def collect(self, params, ref_params, prompt: np.ndarray, prompt_mask: np.ndarray, references: Sequence[str],
               key: jax.Array, tau: float) -> tuple[RolloutBatch, dict]:

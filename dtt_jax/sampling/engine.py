@@ -57,6 +57,7 @@ class GenerateConfig:
   latent_id: int = -1  # >= 0: no gate head; the gate is 1 at this token (the input is exactly the previous hidden
   # state, COCONUT's continuous thought) and 0 at every other token (plain GPT-2 decoding)
   pinned_id: int = -1  # >= 0: the gate head decides everywhere but at this token, where the gate is 1 (`pin_noise`)
+  pin_others: bool = False  # with pinned_id: the gate is 0 at every other token (`pin_noise`)
   transposed_output: bool | None = None  # logits against a [D,V] copy of the output table (`output_kernel`: a faster
   # dot on XLA CPU, one more copy of the table in memory). None: `generate` on the CPU backend uses one kept between
   # calls for the same table array (made once per distinct weights); `generate_traced` makes none. True: always (in
@@ -212,7 +213,7 @@ def _generate(model: DTTModel, prompt, prompt_mask, key, tau, cfg: GenerateConfi
     logp = token_logprob(c['logits'], token, lognorm, cfg.sampling)
     noise = (logistic_noise(jax.random.fold_in(key_t, 1), (b,)) if cfg.gate_noise
              else jnp.zeros((b,), jnp.float32))
-    noise = pin_noise(noise, token, cfg.pinned_id)
+    noise = pin_noise(noise, token, cfg.pinned_id, cfg.pin_others)
     forced_gate = (token == cfg.latent_id).astype(jnp.float32) if cfg.latent_id >= 0 else None
     logits, hidden, gate, cache = step(model, c['cache'], pre.key_bias, c['hidden'], token, noise, p + t,
                                        pre.num_real + t, tau, hard=cfg.hard_gate, forced_gate=forced_gate,

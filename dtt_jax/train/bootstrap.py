@@ -49,6 +49,7 @@ class LossConfig:
   row_groups: int = 1  # rows of the fused output layer sorted per group: the number of devices (`make_train_step`)
   dropout: float = 0.0  # GPT-2's training-mode dropout (`config.model.dropout`), masks from the step's key
   pinned_id: int = -1  # >= 0: the gate is 1 at this token (`model.dtt.pin_noise`; `config.model.pin_latent`)
+  pin_others: bool = False  # with pinned_id: the gate is 0 at every other token (`config.model.pin_text`)
 
   @classmethod
   def from_config(cls, c, **overrides) -> LossConfig:
@@ -102,7 +103,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig,
   def loss_fn(model, batch, key, tau, counts):
     shape = batch['completion'].shape
     noise = logistic_noise(key, shape) if cfg.gate_noise else jnp.zeros(shape, jnp.float32)
-    noise = pin_noise(noise, batch['completion'], cfg.pinned_id)
+    noise = pin_noise(noise, batch['completion'], cfg.pinned_id, cfg.pin_others)
     return loss_terms(model, batch, noise, tau, cfg, counts, jax.random.fold_in(key, 1))
 
   return make_step(graphdef, tx, loss_fn, BATCH_FIELDS, mesh, microbatches, trained, vocab_parallel=True)
