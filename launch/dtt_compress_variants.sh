@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# Which latent gate should the compressing DTT learn through the study's 3000-step final stage? (docs/study_notes.md)
+# What keeps the compressing DTT from learning addition3 where COCONUT does? (docs/study_notes.md)
 # TASK (addition3), seed SEED (0): the study's compressing DTT run (bootstrap, GRPO, test, budget curve; run the
-# study's TASK CoT and compressing DTT of that seed first), beside the same run with one change each:
+# study's TASK CoT, COCONUT and compressing DTT of that seed first), beside the same run with one change each:
 #   before_final: the hinge pushes the latents' gate towards 1 before the final stage only
 #                 (`coconut.latent_hinge=before_final`: in the final stage the cross-entropy alone sets it);
-#   pinned:       the latents' gate pinned to 1 (`model.pin_latent=True`: COCONUT's continuous thoughts).
+#   pinned:       the latents' gate pinned to 1 (`model.pin_latent=True`: COCONUT's continuous thoughts);
+#   pin_text:     pinned, and every other gate pinned to 0 (`model.pin_text=True`: COCONUT's inputs exactly;
+#                 what is left of DTT is its layout, the kept steps inside the span, and the jittered counts).
 # Each runs as the study runs it (`python -m dtt_jax.eval.study`, its own root and ledger under ROOT/<name>, the
 # study's CoT run linked in), one per core from core FIRST_CPU (0). The table: validation accuracy and mean latent
 # gate at the end of each latent stage and every 1000 steps of the final stage, the test accuracy of the bootstrap's
 # scored checkpoint and after GRPO, and the budget curve.
-#   [TASK=addition3] [SEED=k] [NAMES="before_final pinned"] [FIRST_CPU=0] launch/dtt_compress_hinge.sh [ROOT]
+#   [TASK=addition3] [SEED=k] [NAMES="before_final pinned pin_text"] [FIRST_CPU=0] launch/dtt_compress_variants.sh [ROOT]
 # (finished runs are not rerun)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${TASK:-addition3}
 seed=${SEED:-0}
-root=${1:-runs/compress_hinge}
-declare -A flags=([before_final]="--config.coconut.latent_hinge=before_final" [pinned]="--config.model.pin_latent=True")
+root=${1:-runs/compress_variants}
+declare -A flags=([before_final]="--config.coconut.latent_hinge=before_final" [pinned]="--config.model.pin_latent=True"
+                  [pin_text]="--config.model.pin_latent=True --config.model.pin_text=True")
 cpu=${FIRST_CPU:-0}
-for name in ${NAMES:-before_final pinned}; do
+for name in ${NAMES:-before_final pinned pin_text}; do
   out="$root/$name"
   mkdir -p "$out/$task/cot"
   ln -sfn "$(realpath "runs/study/$task/cot/seed$seed")" "$out/$task/cot/seed$seed"
@@ -43,7 +46,7 @@ print(f'| {task} seed {seed} | validation accuracy (%), mean latent gate at boot
       'test: bootstrap / GRPO (%) (scored step), tokens | budget curve of the scored run (latents: test %) |')
 print('|---|---|---|---|')
 runs = [('the study (hinge always, gate learned)', f'runs/study/{task}/dtt_compress/seed{seed}')]
-runs += [(name, f'{root}/{name}/{task}/dtt_compress/seed{seed}') for name in ('before_final', 'pinned')]
+runs += [(name, f'{root}/{name}/{task}/dtt_compress/seed{seed}') for name in ('before_final', 'pinned', 'pin_text')]
 runs += [("the study's COCONUT (no GRPO)", f'runs/study/{task}/coconut/seed{seed}')]
 for name, out in runs:
   path = os.path.join(out, 'metrics.jsonl')
