@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags
 
 from dtt_jax import pipeline, tokens
-from dtt_jax.methods import base
+from dtt_jax.methods import base, dtt as dtt_method
 from dtt_jax.model import hf_io
 
 FLAGS = flags.FLAGS
@@ -120,7 +120,7 @@ def export(workdir: str, out_dir: str, stage: str = '') -> str:
   graphdef, params = base.stage_params(exp, stage)
   from flax import nnx  # pylint: disable=g-import-not-at-top
   write_export(nnx.merge(graphdef, params), exp.tokenizer, out_dir, stage, exp.config[stage].tau_min,
-               exp.vocab.latent if exp.config.model.pin_latent else -1, exp.config.model.pin_text)
+               dtt_method.pinned_id(exp.config, exp.vocab), exp.config.model.pin_text)
   return stage
 
 

@@ -56,20 +56,21 @@ for name, out in runs:
   valid = {r['step']: (f"{100 * r['bootstrap/valid/accuracy']:.1f}",
                        f"{r['bootstrap/valid/gate_inner_mean']:.2f}" if 'bootstrap/valid/gate_inner_mean' in r else '-')
            for r in rows if 'bootstrap/valid/accuracy' in r}
-  test = []
+  test = {}  # stage -> its test report
   for stage in ('bootstrap', 'grpo'):
     p = os.path.join(heldout.output_dir(out, 'test', stage), 'metrics.json')
-    m = json.load(open(p)) if os.path.exists(p) else None
-    test.append(f'{100 * m["accuracy"]:.1f} (step {m["step"]})' if m else '-')
-  p = os.path.join(heldout.output_dir(out, 'test', 'grpo' if test[1] != '-' else 'bootstrap'), 'metrics.json')
-  m = json.load(open(p)) if os.path.exists(p) else {}
+    if os.path.exists(p):
+      test[stage] = json.load(open(p))
+  scored = 'grpo' if 'grpo' in test else 'bootstrap'  # the run's last evaluated stage
+  m = test.get(scored)
   tokens = f'{m.get("generated_tokens", m.get("completion_tokens")):.1f}' if m else '-'  # as the study reads them
   curve = []
   for b in range(k.max_stage * k.c_thoughts + 2):
-    scored = 'grpo' if os.path.isdir(heldout.output_dir(out, 'test', 'grpo')) else 'bootstrap'
     p = budget.metrics_path(out, 'test', scored, 'best', b)
     if os.path.exists(p):
       curve.append(f'{b}: {100 * json.load(open(p))["accuracy"]:.1f}')
   print(f'| {name} | ' + ' / '.join(', '.join(valid[s]) if s in valid else '-' for s in steps)
-        + f' | {" / ".join(test)}, {tokens} | {", ".join(curve) or "-"} |')
+        + ' | ' + ' / '.join(f'{100 * test[s]["accuracy"]:.1f} (step {test[s]["step"]})' if s in test else '-'
+                             for s in ('bootstrap', 'grpo'))
+        + f', {tokens} | {", ".join(curve) or "-"} |')
 EOF2
